@@ -1,0 +1,68 @@
+"""The exceptions qmpshutdown raises.
+
+Every error the library raises on purpose derives from :class:`Error`::
+
+    Error
+     ├── ConnectError          no QMP monitor could be reached, and no safe way to escalate
+     ├── PidMismatchError      the pid given is not the monitor's QEMU; nothing was sent
+     ├── ShutdownFailed        the allowed rungs are used up and QEMU still runs
+     │                         (or its state is unknown); carries ``.result``
+     └── LaunchError           QEMU started by ``launch()`` exited before it was ready
+
+Errors of qemu.qmp and of the operating system are mapped to these in one place
+(:mod:`qmpshutdown._monitor` and :mod:`qmpshutdown._process`) and chained with
+``raise ... from err``, so the original cause stays visible in tracebacks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._result import ShutdownResult
+
+
+class Error(Exception):
+    """Root of every error qmpshutdown raises on purpose."""
+
+
+class ConnectError(Error):
+    """No QMP monitor could be reached and there was no safe way to escalate.
+
+    Raised for a missing socket, a refused connection, a permission error, a
+    peer that is not a QMP server, or a greeting or negotiation that failed or
+    timed out while QEMU's pid was unknown (so no signal could be sent).
+    """
+
+
+class PidMismatchError(Error):
+    """The pid the caller gave is not the QEMU behind the monitor.
+
+    Raised before anything is sent to the monitor: the library never signals a
+    process it cannot tie to the monitor it was given.
+    """
+
+
+class ShutdownFailed(Error):
+    """The allowed rungs are used up and QEMU is still running or unknown.
+
+    :ivar result: the :class:`~qmpshutdown.ShutdownResult` of the attempt, with
+        ``stage`` set to None, every step tried and every event seen.
+    """
+
+    def __init__(self, message: str, result: ShutdownResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class LaunchError(Error):
+    """QEMU started by :func:`~qmpshutdown.launch` exited or failed before it was ready.
+
+    :ivar returncode: QEMU's exit status, or None if it did not exit.
+    :ivar stderr: what QEMU wrote to its standard error (possibly truncated).
+    """
+
+    def __init__(self, message: str, returncode: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr

@@ -1,0 +1,376 @@
+"""The monitor seam: QMP over a socket, through qemu.qmp, with every wait bounded.
+
+qemu.qmp has no timeouts of its own and a few sharp edges (see QEMU-FACTS):
+connecting is run in its own asyncio task so that a timeout never cancels it
+half-way, event listeners never wake on disconnect (so callers race
+:meth:`Monitor.next_event` against :meth:`Monitor.wait_closed`), and
+``disconnect()`` is bounded and its exceptions always retrieved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any, Protocol, Union, runtime_checkable
+
+import anyio
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.protocol import Runstate
+
+from ._errors import ConnectError
+from ._result import EventRecord
+
+logger = logging.getLogger(__name__)
+
+#: A unix socket path, or a ``(host, port)`` TCP address.
+Address = Union[str, "os.PathLike[str]", tuple[str, int]]
+
+# How long a monitor that will not close politely gets before its socket is cut.
+_CLOSE_GRACE = 1.0
+
+
+class CommandError(Exception):
+    """QEMU answered a command with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {error_class}: {desc}")
+        self.error_class = error_class
+        self.desc = desc
+
+
+class MonitorClosedError(Exception):
+    """The connection ended before the reply came."""
+
+
+class HandshakeTimeout(Exception):
+    """The greeting or the capabilities negotiation did not finish in time."""
+
+
+class HandshakeFailed(Exception):
+    """The peer is not a QMP server, or hung up during the handshake."""
+
+
+@runtime_checkable
+class Monitor(Protocol):
+    """What the ladder needs of a QMP monitor.
+
+    ``execute`` has no bound of its own: the ladder bounds every call.
+    """
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Run *command* and return its result.
+
+        :raises CommandError: QEMU answered with an error.
+        :raises MonitorClosedError: the connection ended before the reply.
+        """
+        ...
+
+    async def next_event(self) -> EventRecord:
+        """Return the next event; after the monitor closes this may wait forever."""
+        ...
+
+    def pending_events(self) -> list[EventRecord]:
+        """Return the events received but not yet taken, without waiting."""
+        ...
+
+    def is_closed(self) -> bool:
+        """Tell whether the connection has ended."""
+        ...
+
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended (EOF, reset, or :meth:`close`)."""
+        ...
+
+    async def close(self) -> None:
+        """End the connection if this object owns it; bounded, never raises."""
+        ...
+
+
+class _EventQueue(EventListener):
+    """A listener that queues events without keeping a history (the default keeps all)."""
+
+    async def put(self, event: Any) -> None:
+        if self.accept(event):
+            await self._queue.put(event)
+
+
+def event_record(msg: Mapping[str, Any]) -> EventRecord:
+    """Turn a QMP event message into an :class:`EventRecord`."""
+    stamp = msg.get("timestamp")
+    timestamp = 0.0
+    if isinstance(stamp, Mapping):
+        with contextlib.suppress(TypeError, ValueError):
+            timestamp = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+    data = msg.get("data")
+    return EventRecord(str(msg.get("event")), timestamp, data if isinstance(data, Mapping) else {})
+
+
+class QMPMonitor:
+    """A :class:`Monitor` backed by a :class:`qemu.qmp.QMPClient`.
+
+    :param client: a connected client.
+    :param sock: the socket under the client, when this object owns the connection.
+    :param owned: close the connection in :meth:`close` (False for a caller's client).
+    """
+
+    def __init__(self, client: QMPClient, sock: socket.socket | None, *, owned: bool) -> None:
+        self.client = client
+        self._sock = sock
+        self._owned = owned
+        self._events = _EventQueue()
+        client.register_listener(self._events)
+        self._closed_by_us = False
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        if self.is_closed():
+            raise MonitorClosedError(f"{command}: the monitor is closed")
+        try:
+            return await self.client.execute(command, arguments)
+        except ExecuteError as err:
+            raise CommandError(command, err.error_class, str(err)) from err
+        except (ExecInterruptedError, EOFError, OSError) as err:
+            raise MonitorClosedError(f"{command}: {type(err).__name__}: {err}") from err
+        except QMPError as err:  # StateError: not connected any more
+            raise MonitorClosedError(f"{command}: {type(err).__name__}: {err}") from err
+
+    async def next_event(self) -> EventRecord:
+        return event_record(await self._events.get())
+
+    def pending_events(self) -> list[EventRecord]:
+        return [event_record(msg) for msg in self._events.clear()]
+
+    def is_closed(self) -> bool:
+        return self._closed_by_us or self.client.runstate != Runstate.RUNNING
+
+    async def wait_closed(self) -> None:
+        while not self.is_closed():
+            await self.client.runstate_changed()
+
+    async def close(self) -> None:
+        if self._closed_by_us:
+            return
+        self._closed_by_us = True
+        with contextlib.suppress(Exception):
+            self.client.remove_listener(self._events)
+        if self._owned:
+            with anyio.CancelScope(shield=True):
+                await _disconnect(self.client, self._sock)
+
+
+async def _disconnect(client: QMPClient, sock: socket.socket | None) -> None:
+    """Disconnect *client*, bounded; cut the socket if a stopped peer blocks the flush.
+
+    disconnect() re-raises whatever ended the connection (EOFError after QEMU
+    exited, ConnectionResetError, ...): it is retrieved here and logged, never raised.
+    """
+    if client.runstate == Runstate.IDLE:
+        return
+    task = asyncio.ensure_future(client.disconnect())
+    done, _ = await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+    if not done and sock is not None:
+        # A SIGSTOPped QEMU never reads: the flush in disconnect() would wait forever.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        done, _ = await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+    if not done:
+        task.cancel()
+        await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        logger.debug("monitor connection ended with %r", task.exception())
+
+
+async def connect_socket(address: Address, limit: float) -> socket.socket:
+    """Open a stream socket to *address*, bounded by *limit* seconds.
+
+    :raises ConnectError: no such socket, refused, permission denied, an
+        unresolvable host, or no answer in time.
+    """
+    loop = asyncio.get_running_loop()
+    where = format_address(address)
+    try:
+        with anyio.fail_after(limit):
+            if isinstance(address, tuple):
+                host, port = address
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                last: OSError | None = None
+                for family, kind, proto, _name, sockaddr in infos:
+                    sock = socket.socket(family, kind, proto)
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, sockaddr)
+                        return sock
+                    except OSError as err:
+                        sock.close()
+                        last = err
+                    except BaseException:
+                        sock.close()
+                        raise
+                raise last or OSError(f"no address for {host}")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await _connect_unix(sock, os.fspath(address))
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+    except TimeoutError as err:
+        raise ConnectError(f"{where}: no connection within {limit:g} s") from err
+    except socket.gaierror as err:
+        raise ConnectError(f"{where}: cannot resolve host: {err.strerror}") from err
+    except OSError as err:
+        raise ConnectError(f"{where}: {err.strerror or err}") from err
+
+
+async def _connect_unix(sock: socket.socket, path: str) -> None:
+    """Connect a non-blocking unix socket, waiting while the listener's backlog is full.
+
+    A unix connect() that would block fails with EAGAIN and does *not* go on
+    in the background (unlike TCP), so asyncio's sock_connect would report a
+    socket that never connected. QEMU listens with a backlog of 1 and accepts
+    the next client only after it has dropped the previous one.
+    """
+    delay = 0.002
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:
+    """Greet and negotiate capabilities over a connected socket.
+
+    The client's connect() runs in its own asyncio task: cancelling it from an
+    anyio scope leaves qemu.qmp wedged (it is cancelled again while it cleans up).
+
+    :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
+    :raises HandshakeFailed: the peer is not a QMP server or hung up.
+    """
+    client = QMPClient()
+    task = asyncio.ensure_future(client.connect(sock))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+    except BaseException:
+        await _abandon(task, sock)
+        raise
+    if not done:
+        await _abandon(task, sock)
+        raise HandshakeTimeout("no QMP greeting and negotiation in time")
+    try:
+        task.result()
+    except QMPError as err:
+        cause = getattr(err, "exc", None) or err
+        raise HandshakeFailed(f"not a QMP monitor: {_describe(cause)}") from err
+    except (OSError, EOFError) as err:
+        raise HandshakeFailed(f"not a QMP monitor: {_describe(err)}") from err
+    return QMPMonitor(client, sock, owned=True)
+
+
+async def _abandon(task: asyncio.Future[None], sock: socket.socket) -> None:
+    """Cancel a connect() in flight and wait for it, shielded and bounded."""
+    with anyio.CancelScope(shield=True):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+        if not done:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved"
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _describe(err: BaseException) -> str:
+    while True:
+        inner = getattr(err, "exc", None)
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    if isinstance(err, EOFError):
+        return "the peer hung up"
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def wrap_client(client: QMPClient) -> QMPMonitor:
+    """Wrap a caller's connected client; it is used as is and left open."""
+    if client.runstate != Runstate.RUNNING:
+        state = client.runstate.name
+        raise ConnectError(f"the QMPClient given is not connected (runstate {state})")
+    return QMPMonitor(client, None, owned=False)
+
+
+def client_socket(client: QMPClient) -> Any:
+    """Return the socket under a connected client, or None (qemu.qmp has no API for it)."""
+    writer = getattr(client, "_writer", None)
+    return None if writer is None else writer.get_extra_info("socket")
+
+
+def format_address(address: Address) -> str:
+    """Return *address* as a user would write it: a path, or ``HOST:PORT``."""
+    if isinstance(address, tuple):
+        host, port = address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return os.fspath(address)
+
+
+def tcp_peer_is(sock: socket.socket, pid: int) -> bool | None:
+    """Tell whether *pid* holds the other end of a loopback TCP connection.
+
+    :return: True or False when it can be told from /proc; None when the peer
+        is not on this host or /proc does not say.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        local = sock.getsockname()
+        remote = sock.getpeername()
+    except OSError:
+        return None
+    if not ipaddress.ip_address(remote[0]).is_loopback:
+        return None
+    inode = _tcp_inode(local=remote, remote=local, family=sock.family)
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+    return False
+
+
+def _tcp_inode(*, local: tuple[Any, ...], remote: tuple[Any, ...], family: int) -> str | None:
+    """Find the inode of the TCP socket bound to *local* and connected to *remote*."""
+    table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
+    want = (_proc_addr(local, family), _proc_addr(remote, family))
+    try:
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                if (fields[1], fields[2]) == want:
+                    return fields[9]
+    except (OSError, StopIteration, IndexError):
+        return None
+    return None
+
+
+def _proc_addr(addr: tuple[Any, ...], family: int) -> str:
+    """Format an address the way /proc/net/tcp does (host byte order per 32-bit word)."""
+    packed = socket.inet_pton(family, addr[0])
+    words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+    return f"{words.hex().upper()}:{addr[1]:04X}"

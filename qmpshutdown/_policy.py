@@ -1,0 +1,150 @@
+"""The shutdown policy: how much force may be used, and how patiently."""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any
+
+import attrs
+
+
+class Stage(str, enum.Enum):
+    """A rung of the ladder, or how a VM was found.
+
+    ``ALREADY_OFF`` is never a rung: it is the stage of a result whose guest
+    was already powered off (runstate ``shutdown``) when the monitor was reached.
+    """
+
+    ALREADY_OFF = "already-off"
+    POWERDOWN = "powerdown"
+    QUIT = "quit"
+    TERMINATE = "terminate"
+    KILL = "kill"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The rungs a policy may list, in the only order they can be climbed.
+RUNGS: tuple[Stage, ...] = (Stage.POWERDOWN, Stage.QUIT, Stage.TERMINATE, Stage.KILL)
+
+
+def _convert_stages(value: Any) -> tuple[Stage, ...]:
+    if isinstance(value, (str, Stage)):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ValueError(f"stages must be a sequence of stage names, not {value!r}") from None
+    stages = []
+    for item in items:
+        try:
+            stages.append(Stage(item))
+        except ValueError:
+            names = ", ".join(s.value for s in RUNGS)
+            raise ValueError(f"unknown stage {item!r}; the rungs are {names}") from None
+    return tuple(stages)
+
+
+def _validate_stages(instance: Any, attribute: Any, value: tuple[Stage, ...]) -> None:
+    if not value:
+        raise ValueError("stages must name at least one rung")
+    if Stage.ALREADY_OFF in value:
+        raise ValueError("'already-off' is a result, not a rung")
+    if len(set(value)) != len(value):
+        raise ValueError(f"stages must not repeat a rung: {[s.value for s in value]}")
+    order = [RUNGS.index(s) for s in value]
+    if order != sorted(order):
+        raise ValueError(
+            "stages must keep the ladder's order powerdown, quit, terminate, kill; "
+            f"got {[s.value for s in value]}"
+        )
+
+
+def _seconds(instance: Any, attribute: Any, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{attribute.name} must be a number of seconds, not {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite or value <= 0:
+        raise ValueError(f"{attribute.name} must be a finite number of seconds > 0, not {value!r}")
+
+
+def _optional_seconds(instance: Any, attribute: Any, value: float | None) -> None:
+    if value is not None:
+        _seconds(instance, attribute, value)
+
+
+def _flag(instance: Any, attribute: Any, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{attribute.name} must be True or False, not {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ShutdownPolicy:
+    """How to stop a VM: which rungs may be used, and how long each may take.
+
+    Frozen and validated: a value that makes no sense raises ``ValueError`` at
+    construction, and ``attrs.evolve(policy, field=...)`` validates again.
+
+    :param powerdown_timeout: seconds the guest gets to power itself off,
+        counted from the first press of the power button.
+    :param repress_interval: press again every this many seconds while waiting
+        (a guest early in boot loses presses; some guests want a second one);
+        None presses once.
+    :param quit_timeout: seconds QEMU gets to exit after ``quit``.
+    :param terminate_timeout: seconds after SIGTERM before SIGKILL.
+    :param kill_timeout: seconds to wait for the exit after SIGKILL.
+    :param connect_timeout: seconds for connect, greeting and capabilities.
+    :param command_timeout: seconds for any single QMP command.
+    :param stages: the rungs allowed, in ladder order; ``("powerdown",)``
+        never uses force.
+    :param wake_suspended: wake an S3-suspended guest (``system_wakeup``)
+        before pressing; otherwise the press is skipped.
+    :param resume_paused: ``cont`` a paused guest before pressing; otherwise
+        the press is skipped (a press latched in a paused guest would power it
+        off by surprise when it is resumed later).
+    """
+
+    powerdown_timeout: float = attrs.field(default=60.0, validator=_seconds)
+    repress_interval: float | None = attrs.field(default=10.0, validator=_optional_seconds)
+    quit_timeout: float = attrs.field(default=30.0, validator=_seconds)
+    terminate_timeout: float = attrs.field(default=10.0, validator=_seconds)
+    kill_timeout: float = attrs.field(default=10.0, validator=_seconds)
+    connect_timeout: float = attrs.field(default=5.0, validator=_seconds)
+    command_timeout: float = attrs.field(default=5.0, validator=_seconds)
+    stages: tuple[Stage, ...] = attrs.field(
+        default=RUNGS, converter=_convert_stages, validator=_validate_stages
+    )
+    wake_suspended: bool = attrs.field(default=True, validator=_flag)
+    resume_paused: bool = attrs.field(default=False, validator=_flag)
+
+    def allows(self, stage: Stage) -> bool:
+        """Tell whether the rung *stage* may be used."""
+        return stage in self.stages
+
+    @property
+    def may_signal(self) -> bool:
+        """True when SIGTERM or SIGKILL may be sent."""
+        return Stage.TERMINATE in self.stages or Stage.KILL in self.stages
+
+    @property
+    def bound(self) -> float:
+        """The longest a ladder under this policy can take, in seconds.
+
+        Every wait is bounded; this is their sum over the allowed rungs plus
+        connecting and the commands around them.
+        """
+        total = self.connect_timeout + 3 * self.command_timeout
+        if Stage.POWERDOWN in self.stages:
+            total += self.powerdown_timeout + 2 * self.command_timeout
+        if Stage.QUIT in self.stages:
+            total += self.command_timeout + self.quit_timeout
+        if Stage.TERMINATE in self.stages:
+            total += self.terminate_timeout
+        if Stage.KILL in self.stages:
+            total += self.kill_timeout
+        return total

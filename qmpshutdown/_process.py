@@ -1,0 +1,162 @@
+"""The process seam: QEMU's pid, pinned by a pidfd, signalled and watched without polling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+from typing import Protocol, runtime_checkable
+
+import anyio
+
+from ._errors import PidMismatchError
+
+logger = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@runtime_checkable
+class Process(Protocol):
+    """What the ladder needs of QEMU's process."""
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        ...
+
+    def send_signal(self, signum: int) -> None:
+        """Send *signum*; a process that already exited is not an error."""
+        ...
+
+    def has_exited(self) -> bool:
+        """Tell, without blocking, whether the process has exited."""
+        ...
+
+    def is_stopped(self) -> bool:
+        """Tell whether the process is stopped (SIGSTOP, a debugger)."""
+        ...
+
+    async def wait_exited(self) -> None:
+        """Return once the process has exited (it may still await its reaper)."""
+        ...
+
+    def close(self) -> None:
+        """Release what pins the process; idempotent."""
+        ...
+
+
+def peer_pid(sock: socket.socket) -> int | None:
+    """Return the pid of a unix socket's peer (``SO_PEERCRED``), or None if unknown."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    pid, _uid, _gid = _UCRED.unpack(raw)
+    # 0: the peer lives in another pid namespace, so its pid means nothing here.
+    return pid if pid > 0 else None
+
+
+def executable(pid: int) -> str | None:
+    """Return the path of *pid*'s executable, or None if it cannot be read."""
+    try:
+        path = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    return path.removesuffix(" (deleted)")  # the binary was upgraded under a running QEMU
+
+
+def is_qemu_executable(path: str) -> bool:
+    """Tell whether *path* names a QEMU system emulator (``qemu-system-*`` or ``qemu-kvm``)."""
+    name = os.path.basename(path)
+    return name.startswith("qemu-system-") or name == "qemu-kvm"
+
+
+class PidfdProcess:
+    """A process pinned by a pidfd: signals can never reach a recycled pid.
+
+    The pidfd becomes readable when the process exits, so waiting is one
+    ``wait_readable``, with no polling.
+    """
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self._pid = pid
+        self._pidfd: int | None = pidfd
+
+    @classmethod
+    def open_qemu(cls, pid: int) -> PidfdProcess:
+        """Pin *pid* and check that it is a live QEMU other than ourselves.
+
+        :param pid: the process to pin.
+        :raises PidMismatchError: the process is ourselves, not QEMU, gone, or
+            its executable cannot be read.
+        :return: the pinned process.
+        """
+        if pid == os.getpid():
+            raise PidMismatchError(f"pid {pid} is this very process, not QEMU")
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError as err:
+            raise PidMismatchError(f"no process with pid {pid}") from err
+        except OSError as err:
+            raise PidMismatchError(f"cannot pin pid {pid}: {err}") from err
+        process = cls(pid, pidfd)
+        try:
+            # Read the executable while the pidfd pins the process, then check it
+            # is still alive: had it exited in between, /proc/PID could name another.
+            exe = executable(pid)
+            if process.has_exited():
+                raise PidMismatchError(f"pid {pid} exited while it was being checked")
+            if exe is None:
+                raise PidMismatchError(f"cannot read the executable of pid {pid}")
+            if not is_qemu_executable(exe):
+                raise PidMismatchError(f"pid {pid} is not QEMU (its executable is {exe})")
+        except BaseException:
+            process.close()
+            raise
+        return process
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def _fd(self) -> int:
+        if self._pidfd is None:
+            raise RuntimeError("the process handle is closed")
+        return self._pidfd
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # exited already: what we wanted
+            signal.pidfd_send_signal(self._fd(), signum)
+
+    def has_exited(self) -> bool:
+        poller = select.poll()
+        poller.register(self._fd(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    def is_stopped(self) -> bool:
+        try:
+            with open(f"/proc/{self._pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            return False
+        if self.has_exited():  # /proc/PID may already name another process
+            return False
+        return fields[:1] in ([b"T"], [b"t"])
+
+    async def wait_exited(self) -> None:
+        await anyio.wait_readable(self._fd())
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            fd, self._pidfd = self._pidfd, None
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"<PidfdProcess pid={self._pid}>"

@@ -1,0 +1,185 @@
+"""The record a shutdown returns: every step, every event, and which rung ended the VM."""
+
+from __future__ import annotations
+
+import copy
+import enum
+import types
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from ._policy import Stage
+
+
+class Outcome(str, enum.Enum):
+    """How one rung went."""
+
+    DONE = "done"  #: QEMU (or the guest) ended during this rung
+    TIMEOUT = "timeout"  #: the rung's time ran out and QEMU was still running
+    SKIPPED = "skipped"  #: the rung was not tried (see the step's detail)
+    FAILED = "failed"  #: the rung could not be carried out (see the step's detail)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Cause(str, enum.Enum):
+    """The likely reason a guest did not power itself off."""
+
+    IGNORED_POWER_BUTTON = "ignored-power-button"  #: pressed, delivered, no reaction
+    ASLEEP = "asleep"  #: suspended to RAM (S3)
+    PAUSED = "paused"  #: paused, prelaunch, debug, io-error or watchdog
+    PANICKED = "panicked"  #: guest-panicked or internal-error
+    MIGRATING = "migrating"  #: an incoming or outgoing migration, or a snapshot
+    REBOOTED = "rebooted"  #: the guest rebooted instead of powering off
+    MONITOR_UNRESPONSIVE = "monitor-unresponsive"  #: QMP gave no greeting or reply
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _frozen_data(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    # A read-only deep copy: the record must not change when the caller's dict does.
+    return types.MappingProxyType(copy.deepcopy(dict(value or {})))
+
+
+def _optional_cause(value: Cause | str | None) -> Cause | None:
+    return None if value is None else Cause(value)
+
+
+def _optional_stage(value: Stage | str | None) -> Stage | None:
+    return None if value is None else Stage(value)
+
+
+@attrs.frozen
+class EventRecord:
+    """One QMP event as QEMU sent it.
+
+    :ivar event: the event's name, e.g. ``"SHUTDOWN"``.
+    :ivar timestamp: QEMU's timestamp, float seconds since the epoch.
+    :ivar data: the event's ``data`` member (empty when it had none).
+    """
+
+    event: str
+    timestamp: float
+    data: Mapping[str, Any] = attrs.field(factory=dict, converter=_frozen_data, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict with the keys ``event``, ``timestamp``, ``data``."""
+        data = copy.deepcopy(dict(self.data))
+        return {"event": self.event, "timestamp": self.timestamp, "data": data}
+
+
+@attrs.frozen
+class Step:
+    """One rung tried, and how it went.
+
+    :ivar stage: the rung.
+    :ivar outcome: ``done``, ``timeout``, ``skipped`` or ``failed``.
+    :ivar started: seconds from the call to the rung's start.
+    :ivar ended: seconds from the call to the rung's end.
+    :ivar detail: a short human-readable account.
+    """
+
+    stage: Stage = attrs.field(converter=Stage)
+    outcome: Outcome = attrs.field(converter=Outcome)
+    started: float
+    ended: float
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict.
+
+        Keys: ``stage``, ``outcome``, ``started_s``, ``ended_s``, ``detail``.
+        """
+        return {
+            "stage": self.stage.value,
+            "outcome": self.outcome.value,
+            "started_s": round(self.started, 6),
+            "ended_s": round(self.ended, 6),
+            "detail": self.detail,
+        }
+
+
+def _events(value: Iterable[EventRecord]) -> tuple[EventRecord, ...]:
+    return tuple(value)
+
+
+def _steps(value: Iterable[Step]) -> tuple[Step, ...]:
+    return tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class ShutdownResult:
+    """What one shutdown did, and why it ended the way it did.
+
+    :ivar stage: the rung that ended the VM (``already-off``, ``powerdown``,
+        ``quit``, ``terminate``, ``kill``), or None when nothing ended it (only
+        inside :class:`~qmpshutdown.ShutdownFailed`).
+    :ivar graceful: True when the guest powered itself off (or was already off).
+    :ivar reason: the ``reason`` of the first SHUTDOWN event seen, else None.
+    :ivar presses: how many ``system_powerdown`` were sent.
+    :ivar runstate: QEMU's runstate found on connecting (None if never read).
+    :ivar cause: when the guest did not power itself off, the likely why.
+    :ivar pid: QEMU's pid, if known.
+    :ivar elapsed: seconds from the call to the confirmed end.
+    :ivar events: every QMP event seen, in order.
+    :ivar steps: each rung tried, in order.
+    """
+
+    stage: Stage | None = attrs.field(converter=_optional_stage)
+    graceful: bool
+    reason: str | None
+    presses: int
+    runstate: str | None
+    cause: Cause | None = attrs.field(converter=_optional_cause)
+    pid: int | None
+    elapsed: float
+    events: tuple[EventRecord, ...] = attrs.field(converter=_events)
+    steps: tuple[Step, ...] = attrs.field(converter=_steps)
+
+    @property
+    def forced(self) -> bool:
+        """True when QEMU was ended by force (quit or a signal) rather than by its guest."""
+        return self.stage is not None and not self.graceful
+
+    def step(self, stage: Stage | str) -> Step | None:
+        """Return the last step of the rung *stage*, or None if it was not tried."""
+        for step in reversed(self.steps):
+            if step.stage == stage:
+                return step
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of the whole record.
+
+        Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
+        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``.
+        """
+        return {
+            "stage": None if self.stage is None else self.stage.value,
+            "graceful": self.graceful,
+            "reason": self.reason,
+            "presses": self.presses,
+            "runstate": self.runstate,
+            "cause": None if self.cause is None else self.cause.value,
+            "pid": self.pid,
+            "elapsed_s": round(self.elapsed, 6),
+            "events": [event.to_dict() for event in self.events],
+            "steps": [step.to_dict() for step in self.steps],
+        }
+
+    def summary(self) -> str:
+        """Return one line: the rung, reason, presses, elapsed time and cause."""
+        stage = "still running" if self.stage is None else self.stage.value
+        parts = [
+            stage,
+            "graceful" if self.graceful else ("forced" if self.stage is not None else "failed"),
+            f"reason={self.reason or '-'}",
+            f"presses={self.presses}",
+            f"elapsed={self.elapsed:.2f}s",
+            f"cause={self.cause.value if self.cause else '-'}",
+        ]
+        return " ".join(parts)

@@ -1,0 +1,215 @@
+"""``shutdown()``: reach the monitor, pin QEMU's process, and climb the ladder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Union
+
+import anyio
+from qemu.qmp import QMPClient
+
+from ._errors import ConnectError, PidMismatchError
+from ._ladder import climb
+from ._monitor import (
+    HandshakeFailed,
+    HandshakeTimeout,
+    Monitor,
+    QMPMonitor,
+    client_socket,
+    connect_socket,
+    format_address,
+    handshake,
+    tcp_peer_is,
+    wrap_client,
+)
+from ._policy import ShutdownPolicy
+from ._process import PidfdProcess, Process, executable, is_qemu_executable, peer_pid
+from ._result import ShutdownResult
+
+logger = logging.getLogger("qmpshutdown")
+
+#: What :func:`shutdown` accepts: a unix socket path, ``(host, port)``, or a connected client.
+Target = Union[str, "os.PathLike[str]", tuple[str, int], QMPClient]
+
+_DEFAULT_POLICY = ShutdownPolicy()
+
+
+async def shutdown(
+    target: Target,
+    policy: ShutdownPolicy = _DEFAULT_POLICY,
+    pid: int | None = None,
+) -> ShutdownResult:
+    """Stop one VM with the least force that works, and say how it went.
+
+    Press the ACPI power button (re-pressing while waiting), then, if the
+    guest does not power itself off and the policy allows it, ``quit``,
+    SIGTERM and SIGKILL, each with its timeout. The stop is complete when
+    QEMU's process has exited (or, without a pid, when its monitor closed).
+
+    :param target: a unix socket path, a ``(host, port)`` TCP monitor, or an
+        already connected :class:`qemu.qmp.QMPClient` (used as is and left open).
+    :param policy: which rungs may be used and how long each may take.
+    :param pid: QEMU's pid when the caller knows it (e.g. for a TCP monitor).
+        For a unix socket the pid is read from the socket; a *pid* that
+        differs is refused before anything is sent.
+    :raises ConnectError: no QMP monitor could be reached and there was no
+        safe way to escalate.
+    :raises PidMismatchError: *pid* is not the QEMU behind the monitor.
+    :raises ShutdownFailed: the allowed rungs are used up and QEMU still runs;
+        its ``.result`` holds the record.
+    :return: the record: the rung that ended the VM, the reason, presses,
+        every step and event.
+    """
+    if not isinstance(policy, ShutdownPolicy):
+        raise TypeError(f"policy must be a ShutdownPolicy, not {type(policy).__name__}")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
+        raise ValueError(f"pid must be a positive int, not {pid!r}")
+    started = anyio.current_time()
+    if isinstance(target, QMPClient):
+        return await _shutdown_client(target, policy, pid, started)
+    address = _address(target)
+    name = format_address(address)
+    deadline = started + policy.connect_timeout
+    sock = await connect_socket(address, policy.connect_timeout)
+    process: Process | None = None
+    monitor: Monitor | None = None
+    try:
+        process, no_signal_why = _pin_process(sock, pid, policy, name)
+        try:
+            monitor = await handshake(sock, max(0.0, deadline - anyio.current_time()))
+            no_monitor_why = ""
+        except (HandshakeTimeout, HandshakeFailed) as err:
+            sock.close()
+            if isinstance(err, HandshakeTimeout):
+                no_monitor_why = f"no QMP greeting within {policy.connect_timeout:g} s"
+                if process is not None and process.is_stopped():
+                    no_monitor_why += " (QEMU is stopped)"
+            else:
+                no_monitor_why = str(err)
+            logger.info("%s: %s", name, no_monitor_why)
+            if process is None or not (policy.may_signal or process.has_exited()):
+                why = "no pid to signal" if process is None else "signals are not allowed"
+                raise ConnectError(f"{name}: {no_monitor_why}; {why}") from err
+        return await climb(
+            monitor,
+            process,
+            policy,
+            started=started,
+            name=name,
+            no_monitor_why=no_monitor_why,
+            no_signal_why=no_signal_why,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            if monitor is not None:
+                await monitor.close()
+            else:
+                sock.close()
+            if process is not None:
+                process.close()
+
+
+def shutdown_sync(
+    target: str | os.PathLike[str] | tuple[str, int],
+    policy: ShutdownPolicy = _DEFAULT_POLICY,
+    pid: int | None = None,
+) -> ShutdownResult:
+    """Like :func:`shutdown`, for synchronous callers (runs its own event loop).
+
+    :param target: a unix socket path or a ``(host, port)`` TCP monitor (a
+        QMPClient belongs to an event loop of its own: use :func:`shutdown`).
+    :param policy: see :func:`shutdown`.
+    :param pid: see :func:`shutdown`.
+    :raises ConnectError, PidMismatchError, ShutdownFailed: see :func:`shutdown`.
+    :return: see :func:`shutdown`.
+    """
+    if isinstance(target, QMPClient):
+        raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
+    return anyio.run(shutdown, target, policy, pid, backend="asyncio")
+
+
+def _address(target: object) -> str | tuple[str, int]:
+    if isinstance(target, tuple):
+        if (
+            len(target) != 2
+            or not isinstance(target[0], str)
+            or isinstance(target[1], bool)
+            or not isinstance(target[1], int)
+        ):
+            raise TypeError(f"a TCP target is a (host, port) tuple, not {target!r}")
+        return target[0], target[1]
+    if isinstance(target, (str, os.PathLike)):
+        path = os.fspath(target)
+        if not isinstance(path, str) or not path:
+            raise TypeError(f"a unix socket target is a non-empty path, not {target!r}")
+        return path
+    raise TypeError(
+        "target must be a unix socket path, a (host, port) tuple or a QMPClient, "
+        f"not {type(target).__name__}"
+    )
+
+
+def _pin_process(
+    sock: object, pid: int | None, policy: ShutdownPolicy, name: str
+) -> tuple[Process | None, str]:
+    """Find and pin QEMU's process behind *sock*; say why not when it cannot be.
+
+    :raises PidMismatchError: *pid* is given and is not the monitor's QEMU.
+    :return: the pinned process (or None) and why signals are impossible.
+    """
+    peer = peer_pid(sock) if sock is not None else None  # type: ignore[arg-type]
+    if pid is not None:
+        if peer is not None and peer != pid:
+            raise PidMismatchError(f"{name}: pid {pid} given, but the socket's peer is pid {peer}")
+        if peer is None and sock is not None:
+            owns = tcp_peer_is(sock, pid)  # type: ignore[arg-type]
+            if owns is False:
+                raise PidMismatchError(f"{name}: pid {pid} does not hold this monitor connection")
+        # An explicit pid must be QEMU; refusing is clearer than silently never signalling.
+        return PidfdProcess.open_qemu(pid), ""
+    if peer is None:
+        return None, "QEMU's pid is unknown (pass pid= for a TCP monitor)"
+    if not policy.may_signal:
+        return _pin_quietly(peer), "signals are not allowed"
+    return _pin_quietly(peer), _not_qemu_why(peer)
+
+
+def _pin_quietly(pid: int) -> Process | None:
+    with contextlib.suppress(PidMismatchError):
+        return PidfdProcess.open_qemu(pid)
+    return None
+
+
+def _not_qemu_why(pid: int) -> str:
+    if pid == os.getpid():
+        return "the monitor's peer is this very process"
+    exe = executable(pid)
+    if exe is None:
+        return f"cannot read the executable of the monitor's peer (pid {pid})"
+    if not is_qemu_executable(exe):
+        return f"the monitor's peer (pid {pid}) is not QEMU but {exe}"
+    return f"the monitor's peer (pid {pid}) could not be pinned"
+
+
+async def _shutdown_client(
+    client: QMPClient, policy: ShutdownPolicy, pid: int | None, started: float
+) -> ShutdownResult:
+    monitor: QMPMonitor = wrap_client(client)
+    process: Process | None = None
+    try:
+        process, no_signal_why = _pin_process(client_socket(client), pid, policy, "qmp-client")
+        return await climb(
+            monitor,
+            process,
+            policy,
+            started=started,
+            name=client.name or "qmp-client",
+            no_signal_why=no_signal_why,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await monitor.close()  # removes our listener; the client stays open
+            if process is not None:
+                process.close()

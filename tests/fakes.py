@@ -1,0 +1,198 @@
+"""Fakes of the monitor and process seams, for cases a real QEMU gives only by luck.
+
+They implement the same Protocols as the real seams (qmpshutdown.Monitor and
+qmpshutdown.Process); a FakeQemu ties the two together and scripts the guest.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import anyio
+
+from qmpshutdown import EventRecord
+from qmpshutdown._monitor import CommandError, MonitorClosedError
+
+Handler = Callable[["FakeQemu", Mapping[str, object] | None], Awaitable[object]]
+
+
+class FakeProcess:
+    """A process that exits when told to, or on the signals it does not ignore."""
+
+    def __init__(self, pid: int = 4242, *, ignores: frozenset[int] = frozenset(), stopped=False):
+        self._pid = pid
+        self.ignores = ignores
+        self.stopped = stopped
+        self.signals: list[int] = []
+        self.queued: list[int] = []  # a stopped process acts on SIGTERM when continued
+        self.exited = anyio.Event()
+        self.closed = False
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+        if signum == signal.SIGCONT:
+            self.stopped = False
+            if any(s not in self.ignores for s in self.queued):
+                self.exit()
+        elif signum == signal.SIGKILL or (signum not in self.ignores and not self.stopped):
+            self.exit()
+        elif self.stopped:
+            self.queued.append(signum)
+
+    def exit(self) -> None:
+        self.exited.set()
+
+    def has_exited(self) -> bool:
+        return self.exited.is_set()
+
+    def is_stopped(self) -> bool:
+        return self.stopped
+
+    async def wait_exited(self) -> None:
+        await self.exited.wait()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeMonitor:
+    """A monitor whose commands are answered by the FakeQemu's handlers."""
+
+    def __init__(self, qemu: FakeQemu) -> None:
+        self.qemu = qemu
+        self.commands: list[str] = []
+        self._send, self._receive = anyio.create_memory_object_stream[EventRecord](100)
+        self.closed = anyio.Event()
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        if self.closed.is_set():
+            raise MonitorClosedError(f"{command}: closed")
+        self.commands.append(command)
+        handler = self.qemu.handlers.get(command)
+        if handler is None:
+            raise CommandError(
+                command, "CommandNotFound", f"The command {command} has not been found"
+            )
+        return await handler(self.qemu, arguments)
+
+    async def next_event(self) -> EventRecord:
+        return await self._receive.receive()
+
+    def pending_events(self) -> list[EventRecord]:
+        events = []
+        while True:
+            try:
+                events.append(self._receive.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return events
+
+    def is_closed(self) -> bool:
+        return self.closed.is_set()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+    async def close(self) -> None:
+        self.closed.set()
+
+    def emit(self, name: str, **data: Any) -> None:
+        self._send.send_nowait(EventRecord(name, time.time(), data))
+
+
+class FakeQemu:
+    """A scripted QEMU: a runstate, a guest behaviour, a process and a monitor."""
+
+    def __init__(
+        self,
+        *,
+        runstate: str = "running",
+        guest: str = "cooperative",
+        no_shutdown: bool = False,
+        quit: str = "reply-then-exit",
+        process: FakeProcess | None = None,
+    ) -> None:
+        self.runstate = runstate
+        self.guest = guest
+        self.no_shutdown = no_shutdown
+        self.quit_behaviour = quit
+        self.process = process if process is not None else FakeProcess()
+        self.monitor = FakeMonitor(self)
+        self.presses = 0
+        self.handlers: dict[str, Handler] = {
+            "query-status": FakeQemu.query_status,
+            "system_powerdown": FakeQemu.system_powerdown,
+            "system_wakeup": FakeQemu.system_wakeup,
+            "cont": FakeQemu.cont,
+            "quit": FakeQemu.quit,
+        }
+
+    # -- the guest ---------------------------------------------------------------
+    def power_off(self, reason: str = "guest-shutdown") -> None:
+        self.monitor.emit("SHUTDOWN", guest=True, reason=reason)
+        if self.no_shutdown:
+            self.runstate = "shutdown"
+            self.monitor.emit("STOP")
+        else:
+            self.exit()
+
+    def exit(self) -> None:
+        self.runstate = "exited"
+        self.process.exit()
+        self.monitor.closed.set()
+
+    # -- commands ------------------------------------------------------------
+    async def query_status(self, arguments: Mapping[str, object] | None) -> object:
+        return {"status": self.runstate, "running": self.runstate == "running"}
+
+    async def system_powerdown(self, arguments: Mapping[str, object] | None) -> object:
+        self.monitor.emit("POWERDOWN")
+        if self.runstate != "running":
+            return {}
+        self.presses += 1
+        if self.guest == "cooperative":
+            self.power_off()
+        elif self.guest.startswith("needs-"):
+            if self.presses >= int(self.guest.removeprefix("needs-")):
+                self.power_off()
+        elif self.guest == "reboots":
+            self.monitor.emit("RESET", guest=True, reason="guest-reset")
+        elif self.guest == "panics":
+            self.runstate = "guest-panicked"
+            self.monitor.emit("GUEST_PANICKED", action="pause")
+        elif self.guest == "sleeps":
+            self.runstate = "suspended"
+            self.monitor.emit("SUSPEND")
+        return {}
+
+    async def system_wakeup(self, arguments: Mapping[str, object] | None) -> object:
+        if self.runstate != "suspended":
+            raise CommandError("system_wakeup", "GenericError", "not suspended")
+        self.runstate = "running"
+        self.monitor.emit("WAKEUP")
+        return {}
+
+    async def cont(self, arguments: Mapping[str, object] | None) -> object:
+        self.runstate = "running"
+        self.monitor.emit("RESUME")
+        return {}
+
+    async def quit(self, arguments: Mapping[str, object] | None) -> object:
+        behaviour = self.quit_behaviour
+        if behaviour == "hang":
+            await anyio.sleep_forever()
+        if behaviour == "ignore":
+            return {}
+        self.monitor.emit("SHUTDOWN", guest=False, reason="host-qmp-quit")
+        if behaviour == "eof":
+            # QEMU closes the socket before its reply to quit is read.
+            self.exit()
+            raise MonitorClosedError("quit: EOFError")
+        self.exit()
+        return {}

@@ -1,0 +1,331 @@
+"""The ladder against fakes of the monitor and process seams.
+
+Each test asserts the exact record: the rung, the step sequence, the reason,
+the presses and the cause. Real guests prove the same promises in test_shutdown.py.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import anyio
+import pytest
+
+from fakes import FakeProcess, FakeQemu
+from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
+
+pytestmark = pytest.mark.asyncio
+
+FAST = ShutdownPolicy(
+    powerdown_timeout=0.25,
+    repress_interval=0.1,
+    quit_timeout=0.2,
+    terminate_timeout=0.2,
+    kill_timeout=0.2,
+    command_timeout=0.2,
+)
+
+
+async def run(qemu: FakeQemu, policy: ShutdownPolicy = FAST, *, with_process: bool = True):
+    with anyio.fail_after(10):
+        return await climb(
+            qemu.monitor,
+            qemu.process if with_process else None,
+            policy,
+            started=anyio.current_time(),
+            name="fake",
+        )
+
+
+def outcomes(result):
+    return [(step.stage.value, step.outcome.value) for step in result.steps]
+
+
+async def test_cooperative_guest_powers_off_on_the_first_press():
+    qemu = FakeQemu()
+    result = await run(qemu)
+    assert result.stage is Stage.POWERDOWN
+    assert result.graceful is True
+    assert result.reason == "guest-shutdown"
+    assert result.presses == 1
+    assert result.cause is None
+    assert result.runstate == "running"
+    assert result.pid == 4242
+    assert outcomes(result) == [("powerdown", "done")]
+    assert [e.event for e in result.events] == ["POWERDOWN", "SHUTDOWN"]
+    assert qemu.monitor.commands == ["query-status", "system_powerdown"]
+    assert qemu.process.signals == []
+
+
+async def test_guest_that_wants_a_third_press_gets_it_by_repressing():
+    qemu = FakeQemu(guest="needs-3")
+    result = await run(qemu, ShutdownPolicy(powerdown_timeout=5, repress_interval=0.05))
+    assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 3)
+    assert outcomes(result) == [("powerdown", "done")]
+
+
+async def test_ignored_button_escalates_to_quit_after_the_powerdown_timeout():
+    qemu = FakeQemu(guest="ignores")
+    result = await run(qemu)
+    assert result.stage is Stage.QUIT
+    assert result.graceful is False
+    assert result.reason == "host-qmp-quit"
+    assert result.presses == 3  # at 0, 0.1 and 0.2 s of a 0.25 s wait
+    assert result.cause is Cause.IGNORED_POWER_BUTTON
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+    powerdown = result.step("powerdown")
+    assert powerdown is not None and 0.25 <= powerdown.ended < 0.5
+
+
+async def test_repress_none_presses_once():
+    qemu = FakeQemu(guest="ignores")
+    policy = ShutdownPolicy(powerdown_timeout=0.2, repress_interval=None, command_timeout=0.2)
+    result = await run(qemu, policy)
+    assert result.presses == 1
+    assert result.stage is Stage.QUIT
+
+
+async def test_eof_during_quit_is_expected_and_confirmed_by_the_exit():
+    qemu = FakeQemu(guest="ignores", quit="eof")
+    result = await run(qemu)
+    assert result.stage is Stage.QUIT
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+
+
+async def test_quit_reply_that_never_comes_moves_on_to_sigterm():
+    qemu = FakeQemu(guest="ignores", quit="hang")
+    result = await run(qemu)
+    assert result.stage is Stage.TERMINATE
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "failed"), ("terminate", "done")]
+    assert "no reply to quit" in result.steps[1].detail
+    assert qemu.process.signals == [signal.SIGTERM]
+
+
+async def test_sigterm_ignored_then_sigkill():
+    qemu = FakeQemu(guest="ignores", quit="ignore", process=FakeProcess(ignores=frozenset({15})))
+    result = await run(qemu)
+    assert result.stage is Stage.KILL
+    assert outcomes(result) == [
+        ("powerdown", "timeout"),
+        ("quit", "timeout"),
+        ("terminate", "timeout"),
+        ("kill", "done"),
+    ]
+    assert qemu.process.signals == [signal.SIGTERM, signal.SIGKILL]
+
+
+async def test_stopped_qemu_gets_sigcont_after_sigterm_so_it_can_exit_cleanly():
+    process = FakeProcess(stopped=True)
+    qemu = FakeQemu(process=process)
+    result = await climb(
+        None, process, FAST, started=anyio.current_time(), no_monitor_why="no greeting"
+    )
+    assert result.stage is Stage.TERMINATE
+    assert result.cause is Cause.MONITOR_UNRESPONSIVE
+    assert outcomes(result) == [
+        ("powerdown", "skipped"),
+        ("quit", "skipped"),
+        ("terminate", "done"),
+    ]
+    assert process.signals == [signal.SIGTERM, signal.SIGCONT]
+    assert "SIGCONT" in result.steps[2].detail
+    assert qemu.monitor.commands == []
+
+
+async def test_without_a_pid_the_signal_rungs_are_skipped_and_the_failure_is_raised():
+    qemu = FakeQemu(guest="ignores", quit="ignore")
+    with pytest.raises(ShutdownFailed) as caught:
+        await run(qemu, with_process=False)
+    result = caught.value.result
+    assert result.stage is None
+    assert result.pid is None
+    assert outcomes(result) == [
+        ("powerdown", "timeout"),
+        ("quit", "timeout"),
+        ("terminate", "skipped"),
+        ("kill", "skipped"),
+    ]
+    assert result.cause is Cause.IGNORED_POWER_BUTTON
+    assert "still running" in str(caught.value)
+
+
+async def test_without_a_pid_the_monitor_eof_confirms_the_exit():
+    qemu = FakeQemu()
+    result = await run(qemu, with_process=False)
+    assert (result.stage, result.graceful, result.reason) == (
+        Stage.POWERDOWN,
+        True,
+        "guest-shutdown",
+    )
+
+
+async def test_no_force_policy_never_goes_past_the_button():
+    qemu = FakeQemu(guest="ignores")
+    with pytest.raises(ShutdownFailed) as caught:
+        await run(
+            qemu,
+            FAST.__class__(powerdown_timeout=0.1, repress_interval=None, stages=("powerdown",)),
+        )
+    assert outcomes(caught.value.result) == [("powerdown", "timeout")]
+    assert "quit" not in qemu.monitor.commands
+    assert qemu.process.signals == []
+
+
+@pytest.mark.parametrize("wake", [True, False])
+async def test_suspended_guest_is_woken_before_the_press_or_skipped(wake):
+    qemu = FakeQemu(runstate="suspended")
+    result = await run(
+        qemu, ShutdownPolicy(wake_suspended=wake, quit_timeout=0.2, command_timeout=0.2)
+    )
+    assert result.runstate == "suspended"
+    if wake:
+        assert (result.stage, result.graceful, result.cause) == (Stage.POWERDOWN, True, None)
+        assert qemu.monitor.commands == ["query-status", "system_wakeup", "system_powerdown"]
+        assert [e.event for e in result.events] == ["WAKEUP", "POWERDOWN", "SHUTDOWN"]
+    else:
+        assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.ASLEEP)
+        assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
+        assert result.presses == 0
+        assert "system_powerdown" not in qemu.monitor.commands
+
+
+async def test_guest_that_falls_asleep_on_the_press_is_woken_and_pressed_again():
+    qemu = FakeQemu(guest="sleeps")
+    result = await run(qemu)
+    # sleeps on every press: woken before each re-press, never powers off
+    assert result.stage is Stage.QUIT
+    assert result.cause is Cause.ASLEEP
+    assert qemu.monitor.commands.count("system_wakeup") == result.presses - 1 >= 1
+
+
+@pytest.mark.parametrize("runstate", ["paused", "prelaunch", "io-error", "watchdog", "debug"])
+async def test_paused_guest_is_not_pressed_unless_resume_paused(runstate):
+    qemu = FakeQemu(runstate=runstate)
+    result = await run(qemu)
+    assert (result.stage, result.cause, result.presses) == (Stage.QUIT, Cause.PAUSED, 0)
+    assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
+    assert "system_powerdown" not in qemu.monitor.commands
+    assert "resume_paused is off" in result.steps[0].detail
+
+
+async def test_paused_guest_is_resumed_then_pressed_with_resume_paused():
+    qemu = FakeQemu(runstate="paused")
+    result = await run(qemu, ShutdownPolicy(resume_paused=True))
+    assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 1)
+    assert qemu.monitor.commands == ["query-status", "cont", "system_powerdown"]
+
+
+@pytest.mark.parametrize(
+    ("runstate", "cause"),
+    [
+        ("guest-panicked", Cause.PANICKED),
+        ("internal-error", Cause.PANICKED),
+        ("inmigrate", Cause.MIGRATING),
+        ("postmigrate", Cause.MIGRATING),
+        ("finish-migrate", Cause.MIGRATING),
+    ],
+)
+async def test_runstates_where_a_press_is_pointless_skip_it(runstate, cause):
+    qemu = FakeQemu(runstate=runstate)
+    result = await run(qemu)
+    assert (result.stage, result.cause, result.presses) == (Stage.QUIT, cause, 0)
+    assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
+
+
+async def test_guest_panicking_while_we_wait_stops_the_pressing_at_once():
+    qemu = FakeQemu(guest="panics")
+    result = await run(qemu, ShutdownPolicy(powerdown_timeout=30, quit_timeout=1))
+    assert (result.stage, result.cause, result.presses) == (Stage.QUIT, Cause.PANICKED, 1)
+    assert outcomes(result) == [("powerdown", "failed"), ("quit", "done")]
+    assert result.steps[0].ended < 1.0  # did not wait out the 30 s
+
+
+async def test_guest_that_reboots_on_every_press_is_forced_with_cause_rebooted():
+    qemu = FakeQemu(guest="reboots")
+    result = await run(qemu)
+    assert (result.stage, result.cause) == (Stage.QUIT, Cause.REBOOTED)
+    assert result.presses == 3
+    assert [e.event for e in result.events].count("RESET") == 3
+
+
+async def test_no_shutdown_guest_off_then_quit_ends_qemu():
+    qemu = FakeQemu(no_shutdown=True)
+    result = await run(qemu)
+    assert (result.stage, result.graceful, result.reason) == (
+        Stage.POWERDOWN,
+        True,
+        "guest-shutdown",
+    )
+    assert outcomes(result) == [("powerdown", "done"), ("quit", "done")]
+    # the SHUTDOWN our quit caused does not replace the guest's
+    assert [e.data.get("reason") for e in result.events if e.event == "SHUTDOWN"] == [
+        "guest-shutdown",
+        "host-qmp-quit",
+    ]
+
+
+async def test_no_shutdown_guest_off_without_force_leaves_qemu_for_its_owner():
+    qemu = FakeQemu(no_shutdown=True)
+    result = await run(qemu, ShutdownPolicy(stages=("powerdown",)))
+    assert (result.stage, result.graceful) == (Stage.POWERDOWN, True)
+    assert outcomes(result) == [("powerdown", "done")]
+    assert not qemu.process.has_exited()
+    assert qemu.runstate == "shutdown"
+
+
+async def test_already_off_on_connect_is_ended_with_quit():
+    qemu = FakeQemu(runstate="shutdown")
+    result = await run(qemu)
+    assert (result.stage, result.graceful, result.presses) == (Stage.ALREADY_OFF, True, 0)
+    assert outcomes(result) == [("quit", "done")]
+    assert result.reason == "host-qmp-quit"
+
+
+async def test_already_off_without_force_allowed_is_a_success():
+    qemu = FakeQemu(runstate="shutdown")
+    result = await run(qemu, ShutdownPolicy(stages=("powerdown",)))
+    assert (result.stage, result.graceful, result.steps) == (Stage.ALREADY_OFF, True, ())
+
+
+async def test_query_status_that_never_answers_counts_as_an_unresponsive_monitor():
+    qemu = FakeQemu()
+
+    async def hang(qemu, arguments):
+        await anyio.sleep_forever()
+
+    qemu.handlers["query-status"] = hang
+    qemu.quit_behaviour = "hang"
+    result = await run(qemu)
+    assert (result.stage, result.cause) == (Stage.TERMINATE, Cause.MONITOR_UNRESPONSIVE)
+    assert outcomes(result) == [("powerdown", "failed"), ("quit", "failed"), ("terminate", "done")]
+
+
+async def test_qemu_gone_before_the_first_rung_is_already_off():
+    qemu = FakeQemu()
+    qemu.exit()
+    result = await run(qemu)
+    assert result.stage is Stage.ALREADY_OFF
+    assert result.steps == ()
+
+
+async def test_times_count_from_the_call_and_steps_are_ordered():
+    qemu = FakeQemu(guest="ignores")
+    result = await run(qemu)
+    starts = [s.started for s in result.steps]
+    assert starts == sorted(starts)
+    for step in result.steps:
+        assert 0 <= step.started <= step.ended <= result.elapsed + 1e-9
+
+
+@pytest.mark.parametrize("at", [0.05, 0.3, 0.5, 0.75])
+async def test_cancelling_the_caller_at_each_rung_propagates(at):
+    # ignores quit and SIGTERM: rungs at 0-0.25 (powerdown), 0.25-0.45 (quit),
+    # 0.45-0.65 (terminate), 0.65- (kill, which would end it)
+    qemu = FakeQemu(guest="ignores", quit="ignore", process=FakeProcess(ignores=frozenset({15})))
+    with anyio.move_on_after(at) as scope:
+        await run(qemu)
+    assert scope.cancelled_caught
+    # nothing of the ladder runs on after the caller left
+    commands, signals = list(qemu.monitor.commands), list(qemu.process.signals)
+    await anyio.sleep(0.3)
+    assert (qemu.monitor.commands, qemu.process.signals) == (commands, signals)

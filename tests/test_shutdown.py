@@ -1,0 +1,466 @@
+"""shutdown() against real QEMU guests from fixtures/qemu-images.
+
+One test per way a guest fails to stop, each asserting the exact record: the
+rung, graceful, the reason, the presses, the cause and the step outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+
+import anyio
+import attrs
+import pytest
+from qemu.qmp import QMPClient
+
+import qmpshutdown
+from qmpshutdown import Cause, ShutdownPolicy, Stage
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
+
+#: Short but safe on 2 TCG cores: a press is acted on in well under a second.
+POLICY = ShutdownPolicy(
+    powerdown_timeout=3.0,
+    repress_interval=1.0,
+    quit_timeout=5.0,
+    terminate_timeout=5.0,
+    kill_timeout=5.0,
+    connect_timeout=3.0,
+    command_timeout=3.0,
+)
+
+
+def outcomes(result):
+    return [(step.stage.value, step.outcome.value) for step in result.steps]
+
+
+def event_names(result):
+    return [event.event for event in result.events]
+
+
+async def stop(guest, policy=POLICY, **kwargs):
+    with anyio.fail_after(policy.bound + 10):
+        return await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs)
+
+
+async def exited(guest, timeout=5.0):
+    """QEMU really exited (and is reaped); return its exit status."""
+    return await guest.wait_exit(timeout)
+
+
+async def wait_runstate(client: QMPClient, status: str, timeout: float = 30.0) -> None:
+    with anyio.fail_after(timeout):
+        while (await client.execute("query-status"))["status"] != status:
+            await anyio.sleep(0.05)
+
+
+async def connect(path, timeout: float = 5.0) -> QMPClient:
+    client = QMPClient("test")
+    with anyio.fail_after(timeout):
+        await client.connect(str(path))
+    return client
+
+
+async def disconnect(client: QMPClient) -> None:
+    with anyio.move_on_after(5, shield=True):
+        with contextlib.suppress(EOFError, OSError):  # QEMU exited under it
+            await client.disconnect()
+
+
+# ---- the seven ways a guest fails to stop (and the one that works) ----------
+
+
+async def test_cooperative_guest_powers_off_on_one_press(guests):
+    guest = await guests.boot("cooperative")
+    result = await stop(guest)
+    assert (result.stage, result.graceful, result.reason) == (
+        Stage.POWERDOWN,
+        True,
+        "guest-shutdown",
+    )
+    assert (result.presses, result.cause, result.runstate) == (1, None, "running")
+    assert result.pid == guest.pid
+    assert outcomes(result) == [("powerdown", "done")]
+    assert event_names(result) == ["POWERDOWN", "SHUTDOWN"]
+    assert result.events[1].data == {"guest": True, "reason": "guest-shutdown"}
+    assert result.elapsed < 2.0
+    assert await exited(guest) == 0
+
+
+async def test_slow_guest_gets_the_time_it_needs(guests):
+    # like a guest installing updates: powers off 3 s after the press
+    guest = await guests.boot("slow", arg=3)
+    policy = attrs.evolve(POLICY, powerdown_timeout=15.0, repress_interval=None)
+    result = await stop(guest, policy)
+    assert (result.stage, result.graceful, result.reason, result.presses) == (
+        Stage.POWERDOWN,
+        True,
+        "guest-shutdown",
+        1,
+    )
+    assert outcomes(result) == [("powerdown", "done")]
+    assert 3.0 <= result.elapsed < 10.0
+    assert await exited(guest) == 0
+
+
+async def test_guest_that_wants_three_presses_gets_them(guests):
+    # a prompt the first presses only raise, a Windows guest that wants a second press
+    guest = await guests.boot("needs-presses", arg=3)
+    policy = attrs.evolve(POLICY, powerdown_timeout=10.0, repress_interval=1.0)
+    result = await stop(guest, policy)
+    assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 3)
+    assert event_names(result).count("POWERDOWN") == 3
+    assert guest.serial_lines("QMPSHUTDOWN-GUEST-PRESS") == [
+        "QMPSHUTDOWN-GUEST-PRESS n=1",
+        "QMPSHUTDOWN-GUEST-PRESS n=2",
+        "QMPSHUTDOWN-GUEST-PRESS n=3",
+    ]
+
+
+async def test_guest_that_ignores_the_button_is_ended_by_quit(guests):
+    guest = await guests.boot("ignores")
+    result = await stop(guest)
+    assert (result.stage, result.graceful, result.reason) == (Stage.QUIT, False, "host-qmp-quit")
+    assert (result.presses, result.cause) == (3, Cause.IGNORED_POWER_BUTTON)
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+    assert event_names(result).count("POWERDOWN") == 3
+    powerdown = result.step("powerdown")
+    assert 3.0 <= powerdown.ended < 3.5
+    assert await exited(guest) == 0
+
+
+async def test_no_force_policy_leaves_an_ignoring_guest_running(guests):
+    guest = await guests.boot("ignores")
+    policy = attrs.evolve(POLICY, powerdown_timeout=2.0, stages=("powerdown",))
+    with pytest.raises(qmpshutdown.ShutdownFailed) as caught:
+        await stop(guest, policy)
+    result = caught.value.result
+    assert (result.stage, result.cause, result.presses) == (None, Cause.IGNORED_POWER_BUTTON, 2)
+    assert outcomes(result) == [("powerdown", "timeout")]
+    assert guest.alive()
+
+
+async def test_asleep_guest_on_pc_is_woken_then_powers_off(guests):
+    guest = await guests.boot(
+        "asleep", machine="pc", extra_args=["-global", "PIIX4_PM.disable_s3=0"]
+    )
+    client = await connect(guest.qmp_path)
+    try:
+        await wait_runstate(client, "suspended")
+    finally:
+        await disconnect(client)
+    result = await stop(guest, attrs.evolve(POLICY, powerdown_timeout=10.0))
+    assert (result.stage, result.graceful, result.reason) == (
+        Stage.POWERDOWN,
+        True,
+        "guest-shutdown",
+    )
+    assert result.runstate == "suspended"
+    assert result.presses >= 1
+    assert event_names(result)[0] == "WAKEUP"
+    assert "QMPSHUTDOWN-GUEST-RESUMED" in guest.serial_text()
+
+
+async def test_asleep_guest_on_q35_stays_deaf_after_waking_and_is_forced(guests):
+    # QEMU 7.2 q35 under TCG: the button's interrupt never fires again after resume
+    guest = await guests.boot("asleep")
+    client = await connect(guest.qmp_path)
+    try:
+        await wait_runstate(client, "suspended")
+    finally:
+        await disconnect(client)
+    result = await stop(guest)
+    assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.ASLEEP)
+    assert result.runstate == "suspended"
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+    assert "WAKEUP" in event_names(result)
+
+
+async def test_asleep_guest_without_wake_is_not_pressed(guests):
+    guest = await guests.boot("asleep")
+    client = await connect(guest.qmp_path)
+    try:
+        await wait_runstate(client, "suspended")
+        # the caller's own client, reused as is
+        result = await qmpshutdown.shutdown(client, attrs.evolve(POLICY, wake_suspended=False))
+    finally:
+        await disconnect(client)
+    assert (result.stage, result.cause, result.presses) == (Stage.QUIT, Cause.ASLEEP, 0)
+    assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
+    assert result.pid == guest.pid  # read from the caller's client's socket
+    assert "WAKEUP" not in event_names(result)
+
+
+async def test_panicked_guest_paused_by_pvpanic_is_not_pressed(guests):
+    guest = await guests.boot(
+        "panics", arg=0, extra_args=["-device", "pvpanic", "-action", "panic=pause"]
+    )
+    client = await connect(guest.qmp_path)
+    try:
+        await wait_runstate(client, "guest-panicked")
+    finally:
+        await disconnect(client)
+    result = await stop(guest)
+    assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.PANICKED)
+    assert (result.runstate, result.presses) == ("guest-panicked", 0)
+    assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
+
+
+async def test_guest_panicking_while_pressed_is_recorded_as_panicked(guests):
+    # the default panic action shuts QEMU down: SHUTDOWN reason guest-panic
+    guest = await guests.boot("panics", arg=1, extra_args=["-device", "pvpanic"])
+    result = await stop(guest, attrs.evolve(POLICY, powerdown_timeout=20.0))
+    assert (result.stage, result.graceful, result.reason, result.cause) == (
+        Stage.POWERDOWN,
+        False,
+        "guest-panic",
+        Cause.PANICKED,
+    )
+    assert outcomes(result) == [("powerdown", "done")]
+    assert "GUEST_PANICKED" in event_names(result)
+
+
+async def test_rebooting_guest_under_no_reboot_counts_as_off(guests):
+    guest = await guests.boot("reboots", extra_args=["-no-reboot"])
+    result = await stop(guest)
+    assert (result.stage, result.graceful, result.reason, result.presses) == (
+        Stage.POWERDOWN,
+        True,
+        "guest-reset",
+        1,
+    )
+
+
+async def test_guest_that_reboots_instead_is_forced_with_cause_rebooted(guests):
+    guest = await guests.boot("reboots")
+    result = await stop(guest, attrs.evolve(POLICY, powerdown_timeout=4.0))
+    assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.REBOOTED)
+    assert "RESET" in event_names(result)
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+
+
+# ---- runstates ----------------------------------------------------------------
+
+
+async def test_no_shutdown_guest_off_then_qemu_ended_by_quit(guests):
+    guest = await guests.boot("cooperative", extra_args=["-no-shutdown"])
+    result = await stop(guest)
+    assert (result.stage, result.graceful, result.reason) == (
+        Stage.POWERDOWN,
+        True,
+        "guest-shutdown",
+    )
+    assert outcomes(result) == [("powerdown", "done"), ("quit", "done")]
+    shutdowns = [e.data.get("reason") for e in result.events if e.event == "SHUTDOWN"]
+    assert shutdowns[0] == "guest-shutdown"
+    assert await exited(guest) == 0
+
+
+async def test_no_shutdown_without_force_leaves_qemu_off_then_already_off(guests):
+    guest = await guests.boot("cooperative", extra_args=["-no-shutdown"])
+    first = await stop(guest, attrs.evolve(POLICY, stages=("powerdown",)))
+    assert (first.stage, first.graceful) == (Stage.POWERDOWN, True)
+    assert outcomes(first) == [("powerdown", "done")]
+    assert guest.alive()  # left in runstate 'shutdown' for its owner
+    second = await stop(guest)
+    assert (second.stage, second.graceful, second.runstate, second.presses) == (
+        Stage.ALREADY_OFF,
+        True,
+        "shutdown",
+        0,
+    )
+    assert outcomes(second) == [("quit", "done")]
+    assert await exited(guest) == 0
+
+
+async def test_paused_guest_is_not_pressed_without_resume_paused(guests):
+    guest = await guests.boot("cooperative", extra_args=["-S"])
+    result = await stop(guest)
+    assert (result.stage, result.cause, result.runstate, result.presses) == (
+        Stage.QUIT,
+        Cause.PAUSED,
+        "prelaunch",
+        0,
+    )
+    assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
+
+
+async def test_paused_guest_is_resumed_and_pressed_until_it_listens(guests):
+    # -S: the guest boots only after cont; presses during its boot are lost
+    guest = await guests.boot("cooperative", extra_args=["-S"])
+    policy = attrs.evolve(POLICY, resume_paused=True, powerdown_timeout=30.0, repress_interval=1.0)
+    result = await stop(guest, policy)
+    assert (result.stage, result.graceful, result.runstate) == (Stage.POWERDOWN, True, "prelaunch")
+    assert result.presses >= 2
+    assert "RESUME" in event_names(result)
+
+
+# ---- monitors, pids, hung QEMU ----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_tcp_monitor_without_pid_ends_on_monitor_eof_and_cannot_signal(guests):
+    port = free_port()
+    qmp_tcp = ["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
+    cooperative, ignoring = await guests.boot_many(
+        {"mode": "cooperative", "extra_args": qmp_tcp},
+        {"mode": "ignores", "extra_args": ["-qmp", f"tcp:127.0.0.1:{port + 1},server=on,wait=off"]},
+    )
+    with anyio.fail_after(30):
+        result = await qmpshutdown.shutdown(("127.0.0.1", port), POLICY)
+    assert (result.stage, result.graceful, result.pid) == (Stage.POWERDOWN, True, None)
+    assert await exited(cooperative) == 0
+
+    policy = attrs.evolve(POLICY, powerdown_timeout=1.0, stages=("powerdown", "terminate", "kill"))
+    with anyio.fail_after(30), pytest.raises(qmpshutdown.ShutdownFailed) as caught:
+        await qmpshutdown.shutdown(("127.0.0.1", port + 1), policy)
+    assert outcomes(caught.value.result) == [
+        ("powerdown", "timeout"),
+        ("terminate", "skipped"),
+        ("kill", "skipped"),
+    ]
+    assert "pid is unknown" in caught.value.result.steps[1].detail
+    assert ignoring.alive()
+
+
+async def test_tcp_monitor_with_pid_can_signal(guests):
+    port = free_port()
+    guest = await guests.boot(
+        "ignores", extra_args=["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
+    )
+    policy = attrs.evolve(POLICY, powerdown_timeout=1.0, stages=("powerdown", "terminate"))
+    with anyio.fail_after(30):
+        result = await qmpshutdown.shutdown(("127.0.0.1", port), policy, pid=guest.pid)
+    assert (result.stage, result.pid, result.reason) == (Stage.TERMINATE, guest.pid, "host-signal")
+    assert outcomes(result) == [("powerdown", "timeout"), ("terminate", "done")]
+    assert await exited(guest) == 0  # SIGTERM takes QEMU's clean exit path
+
+
+async def test_wrong_pid_is_refused_before_anything_is_sent(guests):
+    guest, other = await guests.boot_many("cooperative", "ignores")
+    for wrong in (other.pid, os.getpid(), 1):
+        with pytest.raises(qmpshutdown.PidMismatchError):
+            await stop(guest, pid=wrong)
+    assert guest.alive()
+    assert other.alive()
+    # nothing reached the guest: the next shutdown is its first press
+    result = await stop(guest)
+    assert (result.stage, result.presses) == (Stage.POWERDOWN, 1)
+
+
+async def test_wrong_pid_on_tcp_is_refused(guests):
+    port = free_port()
+    guest, decoy = await guests.boot_many(
+        {"mode": "ignores", "extra_args": ["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]},
+        "ignores",
+    )
+    with anyio.fail_after(30), pytest.raises(qmpshutdown.PidMismatchError, match="does not hold"):
+        await qmpshutdown.shutdown(("127.0.0.1", port), POLICY, pid=decoy.pid)
+    assert guest.alive() and decoy.alive()
+
+
+async def test_sigstopped_qemu_is_ended_by_sigterm_and_sigcont(guests):
+    guest = await guests.boot("cooperative")
+    os.kill(guest.pid, signal.SIGSTOP)
+    result = await stop(guest)
+    assert (result.stage, result.cause, result.runstate) == (
+        Stage.TERMINATE,
+        Cause.MONITOR_UNRESPONSIVE,
+        None,
+    )
+    assert outcomes(result) == [
+        ("powerdown", "skipped"),
+        ("quit", "skipped"),
+        ("terminate", "done"),
+    ]
+    assert "QEMU is stopped" in result.steps[0].detail
+    assert "SIGCONT" in result.steps[2].detail
+    assert 3.0 <= result.elapsed < 5.0  # the connect timeout, then at once
+    assert await exited(guest) == 0  # SIGTERM's clean exit, not SIGKILL
+
+
+async def test_sigstopped_qemu_without_signals_allowed_is_a_connect_error(guests):
+    guest = await guests.boot("cooperative")
+    os.kill(guest.pid, signal.SIGSTOP)
+    policy = attrs.evolve(POLICY, stages=("powerdown", "quit"), connect_timeout=1.0)
+    with anyio.fail_after(10), pytest.raises(qmpshutdown.ConnectError, match="no QMP greeting"):
+        await qmpshutdown.shutdown(guest.qmp_path, policy)
+    assert guest.alive()
+
+
+async def test_monitor_held_by_another_client_escalates_to_sigterm(guests):
+    guest = await guests.boot("ignores")
+    holder = await connect(guest.qmp_path)
+    try:
+        result = await stop(guest, attrs.evolve(POLICY, connect_timeout=1.0))
+        assert (result.stage, result.cause) == (Stage.TERMINATE, Cause.MONITOR_UNRESPONSIVE)
+        assert "no QMP greeting within 1 s" in result.steps[0].detail
+        assert await exited(guest) == 0
+        # the holder saw QEMU's own account of it
+        with anyio.fail_after(5):
+            event = await holder.events.get()
+            while event["event"] != "SHUTDOWN":
+                event = await holder.events.get()
+        assert event["data"]["reason"] == "host-signal"
+    finally:
+        await disconnect(holder)
+
+
+async def test_existing_client_is_reused_and_left_open(guests):
+    guest = await guests.boot("ignores")
+    client = await connect(guest.qmp_path)
+    try:
+        policy = attrs.evolve(POLICY, powerdown_timeout=1.0, stages=("powerdown",))
+        with anyio.fail_after(20), pytest.raises(qmpshutdown.ShutdownFailed) as caught:
+            await qmpshutdown.shutdown(client, policy)
+        assert caught.value.result.pid == guest.pid
+        # still the caller's, still connected, still working
+        status = await client.execute("query-status")
+        assert status["status"] == "running"
+        with anyio.fail_after(20):
+            result = await qmpshutdown.shutdown(client, POLICY)
+        assert (result.stage, result.reason) == (Stage.QUIT, "host-qmp-quit")
+    finally:
+        await disconnect(client)
+    assert await exited(guest) == 0
+
+
+async def test_shutdown_sync_from_a_thread(guests):
+    guest = await guests.boot("cooperative")
+    result = await asyncio.to_thread(qmpshutdown.shutdown_sync, guest.qmp_path, POLICY)
+    assert (result.stage, result.graceful) == (Stage.POWERDOWN, True)
+
+
+@pytest.mark.parametrize("point", ["pressing", "handshake"])
+async def test_cancelling_shutdown_closes_the_monitor_and_leaks_nothing(guests, caplog, point):
+    guest = await guests.boot("ignores")
+    if point == "handshake":
+        os.kill(guest.pid, signal.SIGSTOP)  # no greeting: cancelled while connecting
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    caplog.set_level(logging.CRITICAL, logger="qemu.qmp")
+    tasks_before = len(asyncio.all_tasks())
+    with anyio.move_on_after(1.0) as scope:
+        await qmpshutdown.shutdown(guest.qmp_path, POLICY)
+    assert scope.cancelled_caught
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert guest.alive()  # nothing of the ladder ran on
+    os.kill(guest.pid, signal.SIGCONT)
+    # QEMU serves one client per monitor: a greeting now proves ours was closed
+    client = await connect(guest.qmp_path, timeout=5)
+    await disconnect(client)
+    gc.collect()
+    await anyio.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    # qemu.qmp says CRITICAL "bug in the QMP library" when a connect() is cancelled badly
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL] == []
