@@ -14,6 +14,8 @@ import logging as _logging
 
 from ._errors import ConnectError, Error, LaunchError, PidMismatchError, ShutdownFailed
 from ._ladder import climb
+from ._launch import VM, launch
+from ._many import shutdown_many
 from ._monitor import Monitor, QMPMonitor
 from ._policy import ShutdownPolicy, Stage
 from ._process import PidfdProcess, Process
@@ -23,7 +25,9 @@ from ._shutdown import Target, shutdown, shutdown_sync
 __all__ = (
     # functions
     "climb",
+    "launch",
     "shutdown",
+    "shutdown_many",
     "shutdown_sync",
     # classes
     "Cause",
@@ -38,6 +42,7 @@ __all__ = (
     "Stage",
     "Step",
     "Target",
+    "VM",
     # exceptions
     "ConnectError",
     "Error",

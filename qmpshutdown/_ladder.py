@@ -375,18 +375,25 @@ class _Ladder:
 
     async def pump_events(self) -> None:
         assert self.monitor is not None
-        while True:
-            self.watch.note(await self.monitor.next_event())
+        try:
+            while True:
+                self.watch.note(await self.monitor.next_event())
+        except Exception as err:  # events stop; the ladder goes on without them
+            logger.warning("%s: reading events failed: %r", self.name, err)
 
     async def watch_gone(self, scope: anyio.CancelScope) -> None:
-        if self.process is not None:
-            await self.process.wait_exited()
-        elif self.monitor is not None:
-            # Without a pid, the monitor's EOF is the only sign of the exit there is.
-            await self.monitor.wait_closed()
+        try:
+            if self.process is not None:
+                await self.process.wait_exited()
+            elif self.monitor is not None:
+                # Without a pid, the monitor's EOF is the only sign of the exit there is.
+                await self.monitor.wait_closed()
+            else:
+                await anyio.sleep_forever()
+        except Exception as err:  # kept, and raised outside the task group
+            self.error = err
         else:
-            await anyio.sleep_forever()
-        self.mark_gone()
+            self.mark_gone()
         scope.cancel()
 
     def mark_gone(self) -> None:

@@ -246,7 +246,16 @@ async def _connect_unix(sock: socket.socket, path: str) -> None:
 
 
 async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:
-    """Greet and negotiate capabilities over a connected socket.
+    """Greet and negotiate capabilities over a connected socket; wrap the client.
+
+    :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
+    :raises HandshakeFailed: the peer is not a QMP server or hung up.
+    """
+    return QMPMonitor(await connect_client(sock, limit), sock, owned=True)
+
+
+async def connect_client(sock: socket.socket, limit: float, name: str | None = None) -> QMPClient:
+    """Return a :class:`QMPClient` connected over *sock*, greeted and negotiated.
 
     The client's connect() runs in its own asyncio task: cancelling it from an
     anyio scope leaves qemu.qmp wedged (it is cancelled again while it cleans up).
@@ -254,7 +263,7 @@ async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:
     :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
     :raises HandshakeFailed: the peer is not a QMP server or hung up.
     """
-    client = QMPClient()
+    client = QMPClient(name)
     task = asyncio.ensure_future(client.connect(sock))
     try:
         done, _ = await asyncio.wait({task}, timeout=limit)
@@ -271,7 +280,7 @@ async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:
         raise HandshakeFailed(f"not a QMP monitor: {_describe(cause)}") from err
     except (OSError, EOFError) as err:
         raise HandshakeFailed(f"not a QMP monitor: {_describe(err)}") from err
-    return QMPMonitor(client, sock, owned=True)
+    return client
 
 
 async def _abandon(task: asyncio.Future[None], sock: socket.socket) -> None:

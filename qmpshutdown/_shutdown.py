@@ -69,14 +69,45 @@ async def shutdown(
     started = anyio.current_time()
     if isinstance(target, QMPClient):
         return await _shutdown_client(target, policy, pid, started)
-    address = _address(target)
-    name = format_address(address)
+    return await stop_at(_address(target), policy, pid=pid, started=started)
+
+
+async def stop_at(
+    address: str | tuple[str, int],
+    policy: ShutdownPolicy,
+    *,
+    pid: int | None = None,
+    started: float,
+    pinned: Process | None = None,
+    name: str | None = None,
+) -> ShutdownResult:
+    """Connect to *address* and climb the ladder (the body of :func:`shutdown`).
+
+    :param pinned: QEMU's process when the caller has pinned it already (its
+        own child, from :func:`launch`); it is checked against the socket's
+        peer, used even if the monitor cannot be reached, and left open.
+    """
+    name = name or format_address(address)
     deadline = started + policy.connect_timeout
-    sock = await connect_socket(address, policy.connect_timeout)
+    try:
+        sock = await connect_socket(address, policy.connect_timeout)
+    except ConnectError as err:
+        if pinned is None or not policy.may_signal:
+            raise
+        logger.info("%s: %s", name, err)
+        return await climb(
+            None, pinned, policy, started=started, name=name, no_monitor_why=str(err)
+        )
     process: Process | None = None
     monitor: Monitor | None = None
     try:
-        process, no_signal_why = _pin_process(sock, pid, policy, name)
+        if pinned is not None:
+            peer = peer_pid(sock)
+            if peer is not None and peer != pinned.pid:
+                raise PidMismatchError(f"{name}: the socket's peer is pid {peer}, not {pinned.pid}")
+            no_signal_why = ""
+        else:
+            process, no_signal_why = _pin_process(sock, pid, policy, name)
         try:
             monitor = await handshake(sock, max(0.0, deadline - anyio.current_time()))
             no_monitor_why = ""
@@ -89,12 +120,13 @@ async def shutdown(
             else:
                 no_monitor_why = str(err)
             logger.info("%s: %s", name, no_monitor_why)
-            if process is None or not (policy.may_signal or process.has_exited()):
+            signallable = pinned or process
+            if signallable is None or not (policy.may_signal or signallable.has_exited()):
                 why = "no pid to signal" if process is None else "signals are not allowed"
                 raise ConnectError(f"{name}: {no_monitor_why}; {why}") from err
         return await climb(
             monitor,
-            process,
+            pinned or process,
             policy,
             started=started,
             name=name,
@@ -128,6 +160,12 @@ def shutdown_sync(
     if isinstance(target, QMPClient):
         raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
     return anyio.run(shutdown, target, policy, pid, backend="asyncio")
+
+
+def check_target(target: object) -> None:
+    """Raise TypeError unless *target* is something :func:`shutdown` accepts."""
+    if not isinstance(target, QMPClient):
+        _address(target)
 
 
 def _address(target: object) -> str | tuple[str, int]:

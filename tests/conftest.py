@@ -1,0 +1,91 @@
+"""Shared fixtures: real QEMU test guests (see tests/guests.py).
+
+Tests that boot guests use the ``guests`` fixture (they are marked ``qemu``
+automatically). Without QEMU or the guest images they are skipped, except
+under ``CI=true``, where that is a failure: CI must never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guests import (
+    GuestFactory,
+    ImagesUnavailable,
+    accel_args,
+    images_dir,
+    kill_leftovers,
+    qemu_available,
+)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _unavailable(reason: str) -> None:
+    if _in_ci():
+        pytest.fail(f"{reason} (CI=true: tests that need QEMU must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+_checked: Path | None = None
+
+
+def require_qemu() -> Path:
+    """Skip (or fail under CI=true) unless QEMU and the guest images are here."""
+    global _checked
+    if _checked is None:
+        if not qemu_available():
+            _unavailable(
+                "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 "
+                "(bash .ci/setup does)"
+            )
+        try:
+            _checked = images_dir()
+        except ImagesUnavailable as err:
+            _unavailable(f"cannot build the QEMU test images: {err}")
+            raise  # unreachable: _unavailable raised
+        accel_args()  # probe KVM now, not inside a test's event loop
+    return _checked
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # So that `-m "not qemu"` leaves out every test that boots a guest.
+    for item in items:
+        if "guests" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("qemu"):
+            item.add_marker(pytest.mark.qemu)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("qemu"):
+        require_qemu()
+
+
+@pytest.fixture
+def guests(tmp_path: Path) -> Iterator[GuestFactory]:
+    """A factory of QEMU test guests under tmp_path; every guest is killed at teardown."""
+    require_qemu()
+    factory = GuestFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Safety net: the fixtures' cleanup should already have reaped every guest.
+    leftovers = kill_leftovers()
+    if leftovers:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = f"ERROR: QEMU processes still running at session end were killed: {leftovers}"
+        if reporter is not None:
+            reporter.write_line(message, red=True, bold=True)
+        else:
+            print(message)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

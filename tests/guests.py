@@ -1,0 +1,409 @@
+"""Boot the tiny test guests of ``fixtures/qemu-images`` under QEMU.
+
+The guest's behaviour on the ACPI power button is picked per boot (``mode``):
+
+* ``cooperative``   powers off at once on a press;
+* ``slow``          powers off ``arg`` seconds after a press (default 5);
+* ``needs-presses`` powers off on the ``arg``-th press only (default 2);
+* ``ignores``       has no handler: presses do nothing;
+* ``asleep``        suspends to RAM (S3) right after READY (``arg``: delay, default 0),
+  prints ``QMPSHUTDOWN-GUEST-RESUMED`` when woken, then acts like ``cooperative``;
+* ``panics``        kernel panic ``arg`` seconds after READY (default 1), no button handler;
+  add ``-device pvpanic`` so QEMU notices;
+* ``reboots``       reboots on a press.
+
+Serial lines the guest prints: ``QMPSHUTDOWN-GUEST-READY mode=<mode>`` once the
+button handler listens, ``QMPSHUTDOWN-GUEST-PRESS n=<count>`` per press seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+QEMU_BINARY = "qemu-system-x86_64"
+MODES = ("cooperative", "slow", "needs-presses", "ignores", "asleep", "panics", "reboots")
+READY_PREFIX = "QMPSHUTDOWN-GUEST-READY"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_SCRIPT = REPO_ROOT / "fixtures" / "qemu-images" / "build.py"
+
+#: How often log files are polled, in seconds.
+POLL_INTERVAL = 0.03
+
+
+class ImagesUnavailable(RuntimeError):
+    """The guest kernel/initramfs could not be built; the message says why."""
+
+
+# --------------------------------------------------------------------------- host probes
+
+_images: Path | None = None
+_images_error: str | None = None
+_accel: list[str] | None = None
+#: Every QEMU any factory started in this process (for the session-end safety net).
+_started: list[subprocess.Popen[bytes]] = []
+
+
+def images_dir() -> Path:
+    """The directory holding ``vmlinuz`` and ``initramfs.img``, built once per session.
+
+    :raises ImagesUnavailable: when build.py fails (its message says what is missing).
+    """
+    global _images, _images_error
+    if _images is not None:
+        return _images
+    if _images_error is not None:
+        raise ImagesUnavailable(_images_error)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(BUILD_SCRIPT)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _images_error = f"{BUILD_SCRIPT} failed to run: {err}"
+        raise ImagesUnavailable(_images_error) from err
+    if proc.returncode != 0:
+        _images_error = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+        raise ImagesUnavailable(_images_error)
+    build_dir = BUILD_SCRIPT.parent / "build"
+    for name in ("vmlinuz", "initramfs.img"):
+        if not (build_dir / name).is_file():
+            _images_error = f"{BUILD_SCRIPT} succeeded but left no {build_dir / name}"
+            raise ImagesUnavailable(_images_error)
+    _images = build_dir
+    return _images
+
+
+def qemu_available() -> bool:
+    """Whether ``qemu-system-x86_64`` is on PATH."""
+    return shutil.which(QEMU_BINARY) is not None
+
+
+def _kvm_works(timeout: float = 4.0) -> bool:
+    """Whether KVM really runs our guest kernel here (it printed its banner in ``timeout``).
+
+    ``/dev/kvm`` can exist, open fine and even run the BIOS while the kernel makes
+    no progress at all (so it is on this project's CI machines): only running the
+    real kernel tells. Under TCG the banner comes in ~0.6 s, under KVM at once.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not qemu_available():
+        return False
+    images = images_dir()
+    with tempfile.TemporaryDirectory(prefix="qsd-kvm-probe-") as scratch:
+        serial_log = Path(scratch) / "serial.log"
+        proc = subprocess.Popen(
+            [QEMU_BINARY, "-accel", "kvm", "-machine", "q35", "-m", "128", "-nodefaults",
+             "-no-user-config", "-display", "none", "-no-reboot",
+             "-serial", f"file:{serial_log}", "-kernel", str(images / "vmlinuz"),
+             "-append", "earlyprintk=serial,ttyS0 console=ttyS0 panic=-1"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                with contextlib.suppress(FileNotFoundError):
+                    if "Linux version" in serial_log.read_text(errors="replace"):
+                        return True
+                if proc.poll() is not None:
+                    return False
+                time.sleep(0.05)
+            return False
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _probe_cache_key() -> str:
+    """Identifies this boot of the host and this QEMU and kernel (the probe's inputs)."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    qemu = shutil.which(QEMU_BINARY) or ""
+    stamp = images_dir() / "stamp"
+    parts = [
+        boot_id,
+        qemu,
+        str(os.stat(qemu).st_mtime_ns) if qemu else "",
+        stamp.read_text().strip() if stamp.is_file() else "",
+    ]
+    return " ".join(parts)
+
+
+def accel_args() -> list[str]:
+    """``["-accel", "kvm"]`` if KVM really works here, else ``["-accel", "tcg"]``.
+
+    Probed once (the answer is cached in the build dir for this host boot);
+    ``QSD_ACCEL=tcg`` or ``QSD_ACCEL=kvm`` in the environment skips the probe.
+    """
+    global _accel
+    if _accel is None:
+        forced = os.environ.get("QSD_ACCEL", "")
+        if forced in ("kvm", "tcg"):
+            _accel = ["-accel", forced]
+        else:
+            cache = images_dir() / "accel-probe"
+            key = _probe_cache_key()
+            with contextlib.suppress(OSError):
+                cached_key, _, cached = cache.read_text().rpartition(" ")
+                if cached_key == key and cached in ("kvm", "tcg"):
+                    _accel = ["-accel", cached]
+            if _accel is None:
+                accel = "kvm" if _kvm_works() else "tcg"
+                with contextlib.suppress(OSError):
+                    cache.write_text(f"{key} {accel}")
+                _accel = ["-accel", accel]
+    return list(_accel)
+
+
+# --------------------------------------------------------------------------- a guest
+
+
+@attrs.frozen(eq=False)
+class Guest:
+    """One running (or finished) QEMU started by a :class:`GuestFactory`."""
+
+    mode: str
+    pid: int
+    qmp_path: Path | None
+    serial_log: Path
+    workdir: Path
+    popen: subprocess.Popen[bytes] = attrs.field(repr=False)
+    argv: list[str] = attrs.field(repr=False)
+
+    def serial_text(self) -> str:
+        """Everything the guest printed on its serial console so far."""
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def serial_lines(self, prefix: str = "QMPSHUTDOWN-GUEST-") -> list[str]:
+        """The serial lines starting with ``prefix`` (the guest's own lines), stripped."""
+        return [line.strip() for line in self.serial_text().splitlines() if line.startswith(prefix)]
+
+    def stderr_text(self) -> str:
+        """What QEMU wrote to its stderr so far."""
+        try:
+            return (self.workdir / "qemu.stderr").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        """Whether the QEMU process is still running."""
+        return self.popen.poll() is None
+
+    def describe(self, lines: int = 25) -> str:
+        """The serial tail and QEMU's stderr, for failure messages."""
+        tail = "\n".join(self.serial_text().splitlines()[-lines:])
+        status = "running" if self.alive() else f"exited with {self.popen.returncode}"
+        return (
+            f"QEMU pid {self.pid} ({self.mode}) {status}\n"
+            f"--- serial tail ---\n{tail}\n--- qemu stderr ---\n{self.stderr_text().strip()}"
+        )
+
+    async def wait_for_serial(self, text: str, timeout: float) -> None:
+        """Wait until ``text`` appears on the serial console.
+
+        :raises TimeoutError: after ``timeout`` seconds, or as soon as QEMU exited
+            without printing it; the message holds the serial tail.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            exited = not self.alive()
+            if text in self.serial_text():
+                return
+            if exited:
+                raise TimeoutError(f"QEMU exited before printing {text!r}\n{self.describe()}")
+            if loop.time() >= deadline:
+                raise TimeoutError(f"{text!r} not on serial after {timeout} s\n{self.describe()}")
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def wait_exit(self, timeout: float) -> int:
+        """Wait (without blocking the event loop) for QEMU to exit; return its exit status.
+
+        :raises TimeoutError: if it is still running after ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (status := self.popen.poll()) is None:
+            if loop.time() >= deadline:
+                raise TimeoutError(f"QEMU still running after {timeout} s\n{self.describe()}")
+            await asyncio.sleep(POLL_INTERVAL)
+        return status
+
+
+def guest_argv(
+    mode: str,
+    *,
+    workdir: Path,
+    machine: str = "q35",
+    arg: int | None = None,
+    extra_args: Sequence[str] = (),
+    qmp: bool = True,
+    memory: int = 256,
+    kernel_args: Sequence[str] = (),
+) -> list[str]:
+    """The QEMU command line for a test guest in ``mode`` (QMP socket at workdir/qmp.sock)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown guest mode {mode!r}; one of {MODES}")
+    images = images_dir()
+    append = ["console=ttyS0", "panic=0", "loglevel=4", f"qsd.mode={mode}"]
+    if arg is not None:
+        append.append(f"qsd.arg={int(arg)}")
+    append.extend(kernel_args)
+    argv = [
+        QEMU_BINARY,
+        *accel_args(),
+        "-machine", machine,
+        "-m", str(memory),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-serial", f"file:{workdir / 'serial.log'}",
+        "-kernel", str(images / "vmlinuz"),
+        "-initrd", str(images / "initramfs.img"),
+        "-append", " ".join(append),
+    ]  # fmt: skip
+    if qmp:
+        argv += [
+            "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+        ]  # fmt: skip
+    argv.extend(extra_args)
+    return argv
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+class GuestFactory:
+    """Starts test guests under ``root`` and kills them all in :meth:`cleanup`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.guests: list[Guest] = []
+        self._files: list[IO[bytes]] = []
+        self._count = 0
+
+    async def boot(
+        self,
+        mode: str,
+        *,
+        machine: str = "q35",
+        arg: int | None = None,
+        extra_args: Sequence[str] = (),
+        qmp: bool = True,
+        wait_ready: bool = True,
+        ready_timeout: float = 60.0,
+        memory: int = 256,
+        kernel_args: Sequence[str] = (),
+    ) -> Guest:
+        """Start QEMU with a guest in ``mode``; return once it is ready.
+
+        Waits for the QMP socket, then (if ``wait_ready`` and the guest can run,
+        i.e. no ``-S``) for the READY line, which means the button handler listens.
+
+        :raises RuntimeError: if QEMU exits during the boot (the message holds its stderr).
+        :raises TimeoutError: if the socket or READY line does not come in time.
+        """
+        self._count += 1
+        workdir = self.root / f"guest{self._count}-{mode}"
+        workdir.mkdir(parents=True)
+        argv = guest_argv(
+            mode, workdir=workdir, machine=machine, arg=arg, extra_args=extra_args,
+            qmp=qmp, memory=memory, kernel_args=kernel_args,
+        )  # fmt: skip
+        popen = self._spawn(argv, workdir)
+        _started.append(popen)
+        guest = Guest(
+            mode=mode,
+            pid=popen.pid,
+            qmp_path=workdir / "qmp.sock" if qmp else None,
+            serial_log=workdir / "serial.log",
+            workdir=workdir,
+            popen=popen,
+            argv=argv,
+        )
+        self.guests.append(guest)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ready_timeout
+        while guest.qmp_path is not None and not guest.qmp_path.exists():
+            if not guest.alive():
+                raise RuntimeError(f"QEMU exited during start-up\n{guest.describe()}")
+            if loop.time() >= deadline:
+                raise TimeoutError(f"no QMP socket after {ready_timeout} s\n{guest.describe()}")
+            await asyncio.sleep(POLL_INTERVAL)
+        # -S (or -incoming) keeps the vCPUs stopped: READY cannot come before a `cont`.
+        if wait_ready and not {"-S", "-incoming"} & set(extra_args):
+            try:
+                await guest.wait_for_serial(
+                    f"{READY_PREFIX} mode={mode}", max(0.0, deadline - loop.time())
+                )
+            except TimeoutError as err:
+                if not guest.alive():
+                    raise RuntimeError(f"QEMU exited before READY\n{guest.describe()}") from err
+                raise
+        return guest
+
+    async def boot_many(self, *specs: str | Mapping[str, Any]) -> list[Guest]:
+        """Boot several guests in parallel; each spec is a mode or ``boot()``'s keyword args.
+
+        All boots run to their end; then the first failure, if any, is raised.
+        """
+        calls = [self.boot(spec) if isinstance(spec, str) else self.boot(**spec) for spec in specs]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [result for result in results if isinstance(result, Guest)]
+
+    def _spawn(self, argv: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+        """Start QEMU with its stdout/stderr in workdir (fork+exec: quick, fine in a loop)."""
+        stdout = open(workdir / "qemu.stdout", "wb")  # noqa: SIM115 -- closed in cleanup()
+        stderr = open(workdir / "qemu.stderr", "wb")  # noqa: SIM115 -- closed in cleanup()
+        self._files += [stdout, stderr]
+        (workdir / "argv").write_text(" ".join(argv) + "\n")
+        # A new session: a ^C in the terminal reaches pytest, not the guests behind its back.
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, cwd=workdir,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def cleanup(self) -> None:
+        """SIGKILL and reap every QEMU this factory started (bounded); idempotent."""
+        for guest in self.guests:
+            _kill_and_reap(guest.popen)
+        for file in self._files:
+            file.close()
+        self._files.clear()
+
+
+def _kill_and_reap(popen: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            popen.send_signal(signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=timeout)
+
+
+def kill_leftovers() -> list[int]:
+    """Kill every QEMU started in this process that still runs; return their pids."""
+    leftovers = [popen.pid for popen in _started if popen.poll() is None]
+    for popen in _started:
+        _kill_and_reap(popen)
+    return leftovers

@@ -1,0 +1,59 @@
+"""The qemu_launcher fixture, run in a pytest of its own (pytester)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_launch import our_qemus
+
+pytest_plugins = ["pytester"]
+
+INNER = """
+import pytest
+from guests import guest_argv
+from qmpshutdown import ShutdownPolicy
+
+pytestmark = pytest.mark.asyncio
+
+@pytest.fixture
+def qemu_shutdown_policy():
+    return ShutdownPolicy(powerdown_timeout=1.0, repress_interval=None)
+
+async def test_uses_two_vms_then_fails(qemu_launcher, tmp_path):
+    vms = []
+    for n in (1, 2):
+        argv = guest_argv("ignores", workdir=tmp_path, qmp=False, extra_args=["-name", "MARKER"])
+        vms.append(await qemu_launcher.launch(argv, name=f"failing{n}"))
+    assert (await vms[0].monitor.execute("query-status"))["status"] == "running"
+    assert False, "this test fails on purpose"
+
+async def test_passes(qemu_launcher, tmp_path):
+    argv = guest_argv("cooperative", workdir=tmp_path, qmp=False, extra_args=["-name", "MARKER"])
+    vm = await qemu_launcher.launch(argv, name="passing")
+    assert vm.pid > 0
+"""
+
+
+def test_plugin_is_registered(pytestconfig: pytest.Config) -> None:
+    assert pytestconfig.pluginmanager.has_plugin("qmpshutdown")
+
+
+@pytest.mark.qemu
+def test_failing_test_still_leaves_nothing_running(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = "qsd-plugin-inner"
+    pytester.makepyfile(test_inner=INNER.replace("MARKER", marker))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-o", "asyncio_mode=strict", "-rA", timeout=120
+    )
+    result.assert_outcomes(failed=1, passed=1)
+    output = result.stdout.str()
+    assert "this test fails on purpose" in output
+    # how each VM was stopped is in the test's report
+    assert "failing1: quit forced" in output
+    assert "failing2: quit forced" in output
+    assert "passing: " in output
+    assert our_qemus(marker) == []
