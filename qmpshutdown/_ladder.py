@@ -241,7 +241,9 @@ class _Ladder:
         try:
             await self.command("system_powerdown")
         except (CommandError, MonitorClosedError, TimeoutError) as err:
-            self.log("system_powerdown failed: %s", err)
+            if isinstance(err, TimeoutError):
+                self.cause = Cause.MONITOR_UNRESPONSIVE
+            self.log("system_powerdown failed: %s", str(err) or "no reply")
             return False
         self.presses += 1
         if self.presses == 1:
@@ -291,6 +293,7 @@ class _Ladder:
         except MonitorClosedError:
             pass  # QEMU may close the socket before it answers quit
         except TimeoutError:
+            self.cause = self.cause or Cause.MONITOR_UNRESPONSIVE
             self.end(Outcome.FAILED, f"no reply to quit in {self.policy.command_timeout:g} s")
             return
         except CommandError as err:
@@ -333,7 +336,7 @@ class _Ladder:
         try:
             reply = await self.command("query-status")
         except (CommandError, MonitorClosedError, TimeoutError) as err:
-            self.log("query-status failed: %s", err)
+            self.log("query-status failed: %s", str(err) or "no reply")
             return None
         status = reply.get("status") if isinstance(reply, Mapping) else None
         return str(status) if status is not None else None
@@ -433,6 +436,7 @@ class _Ladder:
             if so_far:
                 detail = f"{so_far}; {detail}"
             self.steps.append(Step(stage, outcome, started, ended, detail))
+            self.log("%s: %s (%s)", stage.value, outcome.value, detail)
         ended_by: Stage | None
         if self.already_off or (gone and not self.steps):
             ended_by = Stage.ALREADY_OFF
@@ -446,7 +450,7 @@ class _Ladder:
         if self.already_off:
             graceful = True  # the guest powered itself off before we came
         elif ended_by is Stage.ALREADY_OFF:  # QEMU went away while we connected
-            graceful = watch.reason is None or watch.reason in GUEST_OFF_REASONS
+            graceful = watch.guest_shut_down and watch.reason in GUEST_OFF_REASONS
         else:
             graceful = (
                 ended_by is not None
@@ -469,6 +473,8 @@ class _Ladder:
     def gone_detail(self, stage: Stage) -> str:
         reason = self.watch.reason
         said = f" (SHUTDOWN {reason})" if reason else ""
+        if not reason and stage in (Stage.POWERDOWN, Stage.QUIT):
+            said = " without a SHUTDOWN event (ended from outside?)"
         if stage is Stage.POWERDOWN:
             what = "guest powered off" if self.watch.guest_shut_down else "QEMU exited"
             return self.press_detail(what + said)

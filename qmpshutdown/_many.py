@@ -58,4 +58,6 @@ async def shutdown_many(
     async with anyio.create_task_group() as tg:
         for index, target in enumerate(targets):
             tg.start_soon(stop_one, index, target)
-    return [result for result in results if result is not None]
+    done = [result for result in results if result is not None]
+    assert len(done) == len(targets), "every target has its result, in order"
+    return done

@@ -133,9 +133,8 @@ class QMPMonitor:
             return await self.client.execute(command, arguments)
         except ExecuteError as err:
             raise CommandError(command, err.error_class, str(err)) from err
-        except (ExecInterruptedError, EOFError, OSError) as err:
-            raise MonitorClosedError(f"{command}: {type(err).__name__}: {err}") from err
-        except QMPError as err:  # StateError: not connected any more
+        except (ExecInterruptedError, EOFError, OSError, QMPError) as err:
+            # QMPError here: StateError, the client is not connected any more.
             raise MonitorClosedError(f"{command}: {type(err).__name__}: {err}") from err
 
     async def next_event(self) -> EventRecord:
@@ -275,10 +274,7 @@ async def connect_client(sock: socket.socket, limit: float, name: str | None = N
         raise HandshakeTimeout("no QMP greeting and negotiation in time")
     try:
         task.result()
-    except QMPError as err:
-        cause = getattr(err, "exc", None) or err
-        raise HandshakeFailed(f"not a QMP monitor: {_describe(cause)}") from err
-    except (OSError, EOFError) as err:
+    except Exception as err:  # QMPError, OSError, EOFError, ValueError (an over-long line), ...
         raise HandshakeFailed(f"not a QMP monitor: {_describe(err)}") from err
     return client
 

@@ -94,7 +94,7 @@ async def stop_at(
     except ConnectError as err:
         if pinned is None or not policy.may_signal:
             raise
-        logger.info("%s: %s", name, err)
+        logger.debug("%s: %s", name, err)
         return await climb(
             None, pinned, policy, started=started, name=name, no_monitor_why=str(err)
         )
@@ -119,8 +119,12 @@ async def stop_at(
                     no_monitor_why += " (QEMU is stopped)"
             else:
                 no_monitor_why = str(err)
-            logger.info("%s: %s", name, no_monitor_why)
+            logger.debug("%s: %s", name, no_monitor_why)
             signallable = pinned or process
+            if isinstance(err, HandshakeFailed) and signallable is not None:
+                # QEMU hanging up mid-handshake is most often QEMU exiting: let it finish.
+                with anyio.move_on_after(min(1.0, policy.command_timeout)):
+                    await signallable.wait_exited()
             if signallable is None or not (policy.may_signal or signallable.has_exited()):
                 why = "no pid to signal" if process is None else "signals are not allowed"
                 raise ConnectError(f"{name}: {no_monitor_why}; {why}") from err

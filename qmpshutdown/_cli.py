@@ -1,0 +1,329 @@
+"""The ``qmpshutdown`` command: stop QEMU VMs from a shell, and say how it went."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
+
+import anyio
+import attrs
+
+from ._errors import ConnectError, Error, PidMismatchError, ShutdownFailed
+from ._many import shutdown_many
+from ._policy import RUNGS, ShutdownPolicy
+from ._result import ShutdownResult
+from ._shutdown import Target, shutdown
+
+_DEFAULT = ShutdownPolicy()
+
+#: (option, the ShutdownPolicy field it sets, help); the policy validates every value.
+_SECONDS_OPTIONS = (
+    ("--timeout", "powerdown_timeout", "seconds the guest gets to power off after the first press"),
+    ("--repress", "repress_interval", "press again every S seconds while waiting"),
+    ("--quit-timeout", "quit_timeout", "seconds QEMU gets to exit after 'quit'"),
+    ("--term-timeout", "terminate_timeout", "seconds after SIGTERM before SIGKILL"),
+    ("--kill-timeout", "kill_timeout", "seconds to wait for the exit after SIGKILL"),
+    ("--connect-timeout", "connect_timeout", "seconds for connect, greeting and capabilities"),
+    ("--command-timeout", "command_timeout", "seconds for any single QMP command"),
+    ("--stages", "stages", "comma-separated rungs allowed"),
+)
+#: (option, field, the value it sets, help), each exclusive with the option of its field.
+_FLAG_OPTIONS = (
+    ("--no-repress", "repress_interval", None, "press the power button once only"),
+    ("--no-force", "stages", ("powerdown",), "same as --stages powerdown"),
+    ("--no-wake", "wake_suspended", False, "do not wake an S3-suspended guest to press"),
+    ("--resume-paused", "resume_paused", True, "resume a paused guest to press its button"),
+)
+
+_EPILOG = f"""\
+targets:
+  PATH             a QMP unix socket (anything containing "/", or an existing file)
+  HOST:PORT        a QMP TCP monitor, e.g. 127.0.0.1:4444 (PORT all digits)
+  [ADDR]:PORT      an IPv6 TCP monitor, e.g. [::1]:4444
+  Several targets are stopped concurrently. Over TCP QEMU's pid is unknown, so
+  SIGTERM and SIGKILL are impossible unless --pid is given.
+
+the ladder (--stages picks rungs, in this order): {", ".join(s.value for s in RUNGS)}
+  The power button is pressed (again every --repress seconds) until the guest
+  powers off or --timeout runs out; then 'quit', SIGTERM, SIGKILL, each waited for.
+
+causes (why a guest did not power itself off):
+  ignored-power-button   pressed and delivered, but the guest did not react
+  asleep                 suspended to RAM (S3)
+  paused                 paused (or prelaunch, debug, io-error, watchdog)
+  panicked               the guest panicked
+  migrating              a migration or snapshot is running
+  rebooted               the guest rebooted instead of powering off
+  monitor-unresponsive   QMP gave no greeting or no reply
+
+exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
+  0    every target powered off gracefully (or was already off)
+  1    all are off, but at least one needed force (quit or a signal)
+  2    bad usage, or a target could not be reached at all (or --pid is not its QEMU)
+  3    a QEMU is still running, or its state is unknown, after its ladder
+  130  interrupted (Ctrl-C)
+
+--json prints one object per target, in the order given:
+  {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
+   "pid", "elapsed_s", "events", "steps"}}, or {{"target", "error"}} when it was not
+  reached; a target still running has "error" and the record, with "stage": null.
+  Progress and errors then stay off stderr (-v still logs there).
+"""
+
+_EXIT_OK, _EXIT_FORCED, _EXIT_UNREACHED, _EXIT_RUNNING = 0, 1, 2, 3
+_EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Exit 2 with one line (argparse's usage block is many lines)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+@attrs.frozen
+class Invocation:
+    """What the command line asks for, parsed and validated.
+
+    :ivar targets: the targets as given.
+    :ivar addresses: each target as :func:`~qmpshutdown.shutdown` takes it.
+    """
+
+    targets: tuple[str, ...]
+    addresses: tuple[str | tuple[str, int], ...]
+    policy: ShutdownPolicy
+    pid: int | None
+    json: bool
+    verbosity: int  #: -1 with -q, 1 with -v, else 0
+
+
+def _positive_pid(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"a pid is a positive integer, not {text!r}")
+    return int(text)
+
+
+def _rungs(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(","))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of ``qmpshutdown``'s command line."""
+    parser = _Parser(
+        prog="qmpshutdown",
+        description="Stop QEMU VMs over QMP: the ACPI power button first, then quit,\n"
+        "SIGTERM and SIGKILL only as needed. QEMU is really gone when this returns.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("targets", nargs="+", metavar="TARGET", help="PATH, HOST:PORT, [ADDR]:PORT")
+    # Policy options are absent from the namespace unless given: the policy keeps its defaults.
+    policy = parser.add_argument_group("policy (defaults in parentheses)")
+    flags = {field: (option, value, text) for option, field, value, text in _FLAG_OPTIONS}
+    for option, field, text in _SECONDS_OPTIONS:
+        default = getattr(_DEFAULT, field)
+        kind, shown = (_rungs, ",".join(default)) if field == "stages" else (float, f"{default:g}")
+        group = policy.add_mutually_exclusive_group() if field in flags else policy
+        metavar = "LIST" if field == "stages" else "S"
+        group.add_argument(option, dest=field, type=kind, metavar=metavar,
+                           default=argparse.SUPPRESS, help=f"{text} ({shown})")  # fmt: skip
+        if field in flags:
+            flag, value, text = flags.pop(field)
+            group.add_argument(flag, dest=field, action="store_const", const=value,
+                               default=argparse.SUPPRESS, help=text)  # fmt: skip
+    for field, (flag, value, text) in flags.items():
+        policy.add_argument(flag, dest=field, action="store_const", const=value,
+                            default=argparse.SUPPRESS, help=text)  # fmt: skip
+    parser.add_argument("--pid", type=_positive_pid, help="QEMU's pid (one target only)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
+    chatter = parser.add_mutually_exclusive_group()
+    chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    chatter.add_argument("-v", "--verbose", action="store_true", help="debug logging, qemu.qmp too")
+    return parser
+
+
+def parse_target(text: str) -> str | tuple[str, int]:
+    """Turn a TARGET as typed into a unix socket path or a ``(host, port)`` tuple.
+
+    :raises ValueError: an empty target, a bad port, or an IPv6 address without brackets.
+    """
+    if not text:
+        raise ValueError("a target must not be empty")
+    if "/" in text or os.path.exists(text):
+        return text
+    host, colon, port = text.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit()):
+        return text  # a socket path in the current directory
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets: [ADDR]:PORT, not {text!r}")
+    if not host:
+        raise ValueError(f"no host in {text!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port {port} of {text!r} is out of range")
+    return host, int(port)
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
+    """Parse *argv* (default ``sys.argv[1:]``); exit 2 with one line on bad usage."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = vars(args)
+    policy = _DEFAULT
+    # A flag's constant is always valid: an error names the option that takes a value.
+    named = {f: o for o, f, _, _ in _FLAG_OPTIONS} | {f: o for o, f, _ in _SECONDS_OPTIONS}
+    for field, option in named.items():
+        if field in given:  # one at a time, so that an error names its option
+            try:
+                policy = attrs.evolve(policy, **{field: given[field]})
+            except ValueError as err:
+                parser.error(f"{option}: {err}")
+    if args.pid is not None and len(args.targets) > 1:
+        parser.error(f"--pid names one QEMU, but {len(args.targets)} targets were given")
+    addresses = []
+    for target in args.targets:
+        try:
+            addresses.append(parse_target(target))
+        except ValueError as err:
+            parser.error(str(err))
+    return Invocation(
+        targets=tuple(args.targets),
+        addresses=tuple(addresses),
+        policy=policy,
+        pid=args.pid,
+        json=args.json,
+        verbosity=-1 if args.quiet else 1 if args.verbose else 0,
+    )
+
+
+class _LineFormatter(logging.Formatter):
+    """Format the library's step records as ``TARGET  +1.00s  what happened``."""
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__()
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Return one line (plus the traceback only when asked for with -v)."""
+        line = record.getMessage()
+        target = getattr(record, "qmpshutdown_target", None)
+        elapsed = getattr(record, "qmpshutdown_elapsed", None)
+        if isinstance(target, str) and isinstance(elapsed, (int, float)):
+            # The message repeats "<target>: [  1.00s] " for plain log files; drop it.
+            line = re.sub(rf"^{re.escape(target)}: \[\s*-?[\d.]+s\] ", "", line)
+            line = f"{target}  +{elapsed:.2f}s  {line}"
+        elif not record.name.startswith("qmpshutdown"):
+            line = f"{record.name}: {line}"
+        if record.levelno >= logging.WARNING:
+            line = f"{record.levelname.lower()}: {line}"
+        if self.tracebacks and record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbosity: int, progress: bool) -> Iterator[None]:
+    """Send the library's progress to stderr, silence qemu.qmp unless -v; undo on exit."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter(tracebacks=verbosity > 0))
+    ours = logging.INFO if progress and verbosity == 0 else logging.WARNING
+    # qemu.qmp logs ERRORs of its own ("Failed to establish session") for what our
+    # one error line says; asyncio's go through our handler so they stay one line.
+    levels = {
+        "qmpshutdown": logging.DEBUG if verbosity > 0 else ours,
+        "qemu.qmp": logging.DEBUG if verbosity > 0 else logging.CRITICAL + 1,
+        "asyncio": logging.WARNING,
+    }
+    saved = [(log, log.level, log.propagate) for log in map(logging.getLogger, levels)]
+    for log, _, _ in saved:
+        log.setLevel(levels[log.name])
+        log.propagate = False
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        for log, level, propagate in saved:
+            log.removeHandler(handler)
+            log.setLevel(level)
+            log.propagate = propagate
+
+
+async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
+    if invocation.pid is None:
+        targets: list[Target] = list(invocation.addresses)
+        return await shutdown_many(targets, invocation.policy)
+    try:
+        return [await shutdown(invocation.addresses[0], invocation.policy, pid=invocation.pid)]
+    except Error as err:
+        return [err]
+
+
+def _exit_status(outcome: ShutdownResult | Error) -> int:
+    if isinstance(outcome, ShutdownResult):
+        return _EXIT_OK if outcome.graceful else _EXIT_FORCED
+    if isinstance(outcome, (ConnectError, PidMismatchError)):
+        return _EXIT_UNREACHED
+    return _EXIT_RUNNING  # ShutdownFailed, or a bug: the VM's state is unknown
+
+
+def _error_line(target: str, err: Error) -> str:
+    message = str(err)
+    if not message.startswith(f"{target}: "):
+        message = f"{target}: {message}"
+    if isinstance(err, (ConnectError, PidMismatchError, ShutdownFailed)):
+        return f"error: {message}"
+    return f"internal error: {message}"  # shutdown_many() wraps a bug in a bare Error
+
+
+def _report(invocation: Invocation, outcomes: Sequence[ShutdownResult | Error]) -> None:
+    for target, outcome in zip(invocation.targets, outcomes, strict=True):
+        if invocation.json:
+            record: dict[str, Any] = {"target": target}
+            if isinstance(outcome, Error):
+                record["error"] = str(outcome)
+            if isinstance(outcome, (ShutdownResult, ShutdownFailed)):
+                result = outcome if isinstance(outcome, ShutdownResult) else outcome.result
+                record.update(result.to_dict())
+            print(json.dumps(record), flush=True)
+            continue
+        if isinstance(outcome, ShutdownFailed) and invocation.verbosity >= 0:
+            print(f"{target}  {outcome.result.summary()}", file=sys.stderr)
+        if isinstance(outcome, Error):
+            print(_error_line(target, outcome), file=sys.stderr)
+        elif invocation.verbosity >= 0:
+            print(f"{target}  {outcome.summary()}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``qmpshutdown``: stop every target and return the exit status.
+
+    :param argv: the arguments after the program name (default ``sys.argv[1:]``).
+    :return: 0 all powered off gracefully, 1 some needed force, 2 bad usage or
+        unreachable, 3 still running or unknown, 130 interrupted.
+    """
+    try:
+        invocation = parse_command_line(argv)
+    except SystemExit as exit:  # --help, or a usage error already printed
+        return exit.code if isinstance(exit.code, int) else _EXIT_UNREACHED
+    verbose = invocation.verbosity > 0
+    with _logging_to_stderr(invocation.verbosity, progress=not invocation.json):
+        try:
+            outcomes = anyio.run(_stop_all, invocation, backend="asyncio")
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return _EXIT_INTERRUPTED
+        except Exception as err:
+            if verbose:
+                traceback.print_exc()
+            print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
+            return _EXIT_RUNNING
+        _report(invocation, outcomes)
+    return max(_exit_status(outcome) for outcome in outcomes)

@@ -1,0 +1,396 @@
+"""The ``qmpshutdown`` command: parsing (fast, no QEMU), then real runs against test guests.
+
+Real runs start the command as a subprocess (``python -m qmpshutdown``), so they
+check what a shell sees: the exit status, stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+
+from qmpshutdown import Cause, ShutdownPolicy, ShutdownResult, Stage
+from qmpshutdown._cli import _LineFormatter, main, parse_command_line, parse_target
+
+#: The keys of ShutdownResult.to_dict(), in its order.
+RESULT_KEYS = list(
+    ShutdownResult(
+        stage=None, graceful=False, reason=None, presses=0, runstate=None, cause=None,
+        pid=None, elapsed=0.0, events=(), steps=(),
+    ).to_dict()
+)  # fmt: skip
+
+
+# ---- parsing, no QEMU -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("qmp.sock", "qmp.sock"),
+        ("/run/vm1/qmp.sock", "/run/vm1/qmp.sock"),
+        ("127.0.0.1:4444", ("127.0.0.1", 4444)),
+        ("localhost:65535", ("localhost", 65535)),
+        ("[::1]:4444", ("::1", 4444)),
+        ("[fe80::1%eth0]:1", ("fe80::1%eth0", 1)),
+        ("vms/web:4444", "vms/web:4444"),  # a "/" makes it a path, port or not
+        ("/run/vm:1/qmp.sock", "/run/vm:1/qmp.sock"),
+        ("host:qmp", "host:qmp"),  # not all digits: a path
+        ("host:\uff14\uff14", "host:\uff14\uff14"),  # fullwidth digits are not a port
+    ],
+)
+def test_parse_target(text: str, expected: object) -> None:
+    assert parse_target(text) == expected
+
+
+def test_an_existing_file_that_looks_like_host_port_is_a_path(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert parse_target("vm:4444") == ("vm", 4444)
+    Path("vm:4444").touch()
+    assert parse_target("vm:4444") == "vm:4444"
+
+
+def test_defaults_are_the_policy_defaults() -> None:
+    invocation = parse_command_line(["qmp.sock"])
+    assert invocation.policy == ShutdownPolicy()
+    assert (invocation.targets, invocation.addresses) == (("qmp.sock",), ("qmp.sock",))
+    assert (invocation.pid, invocation.json, invocation.verbosity) == (None, False, 0)
+
+
+def test_every_option_sets_its_policy_field() -> None:
+    invocation = parse_command_line(
+        ["--timeout", "7.5", "--repress", "2", "--quit-timeout", "3", "--term-timeout", "4",
+         "--kill-timeout", "5", "--connect-timeout", "6", "--command-timeout", "0.5",
+         "--stages", "powerdown, terminate,kill", "--no-wake", "--resume-paused",
+         "--pid", "1234", "--json", "-v", "[::1]:4444"]
+    )  # fmt: skip
+    assert invocation.policy == ShutdownPolicy(
+        powerdown_timeout=7.5, repress_interval=2.0, quit_timeout=3.0, terminate_timeout=4.0,
+        kill_timeout=5.0, connect_timeout=6.0, command_timeout=0.5,
+        stages=(Stage.POWERDOWN, Stage.TERMINATE, Stage.KILL),
+        wake_suspended=False, resume_paused=True,
+    )  # fmt: skip
+    assert (invocation.pid, invocation.json, invocation.verbosity) == (1234, True, 1)
+    assert invocation.addresses == (("::1", 4444),)
+
+
+@pytest.mark.parametrize(
+    ("argv", "changes"),
+    [
+        (["--no-repress"], {"repress_interval": None}),
+        (["--no-force"], {"stages": (Stage.POWERDOWN,)}),
+        (["--stages", "powerdown"], {"stages": (Stage.POWERDOWN,)}),
+        (["--stages", "powerdown,quit"], {"stages": (Stage.POWERDOWN, Stage.QUIT)}),
+        (["--no-wake"], {"wake_suspended": False}),
+        (["--resume-paused"], {"resume_paused": True}),
+        (["--timeout=1e-3"], {"powerdown_timeout": 0.001}),
+    ],
+)
+def test_flags(argv: list[str], changes: dict[str, object]) -> None:
+    assert parse_command_line([*argv, "a.sock"]).policy == attrs.evolve(ShutdownPolicy(), **changes)
+
+
+def test_quiet() -> None:
+    assert parse_command_line(["-q", "a", "b"]).verbosity == -1
+
+
+@pytest.mark.parametrize(
+    ("argv", "mentions"),
+    [
+        (["--timeout", "-1", "a"], "--timeout"),
+        (["--timeout=nan", "a"], "--timeout"),
+        (["--repress", "0", "a"], "--repress"),
+        (["--kill-timeout", "inf", "a"], "--kill-timeout"),
+        (["--term-timeout", "1e999", "a"], "--term-timeout"),
+        (["--connect-timeout", "-0.5", "a"], "--connect-timeout"),
+        (["--command-timeout", "nan", "a"], "--command-timeout"),
+        (["--quit-timeout", "abc", "a"], "--quit-timeout"),
+        (["--stages", "powerdown,reboot", "a"], "unknown stage 'reboot'"),
+        (["--stages", "quit,powerdown", "a"], "ladder's order"),
+        (["--stages", "", "a"], "--stages"),
+        (["--stages", "quit", "--no-force", "a"], "not allowed with"),
+        (["--repress", "1", "--no-repress", "a"], "not allowed with"),
+        (["-q", "-v", "a"], "not allowed with"),
+        (["--pid", "0", "a"], "--pid"),
+        (["--pid", "-5", "a"], "--pid"),
+        (["--pid", "x", "a"], "--pid"),
+        (["--pid", "12", "a", "b"], "--pid"),
+        (["--bogus", "a"], "--bogus"),
+        ([], "TARGET"),
+        ([""], "empty"),
+        (["::1:4444"], "brackets"),
+        ([":4444"], "no host"),
+        (["[]:4444"], "no host"),
+        (["host:0"], "out of range"),
+        (["host:65536"], "out of range"),
+    ],
+)
+def test_bad_usage_is_exit_2_with_one_line(capsys, argv: list[str], mentions: str) -> None:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("qmpshutdown: error: ")
+    assert mentions in err
+    assert "Traceback" not in err
+
+
+def test_help_documents_exit_statuses_targets_and_causes(capsys) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    statuses = re.findall(r"^\s+(\d+)\s{2,}\S", out.split("exit status")[1], re.MULTILINE)
+    assert statuses[:5] == ["0", "1", "2", "3", "130"]
+    for word in ("HOST:PORT", "[ADDR]:PORT", "worst wins", *(c.value for c in Cause)):
+        assert word in out
+    options = (
+        "--timeout", "--repress", "--no-repress", "--quit-timeout", "--term-timeout",
+        "--kill-timeout", "--connect-timeout", "--command-timeout", "--stages",
+        "--no-force", "--pid", "--no-wake", "--resume-paused", "--json", "-q", "-v",
+    )  # fmt: skip
+    for option in options:
+        assert f"  {option}" in out
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpshutdown", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: qmpshutdown ")
+
+
+def test_progress_lines_drop_the_repeated_prefix_and_tracebacks() -> None:
+    # Built the way the ladder logs a step.
+    record = logging.LogRecord(
+        "qmpshutdown", logging.INFO, __file__, 1, "%s: [%6.2fs] pressed again (press %d)",
+        ("vm/qmp.sock", 1.0, 2), None,
+    )  # fmt: skip
+    record.qmpshutdown_target, record.qmpshutdown_elapsed = "vm/qmp.sock", 1.0
+    assert (
+        _LineFormatter(tracebacks=False).format(record)
+        == "vm/qmp.sock  +1.00s  pressed again (press 2)"
+    )
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        failure = logging.LogRecord(
+            "qemu.qmp.protocol", logging.ERROR, __file__, 1, "Failed", (), sys.exc_info()
+        )
+    assert _LineFormatter(tracebacks=False).format(failure) == "error: qemu.qmp.protocol: Failed"
+    assert "Traceback" in _LineFormatter(tracebacks=True).format(failure)
+
+
+def test_in_process_run_leaves_logging_as_it_found_it(capsys, tmp_path) -> None:
+    loggers = [logging.getLogger(name) for name in ("qmpshutdown", "qemu.qmp", "asyncio")]
+    before = [(log.level, log.propagate, list(log.handlers)) for log in loggers]
+    assert main(["--connect-timeout", "2", str(tmp_path / "missing.sock")]) == 2
+    assert [(log.level, log.propagate, list(log.handlers)) for log in loggers] == before
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: {tmp_path / 'missing.sock'}: No such file or directory"]
+
+
+def test_a_silent_monitor_is_exit_2_without_qemu_qmp_noise(tmp_path) -> None:
+    path = tmp_path / "silent.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()  # connections wait in the backlog: no greeting ever comes
+        argv = [sys.executable, "-m", "qmpshutdown", "--connect-timeout", "0.5", str(path)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        quiet = subprocess.run([*argv, "-q"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == quiet.returncode == 2
+    assert "qemu.qmp" not in proc.stderr and "Traceback" not in proc.stderr
+    error = f"error: {path}: no QMP greeting within 0.5 s; no pid to signal"
+    assert proc.stderr.splitlines()[-1] == error
+    assert quiet.stderr.splitlines() == [error]
+
+
+# ---- real runs against test guests ------------------------------------------
+
+#: Short but safe on 2 TCG cores: a press is acted on in well under a second.
+FAST = ["--timeout", "2", "--repress", "1", "--quit-timeout", "5", "--term-timeout", "5",
+        "--kill-timeout", "5", "--connect-timeout", "3", "--command-timeout", "3"]  # fmt: skip
+
+
+@attrs.frozen
+class Run:
+    status: int
+    out: str
+    err: str
+
+    def records(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.out.splitlines()]
+
+
+async def qmpshutdown(*args: object, timeout: float = 45.0) -> Run:
+    """Run the command to its end (bounded; killed on timeout)."""
+    argv = [sys.executable, "-m", "qmpshutdown", *map(str, args)]
+    with anyio.fail_after(timeout):
+        proc = await anyio.run_process(argv, check=False, stdin=subprocess.DEVNULL)
+    return Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def progress(err: str, target: object, what: str) -> list[str]:
+    """The progress lines for *target* saying *what*, e.g. ``T  +1.00s  sent quit``."""
+    pattern = rf"{re.escape(str(target))}  \+\d+\.\d\ds  {re.escape(what)}"
+    return [line for line in err.splitlines() if re.fullmatch(pattern, line)]
+
+
+@pytest.mark.asyncio
+async def test_cooperative_guest_is_exit_0_and_a_missing_neighbour_makes_it_2(guests, tmp_path):
+    alone, beside = await guests.boot_many("cooperative", "cooperative")
+    run = await qmpshutdown(*FAST, alone.qmp_path)
+    assert run.status == 0, run.err
+    assert run.out == ""
+    assert len(progress(run.err, alone.qmp_path, "pressed the power button")) == 1
+    assert run.err.splitlines()[-1].startswith(
+        f"{alone.qmp_path}  powerdown graceful reason=guest-shutdown presses=1 "
+    )
+    assert await alone.wait_exit(5) == 0
+
+    missing = tmp_path / "missing.sock"
+    run = await qmpshutdown(*FAST, beside.qmp_path, missing)
+    assert run.status == 2, run.err
+    assert run.err.splitlines()[-2:] == [
+        next(line for line in run.err.splitlines() if line.startswith(f"{beside.qmp_path}  power")),
+        f"error: {missing}: No such file or directory",
+    ]
+    assert await beside.wait_exit(5) == 0
+
+
+@pytest.mark.asyncio
+async def test_ignoring_guest_is_forced_exit_1_with_progress_on_stderr(guests):
+    guest = await guests.boot("ignores")
+    run = await qmpshutdown(*FAST, guest.qmp_path)
+    print(run.err)
+    assert run.status == 1, run.err
+    assert run.out == ""
+    lines = run.err.splitlines()
+    first = progress(run.err, guest.qmp_path, "pressed the power button")
+    again = progress(run.err, guest.qmp_path, "pressed the power button again (press 2)")
+    quit_ = progress(run.err, guest.qmp_path, "sent quit")
+    assert len(first) == len(again) == len(quit_) == 1, run.err
+    assert lines.index(first[0]) < lines.index(again[0]) < lines.index(quit_[0])
+    assert lines[-1].startswith(f"{guest.qmp_path}  quit forced reason=host-qmp-quit presses=")
+    assert lines[-1].endswith(" cause=ignored-power-button")
+    assert "Traceback" not in run.err and "qemu.qmp" not in run.err
+    assert await guest.wait_exit(5) == 0
+
+
+@pytest.mark.asyncio
+async def test_several_targets_print_json_in_the_order_given_and_the_worst_wins(guests):
+    cooperative, ignoring = await guests.boot_many("cooperative", "ignores")
+    # The ignoring guest goes first, though the cooperative one finishes first.
+    run = await qmpshutdown("--json", *FAST, ignoring.qmp_path, cooperative.qmp_path)
+    assert run.status == 1, run.err
+    assert run.err == ""
+    forced, graceful = run.records()
+    assert list(forced) == list(graceful) == ["target", *RESULT_KEYS]
+    assert (forced["target"], graceful["target"]) == (
+        str(ignoring.qmp_path),
+        str(cooperative.qmp_path),
+    )
+    assert (forced["stage"], forced["graceful"], forced["reason"], forced["cause"]) == (
+        "quit", False, "host-qmp-quit", "ignored-power-button"
+    )  # fmt: skip
+    assert (forced["pid"], forced["presses"]) == (ignoring.pid, 2)
+    assert [(s["stage"], s["outcome"]) for s in forced["steps"]] == [
+        ("powerdown", "timeout"), ("quit", "done")
+    ]  # fmt: skip
+    assert (graceful["stage"], graceful["graceful"], graceful["reason"], graceful["presses"]) == (
+        "powerdown", True, "guest-shutdown", 1
+    )  # fmt: skip
+    assert await ignoring.wait_exit(5) == 0
+    assert await cooperative.wait_exit(5) == 0
+
+
+@pytest.mark.asyncio
+async def test_host_port_reaches_a_tcp_monitor(guests):
+    port = free_port()
+    guest = await guests.boot(
+        "cooperative", extra_args=["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
+    )
+    run = await qmpshutdown("--json", *FAST, f"127.0.0.1:{port}")
+    assert run.status == 0, run.err
+    [record] = run.records()
+    assert (record["target"], record["stage"], record["graceful"]) == (
+        f"127.0.0.1:{port}", "powerdown", True
+    )  # fmt: skip
+    assert record["pid"] is None  # over TCP without --pid, QEMU's pid is unknown
+    assert await guest.wait_exit(5) == 0
+
+
+@pytest.mark.asyncio
+async def test_missing_socket_is_exit_2_with_one_line(tmp_path):
+    missing = tmp_path / "missing.sock"
+    run = await qmpshutdown(missing)
+    assert (run.status, run.out) == (2, "")
+    assert run.err.splitlines() == [f"error: {missing}: No such file or directory"]
+    run = await qmpshutdown("--json", missing)
+    assert (run.status, run.err) == (2, "")
+    assert run.records() == [
+        {"target": str(missing), "error": f"{missing}: No such file or directory"}
+    ]
+
+
+@pytest.mark.asyncio
+async def test_guest_left_running_is_exit_3_wrong_pid_2_and_ctrl_c_130(guests, tmp_path):
+    guest = await guests.boot("ignores")
+    sock, missing = guest.qmp_path, tmp_path / "missing.sock"
+
+    run = await qmpshutdown(*FAST, "--pid", os.getpid(), sock)
+    assert run.status == 2, run.err
+    assert len(run.err.splitlines()) == 1
+    assert run.err.startswith(f"error: {sock}: pid {os.getpid()} given, but the socket's peer")
+    assert guest.alive()
+
+    run = await qmpshutdown("--json", *FAST, "--no-force", "--timeout", "1", sock)
+    assert run.status == 3, run.err
+    [record] = run.records()
+    assert list(record) == ["target", "error", *RESULT_KEYS]
+    assert (record["target"], record["stage"], record["graceful"], record["cause"]) == (
+        str(sock), None, False, "ignored-power-button"
+    )  # fmt: skip
+    assert "still running" in str(record["error"])
+    assert [(s["stage"], s["outcome"]) for s in record["steps"]] == [("powerdown", "timeout")]
+    assert guest.alive()
+
+    run = await qmpshutdown(*FAST, "--no-force", "--timeout", "1", missing, sock)
+    assert run.status == 3, run.err  # 3 (still running) wins over 2 (unreachable)
+    assert f"error: {missing}: No such file or directory" in run.err.splitlines()
+    lines = run.err.splitlines()
+    assert any(line.startswith(f"{sock}  still running failed ") for line in lines)
+    assert any(line.startswith(f"error: {sock}: QEMU is still running") for line in lines)
+    assert guest.alive()
+
+    # Ctrl-C in the middle of the wait for the power-off: the command cleans up and exits 130.
+    argv = [sys.executable, "-m", "qmpshutdown", "--timeout", "30", "--no-force", str(sock)]
+    async with await anyio.open_process(argv, stdin=subprocess.DEVNULL) as proc:
+        assert proc.stderr is not None
+        err = b""
+        with anyio.fail_after(15):
+            while b"pressed the power button" not in err:
+                err += await proc.stderr.receive()
+            proc.send_signal(signal.SIGINT)
+            async for chunk in proc.stderr:
+                err += chunk
+            assert await proc.wait() == 130
+    assert err.decode().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err.decode()
+    assert guest.alive()

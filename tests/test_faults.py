@@ -1,0 +1,429 @@
+"""Faults on real QEMU guests: QEMU ends up gone and reaped, and the record says how.
+
+Each case in ``CASES`` is run by the scenario its ``params["scenario"]`` names,
+which returns a one-line outcome compared with ``case.expect``; the call must
+return within ``case.limit`` seconds. docs/robustness.md is rendered from CASES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+import attrs
+import pytest
+from qemu.qmp import QMPClient
+from robustness import Case
+
+import qmpshutdown
+from qmpshutdown import ShutdownPolicy
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
+
+POLICY = ShutdownPolicy(
+    powerdown_timeout=2.0,
+    repress_interval=1.0,
+    quit_timeout=3.0,
+    terminate_timeout=3.0,
+    kill_timeout=3.0,
+    connect_timeout=1.0,
+    command_timeout=1.0,
+)
+#: Slack on top of the policy's own timeouts (scheduling on 2 busy cores).
+SLACK = 1.5
+
+
+def outcome(result: qmpshutdown.ShutdownResult) -> str:
+    stage = result.stage.value if result.stage else "none"
+    cause = result.cause.value if result.cause else "-"
+    return f"stage {stage}, cause {cause}" + ("" if result.graceful else ", forced")
+
+
+CASES = [
+    Case(
+        "fault",
+        "QEMU stopped before the call",
+        "no greeting in connect_timeout; SIGTERM then SIGCONT so QEMU takes its clean exit",
+        "stage terminate, cause monitor-unresponsive, forced",
+        POLICY.connect_timeout + SLACK,
+        "connect_timeout",
+        {"scenario": "stopped_before"},
+    ),
+    Case(
+        "fault",
+        "QEMU stopped during the ladder",
+        "the press and quit get no reply in command_timeout; SIGTERM and SIGCONT",
+        "stage terminate, cause monitor-unresponsive, forced",
+        1.0 + 2 * POLICY.command_timeout + SLACK,
+        "repress_interval + 2 * command_timeout",
+        {"scenario": "stopped_during"},
+    ),
+    Case(
+        "fault",
+        "monitor held by another client",
+        "no greeting (one client per monitor); SIGTERM; the holder sees SHUTDOWN host-signal",
+        "stage terminate, cause monitor-unresponsive, forced",
+        POLICY.connect_timeout + SLACK,
+        "connect_timeout",
+        {"scenario": "held_monitor"},
+    ),
+    Case(
+        "fault",
+        "QEMU killed while the button is pressed",
+        "the pidfd turns readable: the ladder ends at once, no SHUTDOWN to report",
+        "stage powerdown, cause ignored-power-button, forced",
+        0.5 + SLACK,
+        "the exit itself",
+        {"scenario": "killed_while_pressing"},
+    ),
+    Case(
+        "fault",
+        "QEMU killed between two rungs",
+        "killed as the press times out: quit meets a closed monitor, the exit is confirmed",
+        "stage quit, cause ignored-power-button, forced",
+        POLICY.powerdown_timeout + SLACK,
+        "powerdown_timeout",
+        {"scenario": "killed_between_rungs"},
+    ),
+    Case(
+        "fault",
+        "QEMU exiting during the handshake",
+        "the greeting never completes; the pinned process is seen gone",
+        "stage already-off, cause -, forced",
+        0.3 + 1.0 + SLACK,
+        "min(1 s, command_timeout) grace for the exit",
+        {"scenario": "exits_during_handshake"},
+    ),
+    Case(
+        "fault",
+        "socket file deleted after connecting",
+        "nothing changes: the connection and the pidfd are what count",
+        "stage quit, cause ignored-power-button, forced",
+        POLICY.powerdown_timeout + SLACK,
+        "powerdown_timeout",
+        {"scenario": "socket_deleted"},
+    ),
+    Case(
+        "fault",
+        "guest rebooting on every press",
+        "keeps pressing until powerdown_timeout, then quit",
+        "stage quit, cause rebooted, forced",
+        4.0 + SLACK,
+        "powerdown_timeout",
+        {"scenario": "reboot_loop"},
+    ),
+    Case(
+        "fault",
+        "caller cancels while the button is pressed",
+        "cancellation propagates; the monitor is closed (a new client is greeted); no task left",
+        "cancelled, monitor closed",
+        0.5 + SLACK,
+        "the caller's scope",
+        {"scenario": "cancel", "point": "pressing"},
+    ),
+    Case(
+        "fault",
+        "caller cancels during the handshake",
+        "the connect task is cancelled once and awaited; no 'bug in the QMP library' log",
+        "cancelled, monitor closed",
+        0.5 + SLACK,
+        "the caller's scope",
+        {"scenario": "cancel", "point": "handshake"},
+    ),
+    Case(
+        "safety",
+        "pid of another QEMU given",
+        "refused before anything is sent (SO_PEERCRED names the real peer)",
+        qmpshutdown.PidMismatchError,
+        SLACK,
+        "no wait",
+        {"scenario": "wrong_pid", "who": "other-qemu"},
+    ),
+    Case(
+        "safety",
+        "our own pid given",
+        "refused before anything is sent",
+        qmpshutdown.PidMismatchError,
+        SLACK,
+        "no wait",
+        {"scenario": "wrong_pid", "who": "self"},
+    ),
+    Case(
+        "safety",
+        "decoy process given as pid for a TCP monitor",
+        "refused: /proc shows the decoy does not hold the connection; the decoy lives on",
+        qmpshutdown.PidMismatchError,
+        SLACK,
+        "no wait",
+        {"scenario": "tcp_decoy"},
+    ),
+    Case(
+        "safety",
+        "hung QEMU and no signals allowed",
+        "no monitor and no permission to signal: a typed error, QEMU untouched",
+        qmpshutdown.ConnectError,
+        POLICY.connect_timeout + SLACK,
+        "connect_timeout",
+        {"scenario": "stopped_no_signals"},
+    ),
+]
+
+
+async def connect(path, limit: float = 5.0) -> QMPClient:
+    client = QMPClient("test")
+    with anyio.fail_after(limit):
+        await client.connect(str(path))
+    return client
+
+
+async def disconnect(client: QMPClient) -> None:
+    with anyio.move_on_after(5, shield=True), contextlib.suppress(EOFError, OSError):
+        await client.disconnect()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _OnLog(logging.Handler):
+    """Runs *action* once, synchronously, when the ladder logs a line containing *text*."""
+
+    def __init__(self, text: str, action: Callable[[], None]) -> None:
+        super().__init__()
+        self.text, self.action, self.fired = text, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fired and self.text in record.getMessage():
+            self.fired = True
+            self.action()
+
+
+@contextlib.contextmanager
+def on_log(text: str, action: Callable[[], None]):
+    handler = _OnLog(text, action)
+    logger = logging.getLogger("qmpshutdown")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+class Clock:
+    """Times the library calls of a scenario (not the guests' boot)."""
+
+    def __init__(self) -> None:
+        self.elapsed: float | None = None
+
+    @contextlib.contextmanager
+    def timing(self):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.elapsed = time.monotonic() - started
+
+
+async def stop(guest, clock, policy=POLICY, **kwargs):
+    with clock.timing(), anyio.fail_after(policy.bound + 10):
+        return await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs)
+
+
+# ---- scenarios: each returns the outcome line ---------------------------------
+
+
+async def stopped_before(guests, case, clock, caplog):
+    guest = await guests.boot("cooperative")
+    os.kill(guest.pid, signal.SIGSTOP)
+    result = await stop(guest, clock)
+    assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+        ("powerdown", "skipped"),
+        ("quit", "skipped"),
+        ("terminate", "done"),
+    ]
+    assert "QEMU is stopped" in result.steps[0].detail
+    assert "SIGCONT" in result.steps[2].detail
+    assert await guest.wait_exit(5) == 0  # SIGTERM's clean exit, not SIGKILL
+    return outcome(result)
+
+
+async def stopped_during(guests, case, clock, caplog):
+    guest = await guests.boot("ignores")
+    with on_log("pressed the power button", lambda: os.kill(guest.pid, signal.SIGSTOP)):
+        result = await stop(guest, clock)
+    assert result.step("quit").outcome.value == "failed"
+    assert await guest.wait_exit(5) == 0
+    return outcome(result)
+
+
+async def held_monitor(guests, case, clock, caplog):
+    guest = await guests.boot("ignores")
+    holder = await connect(guest.qmp_path)
+    try:
+        result = await stop(guest, clock)
+        assert f"no QMP greeting within {POLICY.connect_timeout:g} s" in result.steps[0].detail
+        assert await guest.wait_exit(5) == 0
+        with anyio.fail_after(5):
+            event = await holder.events.get()
+            while event["event"] != "SHUTDOWN":
+                event = await holder.events.get()
+        assert event["data"]["reason"] == "host-signal"
+    finally:
+        await disconnect(holder)
+    return outcome(result)
+
+
+async def killed_while_pressing(guests, case, clock, caplog):
+    guest = await guests.boot("ignores")
+
+    async def kill_soon():
+        await anyio.sleep(0.5)
+        os.kill(guest.pid, signal.SIGKILL)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kill_soon)
+        result = await stop(guest, clock)
+    assert result.reason is None
+    assert "without a SHUTDOWN event" in result.steps[-1].detail
+    assert await guest.wait_exit(5) == -signal.SIGKILL
+    return outcome(result)
+
+
+async def killed_between_rungs(guests, case, clock, caplog):
+    guest = await guests.boot("ignores")
+    with on_log("powerdown: timeout", lambda: os.kill(guest.pid, signal.SIGKILL)) as hook:
+        result = await stop(guest, clock)
+    assert hook.fired
+    assert [s.stage.value for s in result.steps] == ["powerdown", "quit"]
+    assert await guest.wait_exit(5) == -signal.SIGKILL
+    return outcome(result)
+
+
+async def exits_during_handshake(guests, case, clock, caplog):
+    guest = await guests.boot("cooperative")
+    os.kill(guest.pid, signal.SIGSTOP)  # connected, but no greeting comes
+
+    async def kill_soon():
+        await anyio.sleep(0.3)
+        os.kill(guest.pid, signal.SIGKILL)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(kill_soon)
+        result = await stop(guest, clock, attrs.evolve(POLICY, connect_timeout=5.0))
+    assert result.steps == ()
+    return outcome(result)
+
+
+async def socket_deleted(guests, case, clock, caplog):
+    guest = await guests.boot("ignores")
+    with on_log("pressed the power button", guest.qmp_path.unlink) as hook:
+        result = await stop(guest, clock)
+    assert hook.fired and not guest.qmp_path.exists()
+    assert result.reason == "host-qmp-quit"
+    return outcome(result)
+
+
+async def reboot_loop(guests, case, clock, caplog):
+    guest = await guests.boot("reboots")
+    result = await stop(guest, clock, attrs.evolve(POLICY, powerdown_timeout=4.0))
+    assert "RESET" in [e.event for e in result.events]
+    assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+        ("powerdown", "timeout"),
+        ("quit", "done"),
+    ]
+    return outcome(result)
+
+
+async def cancel(guests, case, clock, caplog):
+    guest = await guests.boot("ignores")
+    if case.params["point"] == "handshake":
+        os.kill(guest.pid, signal.SIGSTOP)
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    caplog.set_level(logging.CRITICAL, logger="qemu.qmp")
+    tasks_before = len(asyncio.all_tasks())
+    with clock.timing(), anyio.move_on_after(0.5) as scope:
+        await qmpshutdown.shutdown(guest.qmp_path, attrs.evolve(POLICY, connect_timeout=3.0))
+    assert scope.cancelled_caught
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert guest.alive()  # nothing of the ladder ran on
+    os.kill(guest.pid, signal.SIGCONT)
+    # QEMU serves one client per monitor: a greeting now proves ours was closed
+    await disconnect(await connect(guest.qmp_path))
+    gc.collect()
+    await anyio.sleep(0.1)
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+    # qemu.qmp logs CRITICAL "bug in the QMP library" when a connect() is cancelled badly
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.CRITICAL] == []
+    return "cancelled, monitor closed"
+
+
+async def wrong_pid(guests, case, clock, caplog):
+    if case.params["who"] == "other-qemu":
+        guest, other = await guests.boot_many("cooperative", "ignores")
+        wrong = other.pid
+    else:
+        guest, other = await guests.boot("cooperative"), None
+        wrong = os.getpid()
+    try:
+        await stop(guest, clock, pid=wrong)
+    finally:
+        assert guest.alive() and (other is None or other.alive())
+        # nothing reached the guest: the next stop is its first press
+        result = await stop(guest, Clock())
+        assert (result.stage.value, result.presses) == ("powerdown", 1)
+
+
+async def tcp_decoy(guests, case, clock, caplog):
+    port = free_port()
+    guest = await guests.boot(
+        "ignores", extra_args=["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
+    )
+    decoy = subprocess.Popen(["sleep", "60"])  # noqa: ASYNC220 (a decoy, started at once)
+    try:
+        with clock.timing(), anyio.fail_after(10):
+            await qmpshutdown.shutdown(("127.0.0.1", port), POLICY, pid=decoy.pid)
+    finally:
+        assert decoy.poll() is None  # never signalled
+        assert guest.alive()
+        decoy.kill()
+        decoy.wait()
+
+
+async def stopped_no_signals(guests, case, clock, caplog):
+    guest = await guests.boot("cooperative")
+    os.kill(guest.pid, signal.SIGSTOP)
+    try:
+        await stop(guest, clock, attrs.evolve(POLICY, stages=("powerdown", "quit")))
+    finally:
+        assert guest.alive()
+
+
+SCENARIOS: dict[str, Callable[..., Awaitable[str | None]]] = {
+    name: globals()[name] for name in {case.params["scenario"] for case in CASES}
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+async def test_fault(case: Case, guests, caplog) -> None:
+    scenario = SCENARIOS[case.params["scenario"]]
+    clock = Clock()
+    if isinstance(case.expect, type):
+        with pytest.raises(case.expect):
+            await scenario(guests, case, clock, caplog)
+    else:
+        assert await scenario(guests, case, clock, caplog) == case.expect
+    assert clock.elapsed is not None and clock.elapsed <= case.limit, clock.elapsed
