@@ -358,7 +358,7 @@ class _Ladder:
         stage, started, _ = self.open
         self.open = None
         self.steps.append(Step(stage, outcome, started, self.now(), detail))
-        self.log("%s: %s (%s)", stage.value, outcome.value, detail)
+        self.log("%s %s: %s", stage.value, outcome.value, detail)
 
     def press_detail(self, what: str) -> str:
         times = "once" if self.presses == 1 else f"{self.presses} times"
@@ -436,7 +436,7 @@ class _Ladder:
             if so_far:
                 detail = f"{so_far}; {detail}"
             self.steps.append(Step(stage, outcome, started, ended, detail))
-            self.log("%s: %s (%s)", stage.value, outcome.value, detail)
+            self.log("%s %s: %s", stage.value, outcome.value, detail)
         ended_by: Stage | None
         if self.already_off or (gone and not self.steps):
             ended_by = Stage.ALREADY_OFF

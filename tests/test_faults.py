@@ -305,7 +305,7 @@ async def killed_while_pressing(guests, case, clock, caplog):
 
 async def killed_between_rungs(guests, case, clock, caplog):
     guest = await guests.boot("ignores")
-    with on_log("powerdown: timeout", lambda: os.kill(guest.pid, signal.SIGKILL)) as hook:
+    with on_log("powerdown timeout:", lambda: os.kill(guest.pid, signal.SIGKILL)) as hook:
         result = await stop(guest, clock)
     assert hook.fired
     assert [s.stage.value for s in result.steps] == ["powerdown", "quit"]
