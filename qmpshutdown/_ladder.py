@@ -44,6 +44,7 @@ class _Watch:
         self.suspended = runstate == "suspended"
         self.slept = self.suspended
         self.panicked = False
+        self.panic_stays = False
         self.resets = 0
         self.gone = anyio.Event()
         self.gone_at: float | None = None
@@ -63,7 +64,10 @@ class _Watch:
         elif name == "RESET" and data.get("guest", True):
             self.resets += 1
         elif name == "GUEST_PANICKED":
+            # action "poweroff": QEMU shuts down by itself, SHUTDOWN guest-panic follows;
+            # "pause" or "run": it stays, and nobody is there to answer the button.
             self.panicked = True
+            self.panic_stays = data.get("action") != "poweroff"
         self.changed()
 
     def changed(self) -> None:
@@ -214,7 +218,7 @@ class _Ladder:
             interval = policy.repress_interval
             until = deadline if interval is None else min(deadline, anyio.current_time() + interval)
             await self.watch.wait_until(
-                lambda: self.watch.guest_shut_down or self.watch.panicked, until
+                lambda: self.watch.guest_shut_down or self.watch.panic_stays, until
             )
             if self.watch.guest_shut_down:
                 if await self.confirm_guest_off():
@@ -226,7 +230,7 @@ class _Ladder:
                         self.press_detail("SHUTDOWN came but QEMU neither exited nor stopped"),
                     )
                 return
-            if self.watch.panicked:
+            if self.watch.panic_stays:
                 self.cause = Cause.PANICKED
                 self.end(Outcome.FAILED, self.press_detail("guest panicked"))
                 return
@@ -391,6 +395,8 @@ class _Ladder:
             elif self.monitor is not None:
                 # Without a pid, the monitor's EOF is the only sign of the exit there is.
                 await self.monitor.wait_closed()
+                if not self.monitor.peer_hung_up():
+                    await anyio.sleep_forever()  # our side gave up: no sign of an exit
             else:
                 await anyio.sleep_forever()
         except Exception as err:  # kept, and raised outside the task group

@@ -29,6 +29,7 @@ async def shutdown_many(
     :param policy: the policy for every VM.
     :param limit: the most ladders running at once; None runs all at once.
     :raises TypeError: a target is not a path, ``(host, port)`` or QMPClient
+        (ValueError for a port out of range)
         (checked before anything starts).
     :raises ValueError: *limit* is not a positive int.
     :return: in the targets' order, each a :class:`ShutdownResult` or the

@@ -21,6 +21,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 import anyio
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import Runstate
+from qemu.qmp.qmp_client import NegotiationError
 
 from ._errors import ConnectError
 from ._result import EventRecord
@@ -80,6 +81,10 @@ class Monitor(Protocol):
 
     def is_closed(self) -> bool:
         """Tell whether the connection has ended."""
+        ...
+
+    def peer_hung_up(self) -> bool:
+        """Tell whether the peer ended the connection (EOF, reset), not a protocol error."""
         ...
 
     async def wait_closed(self) -> None:
@@ -145,6 +150,18 @@ class QMPMonitor:
 
     def is_closed(self) -> bool:
         return self._closed_by_us or self.client.runstate != Runstate.RUNNING
+
+    def peer_hung_up(self) -> bool:
+        # qemu.qmp drops the connection itself on a reply it cannot parse (or an
+        # over-long line); that says nothing about QEMU's exit. Its reader task
+        # holds the reason (no public API for it).
+        reader = getattr(self.client, "_reader_task", None)
+        if reader is None or not reader.done():
+            return self.is_closed() and not self._closed_by_us
+        if reader.cancelled():
+            return False
+        err = reader.exception()
+        return err is None or isinstance(err, (EOFError, OSError))
 
     async def wait_closed(self) -> None:
         while not self.is_closed():
@@ -223,7 +240,9 @@ async def connect_socket(address: Address, limit: float) -> socket.socket:
     except socket.gaierror as err:
         raise ConnectError(f"{where}: cannot resolve host: {err.strerror}") from err
     except OSError as err:
-        raise ConnectError(f"{where}: {err.strerror or err}") from err
+        # asyncio's own wording ("Connect call failed (...)") hides the reason
+        why = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
+        raise ConnectError(f"{where}: {why}") from err
 
 
 async def _connect_unix(sock: socket.socket, path: str) -> None:
@@ -296,6 +315,8 @@ async def _abandon(task: asyncio.Future[None], sock: socket.socket) -> None:
 
 def _describe(err: BaseException) -> str:
     while True:
+        if isinstance(err, NegotiationError):
+            return "capabilities negotiation (qmp_capabilities) failed"
         inner = getattr(err, "exc", None)
         if not isinstance(inner, BaseException):
             break
@@ -368,7 +389,8 @@ def _tcp_inode(*, local: tuple[Any, ...], remote: tuple[Any, ...], family: int) 
             for row in rows:
                 fields = row.split()
                 if (fields[1], fields[2]) == want:
-                    return fields[9]
+                    # inode 0: QEMU has not accept()ed yet; nothing can be told
+                    return fields[9] if fields[9] != "0" else None
     except (OSError, StopIteration, IndexError):
         return None
     return None

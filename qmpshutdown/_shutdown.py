@@ -64,8 +64,10 @@ async def shutdown(
     """
     if not isinstance(policy, ShutdownPolicy):
         raise TypeError(f"policy must be a ShutdownPolicy, not {type(policy).__name__}")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0):
-        raise ValueError(f"pid must be a positive int, not {pid!r}")
+    if pid is not None and (
+        isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31
+    ):
+        raise ValueError(f"pid must be a positive int (a Linux pid), not {pid!r}")
     started = anyio.current_time()
     if isinstance(target, QMPClient):
         return await _shutdown_client(target, policy, pid, started)
@@ -107,6 +109,11 @@ async def stop_at(
                 raise PidMismatchError(f"{name}: the socket's peer is pid {peer}, not {pinned.pid}")
             no_signal_why = ""
         else:
+            if pid is not None and isinstance(address, tuple):
+                # Until QEMU accept()s, /proc cannot tell who holds the connection;
+                # its greeting says it has.
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    await anyio.wait_readable(sock)
             process, no_signal_why = _pin_process(sock, pid, policy, name)
         try:
             monitor = await handshake(sock, max(0.0, deadline - anyio.current_time()))
@@ -126,7 +133,10 @@ async def stop_at(
                 with anyio.move_on_after(min(1.0, policy.command_timeout)):
                     await signallable.wait_exited()
             if signallable is None or not (policy.may_signal or signallable.has_exited()):
-                why = "no pid to signal" if process is None else "signals are not allowed"
+                if signallable is None:
+                    why = no_signal_why or "no pid to signal"
+                else:
+                    why = "signals are not allowed"
                 raise ConnectError(f"{name}: {no_monitor_why}; {why}") from err
         return await climb(
             monitor,
@@ -181,6 +191,8 @@ def _address(target: object) -> str | tuple[str, int]:
             or not isinstance(target[1], int)
         ):
             raise TypeError(f"a TCP target is a (host, port) tuple, not {target!r}")
+        if not 0 < target[1] < 65536:
+            raise ValueError(f"a TCP port is 1 to 65535, not {target[1]}")
         return target[0], target[1]
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)

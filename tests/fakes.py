@@ -96,6 +96,9 @@ class FakeMonitor:
     def is_closed(self) -> bool:
         return self.closed.is_set()
 
+    def peer_hung_up(self) -> bool:
+        return self.closed.is_set()
+
     async def wait_closed(self) -> None:
         await self.closed.wait()
 
@@ -166,6 +169,11 @@ class FakeQemu:
         elif self.guest == "panics":
             self.runstate = "guest-panicked"
             self.monitor.emit("GUEST_PANICKED", action="pause")
+        elif self.guest == "panics-poweroff":
+            # QEMU's default panic action: the event first, SHUTDOWN guest-panic after
+            self.monitor.emit("GUEST_PANICKED", action="poweroff")
+            await anyio.sleep(0.05)
+            self.power_off("guest-panic")
         elif self.guest == "sleeps":
             self.runstate = "suspended"
             self.monitor.emit("SUSPEND")

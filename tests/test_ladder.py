@@ -240,6 +240,19 @@ async def test_guest_panicking_while_we_wait_stops_the_pressing_at_once():
     assert result.steps[0].ended < 1.0  # did not wait out the 30 s
 
 
+async def test_guest_panicking_with_the_poweroff_action_ends_qemu_itself():
+    qemu = FakeQemu(guest="panics-poweroff")
+    result = await run(qemu)
+    assert (result.stage, result.graceful, result.reason, result.cause) == (
+        Stage.POWERDOWN,
+        False,
+        "guest-panic",
+        Cause.PANICKED,
+    )
+    assert outcomes(result) == [("powerdown", "done")]
+    assert "quit" not in qemu.monitor.commands
+
+
 async def test_guest_that_reboots_on_every_press_is_forced_with_cause_rebooted():
     qemu = FakeQemu(guest="reboots")
     result = await run(qemu)

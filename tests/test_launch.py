@@ -40,6 +40,14 @@ def argv(guests, tmp_path):
     return make
 
 
+async def wait_ready(argv: list[str], limit: float = 60.0) -> None:
+    """Wait for the guest's READY line in the serial log its argv names."""
+    serial = Path(argv[argv.index("-serial") + 1].removeprefix("file:"))
+    with anyio.fail_after(limit):
+        while "QMPSHUTDOWN-GUEST-READY" not in (serial.read_text() if serial.exists() else ""):
+            await anyio.sleep(0.05)
+
+
 def our_qemus(marker: str, *, zombies: bool = True) -> list[int]:
     """Pids of processes whose command line holds *marker*, and our unreaped QEMU children.
 
@@ -64,11 +72,12 @@ def our_qemus(marker: str, *, zombies: bool = True) -> list[int]:
 
 
 async def test_block_end_stops_the_guest_with_the_power_button(argv):
-    async with qmpshutdown.launch(argv(), POLICY, name="coop") as vm:
+    command_line = argv()
+    async with qmpshutdown.launch(command_line, POLICY, name="coop") as vm:
         assert (await vm.monitor.execute("query-status"))["status"] == "running"
         pid, socket_dir = vm.pid, vm.qmp_socket.parent
         assert vm.qmp_socket.exists()
-        await anyio.sleep(4)  # the guest boots and its button handler listens
+        await wait_ready(command_line)  # the guest booted and its button handler listens
     result = vm.result
     assert (result.stage, result.graceful, result.reason) == (
         Stage.POWERDOWN,
