@@ -286,10 +286,10 @@ async def connect_client(sock: socket.socket, limit: float, name: str | None = N
     try:
         done, _ = await asyncio.wait({task}, timeout=limit)
     except BaseException:
-        await _abandon(task, sock)
+        await _abandon(task, client, sock)
         raise
     if not done:
-        await _abandon(task, sock)
+        await _abandon(task, client, sock)
         raise HandshakeTimeout("no QMP greeting and negotiation in time")
     try:
         task.result()
@@ -298,7 +298,7 @@ async def connect_client(sock: socket.socket, limit: float, name: str | None = N
     return client
 
 
-async def _abandon(task: asyncio.Future[None], sock: socket.socket) -> None:
+async def _abandon(task: asyncio.Future[None], client: QMPClient, sock: socket.socket) -> None:
     """Cancel a connect() in flight and wait for it, shielded and bounded."""
     with anyio.CancelScope(shield=True):
         task.cancel()
@@ -307,8 +307,9 @@ async def _abandon(task: asyncio.Future[None], sock: socket.socket) -> None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             await asyncio.wait({task}, timeout=_CLOSE_GRACE)
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: no "exception was never retrieved"
+        if task.done() and not task.cancelled() and task.exception() is None:
+            # It connected just as we gave up on it: close what it opened.
+            await _disconnect(client, sock)
     with contextlib.suppress(OSError):
         sock.close()
 

@@ -68,7 +68,8 @@ class FakeMonitor:
     def __init__(self, qemu: FakeQemu) -> None:
         self.qemu = qemu
         self.commands: list[str] = []
-        self._send, self._receive = anyio.create_memory_object_stream[EventRecord](100)
+        self._events: list[EventRecord] = []
+        self._arrived = anyio.Event()
         self.closed = anyio.Event()
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
@@ -83,15 +84,14 @@ class FakeMonitor:
         return await handler(self.qemu, arguments)
 
     async def next_event(self) -> EventRecord:
-        return await self._receive.receive()
+        while not self._events:
+            await self._arrived.wait()
+            self._arrived = anyio.Event()
+        return self._events.pop(0)
 
     def pending_events(self) -> list[EventRecord]:
-        events = []
-        while True:
-            try:
-                events.append(self._receive.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                return events
+        events, self._events = self._events, []
+        return events
 
     def is_closed(self) -> bool:
         return self.closed.is_set()
@@ -106,7 +106,8 @@ class FakeMonitor:
         self.closed.set()
 
     def emit(self, name: str, **data: Any) -> None:
-        self._send.send_nowait(EventRecord(name, time.time(), data))
+        self._events.append(EventRecord(name, time.time(), data))
+        self._arrived.set()
 
 
 class FakeQemu:

@@ -210,7 +210,10 @@ def test_a_silent_monitor_is_exit_2_without_qemu_qmp_noise(tmp_path) -> None:
         quiet = subprocess.run([*argv, "-q"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == quiet.returncode == 2
     assert "qemu.qmp" not in proc.stderr and "Traceback" not in proc.stderr
-    error = f"error: {path}: no QMP greeting within 0.5 s; no pid to signal"
+    error = (
+        f"error: {path}: no QMP greeting within 0.5 s; the monitor's peer (pid {os.getpid()}) "
+        f"is not QEMU but {os.path.realpath(sys.executable)}"
+    )
     assert proc.stderr.splitlines()[-1] == error
     assert quiet.stderr.splitlines() == [error]
 
