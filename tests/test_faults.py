@@ -96,6 +96,15 @@ CASES = [
     ),
     Case(
         "fault",
+        "QEMU killed while quit is in flight",
+        "killed as quit is written: EOF instead of a reply is expected, the exit confirms it",
+        "stage quit, cause ignored-power-button, forced",
+        POLICY.powerdown_timeout + SLACK,
+        "powerdown_timeout",
+        {"scenario": "killed_during_quit"},
+    ),
+    Case(
+        "fault",
         "QEMU exiting during the handshake",
         "the greeting never completes; the pinned process is seen gone",
         "stage already-off, cause -, forced",
@@ -210,12 +219,12 @@ class _OnLog(logging.Handler):
 
 
 @contextlib.contextmanager
-def on_log(text: str, action: Callable[[], None]):
+def on_log(text: str, action: Callable[[], None], logger_name: str = "qmpshutdown"):
     handler = _OnLog(text, action)
-    logger = logging.getLogger("qmpshutdown")
+    logger = logging.getLogger(logger_name)
     level = logger.level
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         yield handler
     finally:
@@ -309,6 +318,22 @@ async def killed_between_rungs(guests, case, clock, caplog):
         result = await stop(guest, clock)
     assert hook.fired
     assert [s.stage.value for s in result.steps] == ["powerdown", "quit"]
+    assert await guest.wait_exit(5) == -signal.SIGKILL
+    return outcome(result)
+
+
+async def killed_during_quit(guests, case, clock, caplog):
+    guest = await guests.boot("ignores")
+    kill = lambda: os.kill(guest.pid, signal.SIGKILL)  # noqa: E731
+    # qemu.qmp logs each message as its writer sends it ("--> {...}")
+    with on_log('"execute": "quit"', kill, logger_name="qemu.qmp.protocol") as hook:
+        result = await stop(guest, clock)
+    assert hook.fired
+    assert result.reason is None  # QEMU died before it could say SHUTDOWN
+    assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+        ("powerdown", "timeout"),
+        ("quit", "done"),
+    ]
     assert await guest.wait_exit(5) == -signal.SIGKILL
     return outcome(result)
 
