@@ -407,3 +407,31 @@ def kill_leftovers() -> list[int]:
     for popen in _started:
         _kill_and_reap(popen)
     return leftovers
+
+
+# --------------------------------------------------------------------------- QMP helpers
+
+
+async def qmp_connect(path: Path | str, limit: float = 5.0) -> Any:
+    """A qemu.qmp client connected to *path* (bounded), for a test's own commands."""
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("test")
+    await asyncio.wait_for(client.connect(str(path)), limit)
+    return client
+
+
+async def qmp_disconnect(client: Any) -> None:
+    """Disconnect a test's client, bounded; QEMU having exited under it is fine."""
+    with contextlib.suppress(EOFError, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(client.disconnect()), 5.0)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -13,7 +13,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
@@ -21,10 +20,10 @@ from collections.abc import Awaitable, Callable
 import anyio
 import attrs
 import pytest
-from qemu.qmp import QMPClient
 from robustness import Case
 
 import qmpshutdown
+from guests import free_port, qmp_connect, qmp_disconnect
 from qmpshutdown import ShutdownPolicy
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
@@ -187,24 +186,6 @@ CASES = [
 ]
 
 
-async def connect(path, limit: float = 5.0) -> QMPClient:
-    client = QMPClient("test")
-    with anyio.fail_after(limit):
-        await client.connect(str(path))
-    return client
-
-
-async def disconnect(client: QMPClient) -> None:
-    with anyio.move_on_after(5, shield=True), contextlib.suppress(EOFError, OSError):
-        await client.disconnect()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class _OnLog(logging.Handler):
     """Runs *action* once, synchronously, when the ladder logs a line containing *text*."""
 
@@ -281,7 +262,7 @@ async def stopped_during(guests, case, clock, caplog):
 
 async def held_monitor(guests, case, clock, caplog):
     guest = await guests.boot("ignores")
-    holder = await connect(guest.qmp_path)
+    holder = await qmp_connect(guest.qmp_path)
     try:
         result = await stop(guest, clock)
         assert f"no QMP greeting within {POLICY.connect_timeout:g} s" in result.steps[0].detail
@@ -292,7 +273,7 @@ async def held_monitor(guests, case, clock, caplog):
                 event = await holder.events.get()
         assert event["data"]["reason"] == "host-signal"
     finally:
-        await disconnect(holder)
+        await qmp_disconnect(holder)
     return outcome(result)
 
 
@@ -387,7 +368,7 @@ async def cancel(guests, case, clock, caplog):
     assert guest.alive()  # nothing of the ladder ran on
     os.kill(guest.pid, signal.SIGCONT)
     # QEMU serves one client per monitor: a greeting now proves ours was closed
-    await disconnect(await connect(guest.qmp_path))
+    await qmp_disconnect(await qmp_connect(guest.qmp_path))
     gc.collect()
     await anyio.sleep(0.1)
     assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []

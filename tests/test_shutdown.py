@@ -9,8 +9,6 @@ rebooting in a loop) are in test_faults.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 
 import anyio
 import attrs
@@ -18,6 +16,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 import qmpshutdown
+from guests import free_port, qmp_connect, qmp_disconnect
 from qmpshutdown import Cause, ShutdownPolicy, Stage
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
@@ -56,19 +55,6 @@ async def wait_runstate(client: QMPClient, status: str, timeout: float = 30.0) -
     with anyio.fail_after(timeout):
         while (await client.execute("query-status"))["status"] != status:
             await anyio.sleep(0.05)
-
-
-async def connect(path, timeout: float = 5.0) -> QMPClient:
-    client = QMPClient("test")
-    with anyio.fail_after(timeout):
-        await client.connect(str(path))
-    return client
-
-
-async def disconnect(client: QMPClient) -> None:
-    with anyio.move_on_after(5, shield=True):
-        with contextlib.suppress(EOFError, OSError):  # QEMU exited under it
-            await client.disconnect()
 
 
 # ---- the seven ways a guest fails to stop (and the one that works) ----------
@@ -148,11 +134,11 @@ async def test_asleep_guest_on_pc_is_woken_then_powers_off(guests):
     guest = await guests.boot(
         "asleep", machine="pc", extra_args=["-global", "PIIX4_PM.disable_s3=0"]
     )
-    client = await connect(guest.qmp_path)
+    client = await qmp_connect(guest.qmp_path)
     try:
         await wait_runstate(client, "suspended")
     finally:
-        await disconnect(client)
+        await qmp_disconnect(client)
     result = await stop(guest, attrs.evolve(POLICY, powerdown_timeout=10.0))
     assert (result.stage, result.graceful, result.reason) == (
         Stage.POWERDOWN,
@@ -168,11 +154,11 @@ async def test_asleep_guest_on_pc_is_woken_then_powers_off(guests):
 async def test_asleep_guest_on_q35_stays_deaf_after_waking_and_is_forced(guests):
     # QEMU 7.2 q35 under TCG: the button's interrupt never fires again after resume
     guest = await guests.boot("asleep")
-    client = await connect(guest.qmp_path)
+    client = await qmp_connect(guest.qmp_path)
     try:
         await wait_runstate(client, "suspended")
     finally:
-        await disconnect(client)
+        await qmp_disconnect(client)
     result = await stop(guest)
     assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.ASLEEP)
     assert result.runstate == "suspended"
@@ -182,13 +168,13 @@ async def test_asleep_guest_on_q35_stays_deaf_after_waking_and_is_forced(guests)
 
 async def test_asleep_guest_without_wake_is_not_pressed(guests):
     guest = await guests.boot("asleep")
-    client = await connect(guest.qmp_path)
+    client = await qmp_connect(guest.qmp_path)
     try:
         await wait_runstate(client, "suspended")
         # the caller's own client, reused as is
         result = await qmpshutdown.shutdown(client, attrs.evolve(POLICY, wake_suspended=False))
     finally:
-        await disconnect(client)
+        await qmp_disconnect(client)
     assert (result.stage, result.cause, result.presses) == (Stage.QUIT, Cause.ASLEEP, 0)
     assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
     assert result.pid == guest.pid  # read from the caller's client's socket
@@ -199,11 +185,11 @@ async def test_panicked_guest_paused_by_pvpanic_is_not_pressed(guests):
     guest = await guests.boot(
         "panics", arg=0, extra_args=["-device", "pvpanic", "-action", "panic=pause"]
     )
-    client = await connect(guest.qmp_path)
+    client = await qmp_connect(guest.qmp_path)
     try:
         await wait_runstate(client, "guest-panicked")
     finally:
-        await disconnect(client)
+        await qmp_disconnect(client)
     result = await stop(guest)
     assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.PANICKED)
     assert (result.runstate, result.presses) == ("guest-panicked", 0)
@@ -294,12 +280,6 @@ async def test_paused_guest_is_resumed_and_pressed_until_it_listens(guests):
 # ---- monitors, pids, hung QEMU ----------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_tcp_monitor_without_pid_ends_on_monitor_eof_and_cannot_signal(guests):
     port = free_port()
     qmp_tcp = ["-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"]
@@ -350,7 +330,7 @@ async def test_wrong_pid_on_tcp_is_refused(guests):
 
 async def test_existing_client_is_reused_and_left_open(guests):
     guest = await guests.boot("ignores")
-    client = await connect(guest.qmp_path)
+    client = await qmp_connect(guest.qmp_path)
     try:
         policy = attrs.evolve(POLICY, powerdown_timeout=1.0, stages=("powerdown",))
         with anyio.fail_after(20), pytest.raises(qmpshutdown.ShutdownFailed) as caught:
@@ -363,7 +343,7 @@ async def test_existing_client_is_reused_and_left_open(guests):
             result = await qmpshutdown.shutdown(client, POLICY)
         assert (result.stage, result.reason) == (Stage.QUIT, "host-qmp-quit")
     finally:
-        await disconnect(client)
+        await qmp_disconnect(client)
     assert await exited(guest) == 0
 
 
