@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import anyio
 
@@ -20,7 +19,8 @@ from ._errors import ShutdownFailed
 from ._monitor import CommandError, Monitor, MonitorClosedError
 from ._policy import ShutdownPolicy, Stage
 from ._process import Process
-from ._result import Cause, EventRecord, Outcome, ShutdownResult, Step
+from ._result import Cause, Outcome, ShutdownResult, Step
+from ._watch import GUEST_OFF_REASONS, Watch
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -30,68 +30,6 @@ PANICKED_STATES = frozenset({"guest-panicked", "internal-error"})
 MIGRATING_STATES = frozenset(
     {"inmigrate", "postmigrate", "finish-migrate", "colo", "save-vm", "restore-vm"}
 )
-# SHUTDOWN reasons of a guest that ended itself without being forced.
-GUEST_OFF_REASONS = frozenset({"guest-shutdown", "guest-reset"})
-
-
-class _Watch:
-    """What the events and the process have said so far; wakes waiters on every change."""
-
-    def __init__(self, runstate: str | None = None) -> None:
-        self.events: list[EventRecord] = []
-        self.first_shutdown: Mapping[str, Any] | None = None
-        self.stopped_after_shutdown = False
-        self.suspended = runstate == "suspended"
-        self.slept = self.suspended
-        self.panicked = False
-        self.panic_stays = False
-        self.resets = 0
-        self.gone = anyio.Event()
-        self.gone_at: float | None = None
-        self._changed = anyio.Event()
-
-    def note(self, event: EventRecord) -> None:
-        self.events.append(event)
-        name, data = event.event, event.data
-        if name == "SHUTDOWN" and self.first_shutdown is None:
-            self.first_shutdown = data
-        elif name == "STOP" and self.first_shutdown is not None:
-            self.stopped_after_shutdown = True  # -no-shutdown: runstate is now 'shutdown'
-        elif name == "SUSPEND":
-            self.suspended = self.slept = True
-        elif name == "WAKEUP":
-            self.suspended = False
-        elif name == "RESET" and data.get("guest", True):
-            self.resets += 1
-        elif name == "GUEST_PANICKED":
-            # action "poweroff": QEMU shuts down by itself, SHUTDOWN guest-panic follows;
-            # "pause" or "run": it stays, and nobody is there to answer the button.
-            self.panicked = True
-            self.panic_stays = data.get("action") != "poweroff"
-        self.changed()
-
-    def changed(self) -> None:
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
-
-    @property
-    def guest_shut_down(self) -> bool:
-        """True once the guest itself sent SHUTDOWN (powered off, reset under -no-reboot, panic)."""
-        return self.first_shutdown is not None and bool(self.first_shutdown.get("guest"))
-
-    @property
-    def reason(self) -> str | None:
-        if self.first_shutdown is None:
-            return None
-        reason = self.first_shutdown.get("reason")
-        return str(reason) if reason is not None else None
-
-    async def wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
-        """Wait for *predicate* to hold, until *deadline* (anyio clock); tell whether it held."""
-        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-            while not predicate():
-                await self._changed.wait()
-        return predicate()
 
 
 class _Ladder:
@@ -113,7 +51,7 @@ class _Ladder:
         self.name = name
         self.no_monitor_why = no_monitor_why
         self.no_signal_why = no_signal_why
-        self.watch = _Watch()
+        self.watch = Watch()
         self.steps: list[Step] = []
         self.presses = 0
         self.runstate: str | None = None

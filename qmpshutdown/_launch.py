@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -42,10 +41,14 @@ _PR_SET_PDEATHSIG = 1
 _STDERR_LIMIT = 64 * 1024
 
 
+# Resolved once here: the child between fork and exec must not run ldconfig
+# (ctypes.util.find_library does) nor take locks another thread may hold.
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Have the kernel SIGKILL QEMU if the process that launched it dies first."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _spawn(argv: list[str], stderr_path: Path, name: str) -> subprocess.Popen[bytes]:

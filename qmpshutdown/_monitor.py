@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -20,6 +19,7 @@ from typing import Any, Protocol, Union, runtime_checkable
 
 import anyio
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
 from qemu.qmp.qmp_client import NegotiationError
 
@@ -94,6 +94,25 @@ class Monitor(Protocol):
     async def close(self) -> None:
         """End the connection if this object owns it; bounded, never raises."""
         ...
+
+
+class _Client(QMPClient):
+    """A QMPClient that formats messages for its debug log only when that log is on.
+
+    qemu.qmp pretty-prints every message in and out (json.dumps, indent 2) for
+    a DEBUG line even when DEBUG is off: about a tenth of the library's CPU
+    (benchmarks/profile_cpu.py). These two hooks are meant for subclasses.
+    """
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", str(msg))
+        return msg
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", str(msg))
+        return msg
 
 
 class _EventQueue(EventListener):
@@ -281,7 +300,7 @@ async def connect_client(sock: socket.socket, limit: float, name: str | None = N
     :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
     :raises HandshakeFailed: the peer is not a QMP server or hung up.
     """
-    client = QMPClient(name)
+    client = _Client(name)
     task = asyncio.ensure_future(client.connect(sock))
     try:
         done, _ = await asyncio.wait({task}, timeout=limit)
@@ -348,57 +367,3 @@ def format_address(address: Address) -> str:
         host, port = address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return os.fspath(address)
-
-
-def tcp_peer_is(sock: socket.socket, pid: int) -> bool | None:
-    """Tell whether *pid* holds the other end of a loopback TCP connection.
-
-    :return: True or False when it can be told from /proc; None when the peer
-        is not on this host or /proc does not say.
-    """
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        local = sock.getsockname()
-        remote = sock.getpeername()
-    except OSError:
-        return None
-    if not ipaddress.ip_address(remote[0]).is_loopback:
-        return None
-    inode = _tcp_inode(local=remote, remote=local, family=sock.family)
-    if inode is None:
-        return None
-    target = f"socket:[{inode}]"
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return None
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                return True
-    return False
-
-
-def _tcp_inode(*, local: tuple[Any, ...], remote: tuple[Any, ...], family: int) -> str | None:
-    """Find the inode of the TCP socket bound to *local* and connected to *remote*."""
-    table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
-    want = (_proc_addr(local, family), _proc_addr(remote, family))
-    try:
-        with open(table) as rows:
-            next(rows)
-            for row in rows:
-                fields = row.split()
-                if (fields[1], fields[2]) == want:
-                    # inode 0: QEMU has not accept()ed yet; nothing can be told
-                    return fields[9] if fields[9] != "0" else None
-    except (OSError, StopIteration, IndexError):
-        return None
-    return None
-
-
-def _proc_addr(addr: tuple[Any, ...], family: int) -> str:
-    """Format an address the way /proc/net/tcp does (host byte order per 32-bit word)."""
-    packed = socket.inet_pton(family, addr[0])
-    words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
-    return f"{words.hex().upper()}:{addr[1]:04X}"

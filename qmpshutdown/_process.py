@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import select
 import signal
 import socket
 import struct
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
@@ -160,3 +161,57 @@ class PidfdProcess:
 
     def __repr__(self) -> str:
         return f"<PidfdProcess pid={self._pid}>"
+
+
+def tcp_peer_is(sock: socket.socket, pid: int) -> bool | None:
+    """Tell whether *pid* holds the other end of a loopback TCP connection.
+
+    :return: True or False when it can be told from /proc; None when the peer
+        is not on this host or /proc does not say.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        local = sock.getsockname()
+        remote = sock.getpeername()
+    except OSError:
+        return None
+    if not ipaddress.ip_address(remote[0]).is_loopback:
+        return None
+    inode = _tcp_inode(local=remote, remote=local, family=sock.family)
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+    return False
+
+
+def _tcp_inode(*, local: tuple[Any, ...], remote: tuple[Any, ...], family: int) -> str | None:
+    """Find the inode of the TCP socket bound to *local* and connected to *remote*."""
+    table = "/proc/net/tcp" if family == socket.AF_INET else "/proc/net/tcp6"
+    want = (_proc_addr(local, family), _proc_addr(remote, family))
+    try:
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                if (fields[1], fields[2]) == want:
+                    # inode 0: QEMU has not accept()ed yet; nothing can be told
+                    return fields[9] if fields[9] != "0" else None
+    except (OSError, StopIteration, IndexError):
+        return None
+    return None
+
+
+def _proc_addr(addr: tuple[Any, ...], family: int) -> str:
+    """Format an address the way /proc/net/tcp does (host byte order per 32-bit word)."""
+    packed = socket.inet_pton(family, addr[0])
+    words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+    return f"{words.hex().upper()}:{addr[1]:04X}"

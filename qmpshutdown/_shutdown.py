@@ -21,11 +21,17 @@ from ._monitor import (
     connect_socket,
     format_address,
     handshake,
-    tcp_peer_is,
     wrap_client,
 )
 from ._policy import ShutdownPolicy
-from ._process import PidfdProcess, Process, executable, is_qemu_executable, peer_pid
+from ._process import (
+    PidfdProcess,
+    Process,
+    executable,
+    is_qemu_executable,
+    peer_pid,
+    tcp_peer_is,
+)
 from ._result import ShutdownResult
 
 logger = logging.getLogger("qmpshutdown")

@@ -174,3 +174,46 @@ async def test_cancellation_at_many_points_leaves_no_qemu(argv):
             tg.start_soon(one, index, at)
     assert survivors == []
     assert our_qemus("qsd-cancel-") == []
+
+
+LAUNCHER = """
+import sys, anyio, qmpshutdown
+async def main():
+    async with qmpshutdown.launch(sys.argv[1:]) as vm:
+        print(vm.pid, flush=True)
+        await anyio.sleep(60)
+anyio.run(main, backend="asyncio")
+"""
+
+
+def dead(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # exited; whoever inherited it may not have reaped it yet
+
+
+async def test_qemu_dies_with_the_process_that_launched_it(argv):
+    import sys
+
+    marker = "qsd-pdeathsig"
+    command = [sys.executable, "-c", LAUNCHER, *argv("ignores"), "-name", marker]
+    launcher = await anyio.open_process(command)
+    try:
+        with anyio.fail_after(30):
+            line = await launcher.stdout.receive()
+        qemu_pid = int(line.split()[0])
+        assert not dead(qemu_pid)
+        launcher.kill()  # SIGKILL: no teardown runs; only the kernel's PR_SET_PDEATHSIG
+        await launcher.wait()
+        with anyio.fail_after(10):
+            while not dead(qemu_pid):
+                await anyio.sleep(0.05)
+    finally:
+        if launcher.returncode is None:
+            launcher.kill()
+            await launcher.wait()
+        await launcher.aclose()
+        for orphan in our_qemus(marker, zombies=False):  # only if the test failed
+            os.kill(orphan, signal.SIGKILL)

@@ -1,0 +1,73 @@
+"""What QEMU has said so far: its events, read into the state the ladder waits on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+
+from ._result import EventRecord
+
+#: SHUTDOWN reasons of a guest that ended itself without being forced.
+GUEST_OFF_REASONS = frozenset({"guest-shutdown", "guest-reset"})
+
+
+class Watch:
+    """What the events and the process have said so far; wakes waiters on every change."""
+
+    def __init__(self, runstate: str | None = None) -> None:
+        self.events: list[EventRecord] = []
+        self.first_shutdown: Mapping[str, Any] | None = None
+        self.stopped_after_shutdown = False
+        self.suspended = runstate == "suspended"
+        self.slept = self.suspended
+        self.panicked = False
+        self.panic_stays = False
+        self.resets = 0
+        self.gone = anyio.Event()
+        self.gone_at: float | None = None
+        self._changed = anyio.Event()
+
+    def note(self, event: EventRecord) -> None:
+        self.events.append(event)
+        name, data = event.event, event.data
+        if name == "SHUTDOWN" and self.first_shutdown is None:
+            self.first_shutdown = data
+        elif name == "STOP" and self.first_shutdown is not None:
+            self.stopped_after_shutdown = True  # -no-shutdown: runstate is now 'shutdown'
+        elif name == "SUSPEND":
+            self.suspended = self.slept = True
+        elif name == "WAKEUP":
+            self.suspended = False
+        elif name == "RESET" and data.get("guest", True):
+            self.resets += 1
+        elif name == "GUEST_PANICKED":
+            # action "poweroff": QEMU shuts down by itself, SHUTDOWN guest-panic follows;
+            # "pause" or "run": it stays, and nobody is there to answer the button.
+            self.panicked = True
+            self.panic_stays = data.get("action") != "poweroff"
+        self.changed()
+
+    def changed(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    @property
+    def guest_shut_down(self) -> bool:
+        """True once the guest itself sent SHUTDOWN (powered off, reset under -no-reboot, panic)."""
+        return self.first_shutdown is not None and bool(self.first_shutdown.get("guest"))
+
+    @property
+    def reason(self) -> str | None:
+        if self.first_shutdown is None:
+            return None
+        reason = self.first_shutdown.get("reason")
+        return str(reason) if reason is not None else None
+
+    async def wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
+        """Wait for *predicate* to hold, until *deadline* (anyio clock); tell whether it held."""
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            while not predicate():
+                await self._changed.wait()
+        return predicate()
