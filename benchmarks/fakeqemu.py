@@ -1,0 +1,79 @@
+"""A stand-in QEMU for profiling the library's own CPU cost (no guest, no TCG noise).
+
+    fakeqemu.py SOCKET [DELAY_MS]
+
+Serves one QMP client on a unix socket the way QEMU does for a cooperative
+guest: greeting, ``qmp_capabilities``, ``query-status`` → running,
+``system_powerdown`` → POWERDOWN, then after DELAY_MS (default 5) SHUTDOWN
+``{"guest": true, "reason": "guest-shutdown"}`` and exit. profile_cpu.py runs
+it through a copy of the interpreter named ``qemu-system-fake`` so that
+qmpshutdown pins it like a real QEMU (it checks /proc/PID/exe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+
+
+def main(path: str, delay_ms: float) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind elsewhere and rename once listening: a client never meets a refusing socket.
+    server.bind(path + ".tmp")
+    server.listen(1)
+    os.rename(path + ".tmp", path)
+    server.settimeout(120)
+    conn, _ = server.accept()
+    conn.settimeout(30)
+
+    def send(obj: object) -> None:
+        conn.sendall(json.dumps(obj).encode() + b"\n")
+
+    def event(name: str, data: dict[str, object] | None = None) -> None:
+        now = time.time()
+        msg: dict[str, object] = {
+            "event": name,
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+        }
+        if data is not None:
+            msg["data"] = data
+        send(msg)
+
+    send({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
+                  "capabilities": ["oob"]}})  # fmt: skip
+    # Clients need not end a command with a newline (qemu.qmp does not): parse the stream.
+    decoder = json.JSONDecoder()
+    buffer = ""
+    while True:
+        buffer = buffer.lstrip()
+        try:
+            request, end = decoder.raw_decode(buffer)
+        except json.JSONDecodeError:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buffer += chunk.decode()
+            continue
+        buffer = buffer[end:]
+        command, ident = request.get("execute"), request.get("id")
+        reply: dict[str, object] = {"return": {}}
+        if command == "query-status":
+            reply = {"return": {"status": "running", "singlestep": False, "running": True}}
+        if ident is not None:
+            reply["id"] = ident
+        send(reply)
+        if command == "system_powerdown":
+            event("POWERDOWN")
+            time.sleep(delay_ms / 1000)
+            event("SHUTDOWN", {"guest": True, "reason": "guest-shutdown"})
+            os._exit(0)  # QEMU exits a few ms after SHUTDOWN, closing the socket
+        if command == "quit":
+            event("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+            os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 5.0)
