@@ -19,7 +19,8 @@ from ._errors import ShutdownFailed
 from ._monitor import CommandError, Monitor, MonitorClosedError
 from ._policy import ShutdownPolicy, Stage
 from ._process import Process
-from ._result import Cause, Outcome, ShutdownResult, Step
+from ._result import Cause, Outcome, ShutdownResult
+from ._steps import StepLog
 from ._watch import GUEST_OFF_REASONS, Watch
 
 logger = logging.getLogger("qmpshutdown")
@@ -32,7 +33,7 @@ MIGRATING_STATES = frozenset(
 )
 
 
-class _Ladder:
+class _Ladder(StepLog):
     def __init__(
         self,
         monitor: Monitor | None,
@@ -47,18 +48,15 @@ class _Ladder:
         self.monitor = monitor
         self.process = process
         self.policy = policy
-        self.started = started
-        self.name = name
+        super().__init__(started, name)
         self.no_monitor_why = no_monitor_why
         self.no_signal_why = no_signal_why
         self.watch = Watch()
-        self.steps: list[Step] = []
         self.presses = 0
         self.runstate: str | None = None
         self.cause: Cause | None = None
         self.already_off = False
         self.guest_off_stage: Stage | None = None  # rung during which the guest powered off
-        self.open: tuple[Stage, float, str] | None = None
         self.error: BaseException | None = None
 
     # ---- the ladder, top to bottom -------------------------------------------------
@@ -283,38 +281,9 @@ class _Ladder:
         status = reply.get("status") if isinstance(reply, Mapping) else None
         return str(status) if status is not None else None
 
-    def now(self) -> float:
-        return anyio.current_time() - self.started
-
-    def begin(self, stage: Stage) -> None:
-        self.open = (stage, self.now(), "")
-
-    def progress(self, detail: str) -> None:
-        """Say what the open rung has done so far (kept if QEMU goes mid-rung)."""
-        assert self.open is not None
-        self.open = (self.open[0], self.open[1], detail)
-        self.log(detail)
-
-    def end(self, outcome: Outcome, detail: str) -> None:
-        assert self.open is not None
-        stage, started, _ = self.open
-        self.open = None
-        self.steps.append(Step(stage, outcome, started, self.now(), detail))
-        self.log("%s %s: %s", stage.value, outcome.value, detail)
-
     def press_detail(self, what: str) -> str:
         times = "once" if self.presses == 1 else f"{self.presses} times"
         return f"pressed {times}; {what}" if self.presses else what
-
-    def log(self, msg: str, *args: object) -> None:
-        elapsed = self.now()
-        logger.info(
-            "%s: [%6.2fs] " + msg,
-            self.name,
-            elapsed,
-            *args,
-            extra={"qmpshutdown_target": self.name, "qmpshutdown_elapsed": elapsed},
-        )
 
     # ---- the race -------------------------------------------------
 
@@ -372,15 +341,13 @@ class _Ladder:
         watch = self.watch
         gone = watch.gone.is_set()
         if self.open is not None:  # the rung in progress when QEMU went
-            stage, started, so_far = self.open
-            self.open = None
+            stage, _, so_far = self.open
             outcome = Outcome.DONE if gone else Outcome.FAILED
             ended = watch.gone_at if watch.gone_at is not None else self.now()
             detail = self.gone_detail(stage)
             if so_far:
                 detail = f"{so_far}; {detail}"
-            self.steps.append(Step(stage, outcome, started, ended, detail))
-            self.log("%s %s: %s", stage.value, outcome.value, detail)
+            self.close_open(outcome, ended, detail)
         ended_by: Stage | None
         if self.already_off or (gone and not self.steps):
             ended_by = Stage.ALREADY_OFF
