@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import anyio
@@ -195,8 +196,6 @@ def dead(pid: int) -> bool:
 
 
 async def test_qemu_dies_with_the_process_that_launched_it(argv):
-    import sys
-
     marker = "qsd-pdeathsig"
     command = [sys.executable, "-c", LAUNCHER, *argv("ignores"), "-name", marker]
     launcher = await anyio.open_process(command)
@@ -217,3 +216,18 @@ async def test_qemu_dies_with_the_process_that_launched_it(argv):
         await launcher.aclose()
         for orphan in our_qemus(marker, zombies=False):  # only if the test failed
             os.kill(orphan, signal.SIGKILL)
+
+
+async def test_a_program_that_never_greets_is_a_launch_error_and_is_reaped():
+    # not QEMU at all: no monitor socket ever appears; the marker is in its argv
+    marker = "qsd-never-greets"
+    started = anyio.current_time()
+    with pytest.raises(qmpshutdown.LaunchError, match="not ready in 1 s"):
+        async with qmpshutdown.launch(
+            [sys.executable, "-c", "import time; time.sleep(60)", marker],
+            POLICY,
+            startup_timeout=1.0,
+        ):
+            pytest.fail("the block must not run")
+    assert anyio.current_time() - started < 1.0 + POLICY.terminate_timeout + 2.0
+    assert our_qemus(marker, zombies=False) == []
