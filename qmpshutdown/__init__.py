@@ -12,43 +12,56 @@ always ending with QEMU really gone and a record of what happened and why::
 
 import logging as _logging
 
-from ._errors import ConnectError, Error, LaunchError, PidMismatchError, ShutdownFailed
+from ._errors import (
+    CommandError,
+    ConnectError,
+    Error,
+    LaunchError,
+    MonitorClosedError,
+    PidMismatchError,
+    ShutdownFailed,
+)
 from ._ladder import climb
 from ._launch import VM, launch
 from ._many import shutdown_many
-from ._monitor import Monitor, QMPMonitor
+from ._monitor import Monitor
 from ._policy import ShutdownPolicy, Stage
-from ._process import PidfdProcess, Process
+from ._process import Process
+from ._progress import Progress, ProgressKind
 from ._result import Cause, EventRecord, Outcome, ShutdownResult, Step
 from ._shutdown import Target, shutdown, shutdown_sync
 
+# In order of importance: what stops a VM, what it returns, then the seams for
+# callers that reach QEMU their own way (climb() over any Monitor and Process).
 __all__ = (
     # functions
-    "climb",
-    "launch",
     "shutdown",
-    "shutdown_many",
     "shutdown_sync",
+    "shutdown_many",
+    "launch",
+    "climb",
     # classes
-    "Cause",
-    "EventRecord",
-    "Monitor",
-    "Outcome",
-    "PidfdProcess",
-    "Process",
-    "QMPMonitor",
     "ShutdownPolicy",
     "ShutdownResult",
     "Stage",
+    "Cause",
+    "Outcome",
     "Step",
+    "EventRecord",
+    "Progress",
+    "ProgressKind",
     "Target",
     "VM",
+    "Monitor",
+    "Process",
     # exceptions
-    "ConnectError",
     "Error",
-    "LaunchError",
+    "ConnectError",
     "PidMismatchError",
     "ShutdownFailed",
+    "LaunchError",
+    "CommandError",
+    "MonitorClosedError",
 )
 
 __version__ = "0.1.0"

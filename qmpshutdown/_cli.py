@@ -19,6 +19,7 @@ import attrs
 from ._errors import ConnectError, Error, PidMismatchError, ShutdownFailed
 from ._many import shutdown_many
 from ._policy import RUNGS, ShutdownPolicy
+from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
 from ._shutdown import Target, shutdown
 
@@ -230,15 +231,18 @@ class _LineFormatter(logging.Formatter):
 
 
 @contextlib.contextmanager
-def _logging_to_stderr(verbosity: int, progress: bool) -> Iterator[None]:
-    """Send the library's progress to stderr, silence qemu.qmp unless -v; undo on exit."""
+def _logging_to_stderr(verbosity: int) -> Iterator[None]:
+    """Send the library's warnings (everything with -v) to stderr, silence qemu.qmp unless -v.
+
+    Progress lines do not come from here but from ``on_progress``; with -v the
+    log's own step lines stand in for them. Undone on exit.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter(tracebacks=verbosity > 0))
-    ours = logging.INFO if progress and verbosity == 0 else logging.WARNING
     # qemu.qmp logs ERRORs of its own ("Failed to establish session") for what our
     # one error line says; asyncio's go through our handler so they stay one line.
     levels = {
-        "qmpshutdown": logging.DEBUG if verbosity > 0 else ours,
+        "qmpshutdown": logging.DEBUG if verbosity > 0 else logging.WARNING,
         "qemu.qmp": logging.DEBUG if verbosity > 0 else logging.CRITICAL + 1,
         "asyncio": logging.WARNING,
     }
@@ -256,12 +260,28 @@ def _logging_to_stderr(verbosity: int, progress: bool) -> Iterator[None]:
             log.propagate = propagate
 
 
+#: The updates printed as progress lines (a step's begin and QMP events are not).
+_SHOWN = frozenset({ProgressKind.NOTE, ProgressKind.END, ProgressKind.GONE})
+
+
+def print_progress(update: Progress) -> None:
+    """Print one progress line on stderr: ``TARGET  +1.00s  what happened``."""
+    if update.kind in _SHOWN:
+        print(f"{update.target}  +{update.elapsed:.2f}s  {update.message}", file=sys.stderr)
+
+
 async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
+    # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
+    quiet = invocation.json or invocation.verbosity != 0
+    on_progress = None if quiet else print_progress
     if invocation.pid is None:
         targets: list[Target] = list(invocation.addresses)
-        return await shutdown_many(targets, invocation.policy)
+        return await shutdown_many(targets, invocation.policy, on_progress=on_progress)
     try:
-        return [await shutdown(invocation.addresses[0], invocation.policy, pid=invocation.pid)]
+        address = invocation.addresses[0]
+        return [
+            await shutdown(address, invocation.policy, pid=invocation.pid, on_progress=on_progress)
+        ]
     except Error as err:
         return [err]
 
@@ -314,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # --help, or a usage error already printed
         return exit.code if isinstance(exit.code, int) else _EXIT_UNREACHED
     verbose = invocation.verbosity > 0
-    with _logging_to_stderr(invocation.verbosity, progress=not invocation.json):
+    with _logging_to_stderr(invocation.verbosity):
         try:
             outcomes = anyio.run(_stop_all, invocation, backend="asyncio")
         except KeyboardInterrupt:

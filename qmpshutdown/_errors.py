@@ -7,7 +7,12 @@ Every error the library raises on purpose derives from :class:`Error`::
      ├── PidMismatchError      the pid given is not the monitor's QEMU; nothing was sent
      ├── ShutdownFailed        the allowed rungs are used up and QEMU still runs
      │                         (or its state is unknown); carries ``.result``
-     └── LaunchError           QEMU started by ``launch()`` exited before it was ready
+     ├── LaunchError           QEMU started by ``launch()`` exited before it was ready
+     ├── CommandError          QEMU answered a command with an error  ┐ the Monitor seam's
+     └── MonitorClosedError    the connection ended before the reply  ┘ contract (climb())
+
+The last two are what a :class:`~qmpshutdown.Monitor` raises to the ladder,
+which handles them; they reach a caller only through its own Monitor.
 
 Errors of qemu.qmp and of the operating system are mapped to these in one place
 (:mod:`qmpshutdown._monitor` and :mod:`qmpshutdown._process`) and chained with
@@ -66,3 +71,20 @@ class LaunchError(Error):
         super().__init__(message)
         self.returncode = returncode
         self.stderr = stderr
+
+
+class CommandError(Error):
+    """QEMU answered a command with an error (part of the :class:`~qmpshutdown.Monitor` seam).
+
+    :ivar error_class: QMP's error class, e.g. ``"CommandNotFound"``.
+    :ivar desc: QEMU's description of the error.
+    """
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"{command}: {error_class}: {desc}")
+        self.error_class = error_class
+        self.desc = desc
+
+
+class MonitorClosedError(Error):
+    """The connection ended before the reply (part of the :class:`~qmpshutdown.Monitor` seam)."""

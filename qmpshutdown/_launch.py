@@ -10,13 +10,11 @@ pytest-asyncio does with fixtures).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -24,21 +22,26 @@ from pathlib import Path
 from types import TracebackType
 
 import anyio
-import attrs
 from qemu.qmp import QMPClient
 
-from ._errors import Error, LaunchError, ShutdownFailed
-from ._monitor import HandshakeFailed, HandshakeTimeout, connect_client
+from ._connect import open_client
+from ._errors import ConnectError, Error, LaunchError, ShutdownFailed
+from ._monitor import close_client
 from ._policy import ShutdownPolicy, Stage
 from ._process import PidfdProcess
-from ._result import Outcome, ShutdownResult, Step
+from ._progress import ProgressCallback
+from ._result import ShutdownResult
+from ._rungs import LAST_RESORT_KILL, plan
 from ._shutdown import stop_at
+from ._watch import race
 
 logger = logging.getLogger("qmpshutdown")
 
 _DEFAULT_POLICY = ShutdownPolicy()
 _PR_SET_PDEATHSIG = 1
 _STDERR_LIMIT = 64 * 1024
+#: The sockets in the private dir: one for the caller's client, one kept free for the ladder.
+CALLER_SOCKET, LADDER_SOCKET = "qmp.sock", "ladder.sock"
 
 
 # Resolved once here: the child between fork and exec must not run ldconfig
@@ -66,12 +69,25 @@ def _spawn(argv: list[str], stderr_path: Path, name: str) -> subprocess.Popen[by
             raise LaunchError(f"{name}: cannot start {argv[0]}: {err}") from err
 
 
+def command_line(argv: Sequence[str], rundir: Path) -> list[str]:
+    """QEMU's command line: the caller's, plus two QMP monitors on unix sockets in *rundir*."""
+    line = [*argv]
+    for monitor_id, path in (("qmpshutdown-caller", rundir / CALLER_SOCKET),
+                             ("qmpshutdown-ladder", rundir / LADDER_SOCKET)):  # fmt: skip
+        line += [
+            "-chardev", f"socket,id={monitor_id},path={path},server=on,wait=off",
+            "-mon", f"chardev={monitor_id},mode=control",
+        ]  # fmt: skip
+    return line
+
+
 class VM:
     """A QEMU started by :func:`launch`; stopped and reaped when its block ends.
 
     :ivar pid: QEMU's pid.
     :ivar qmp_socket: the unix socket of the caller's QMP monitor.
-    :ivar monitor: a connected :class:`qemu.qmp.QMPClient` for the caller's own commands.
+    :ivar monitor: a connected :class:`qemu.qmp.QMPClient` for the caller's own
+        commands (its ``events`` listener keeps only the latest 1,000 events).
     :ivar name: the name used in log lines.
     :ivar result: the :class:`ShutdownResult` of the stop, once QEMU was stopped.
     """
@@ -82,6 +98,7 @@ class VM:
         policy: ShutdownPolicy,
         name: str | None,
         startup_timeout: float,
+        on_progress: ProgressCallback | None = None,
     ) -> None:
         if isinstance(argv, (str, bytes)) or not argv:
             raise TypeError("argv is QEMU's command line as a sequence, binary first")
@@ -91,6 +108,7 @@ class VM:
         self.policy = policy
         self.name = name or os.path.basename(self.argv[0])
         self.startup_timeout = startup_timeout
+        self.on_progress = on_progress
         self.result: ShutdownResult | None = None
         self._dir: Path | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -107,17 +125,12 @@ class VM:
     @property
     def qmp_socket(self) -> Path:
         assert self._dir is not None, "the VM is not running"
-        return self._dir / "qmp.sock"
+        return self._dir / CALLER_SOCKET
 
     @property
     def monitor(self) -> QMPClient:
         assert self._monitor is not None, "the VM is not running"
         return self._monitor
-
-    @property
-    def _ladder_socket(self) -> Path:
-        assert self._dir is not None
-        return self._dir / "ladder.sock"
 
     def __repr__(self) -> str:
         pid = self._popen.pid if self._popen is not None else None
@@ -130,19 +143,27 @@ class VM:
             runs (the block's end will still take it down).
         :return: the record, also kept as :attr:`result`.
         """
-        policy = policy or self.policy
-        assert self._process is not None, "the VM is not running"
+        return await self._stop(policy or self.policy, last_resort=False)
+
+    async def _stop(self, policy: ShutdownPolicy, *, last_resort: bool) -> ShutdownResult:
+        """Climb the ladder on the ladder's own monitor; with *last_resort*, SIGKILL last."""
+        assert self._process is not None and self._dir is not None, "the VM is not running"
         if self._process.has_exited():
             if self.result is None:
-                raise Error(f"{self.name}: QEMU exited on its own (status {self._reap()})")
+                raise Error(f"{self.name}: QEMU exited on its own (status {await self._reap()})")
             return self.result
+        rungs = plan(policy)
+        if last_resort and Stage.KILL not in policy.stages:
+            rungs.append(LAST_RESORT_KILL)  # a recorded step like any other
         try:
             self.result = await stop_at(
-                os.fspath(self._ladder_socket),
+                os.fspath(self._dir / LADDER_SOCKET),
                 policy,
                 started=anyio.current_time(),
                 pinned=self._process,
                 name=self.name,
+                on_progress=self.on_progress,
+                rungs=rungs,
             )
         except ShutdownFailed as err:
             self.result = err.result
@@ -169,36 +190,20 @@ class VM:
 
     async def _start(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpshutdown-"))
-        argv = [*self.argv]
-        for monitor_id, path in (("qmpshutdown-caller", self.qmp_socket),
-                                 ("qmpshutdown-ladder", self._ladder_socket)):  # fmt: skip
-            argv += [
-                "-chardev", f"socket,id={monitor_id},path={path},server=on,wait=off",
-                "-mon", f"chardev={monitor_id},mode=control",
-            ]  # fmt: skip
-        self._popen = _spawn(argv, self._dir / "stderr", self.name)
+        self._popen = _spawn(command_line(self.argv, self._dir), self._dir / "stderr", self.name)
         self._process = PidfdProcess(self._popen.pid, os.pidfd_open(self._popen.pid))
         logger.info("%s: started QEMU, pid %d", self.name, self._popen.pid)
-        # QEMU exiting early races the greeting; the group never raises (no ExceptionGroup).
-        exited = False
-
-        async def watch_exit(scope: anyio.CancelScope) -> None:
-            nonlocal exited
-            assert self._process is not None
-            await self._process.wait_exited()
-            exited = True
-            scope.cancel()
-
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(watch_exit, tg.cancel_scope)
-            try:
-                self._monitor = await self._connect_caller_monitor()
-            except Exception as err:  # raised below, outside the group
-                error = err
-            tg.cancel_scope.cancel()
-        if exited:
-            status = self._reap()
+        caller = os.fspath(self.qmp_socket)
+        try:
+            # QEMU exiting early races the greeting.
+            self._monitor = await race(
+                self._process.wait_exited,
+                lambda: open_client(caller, self.startup_timeout, self.name),
+            )
+        except ConnectError as err:
+            raise LaunchError(f"{self.name}: {err}", None, self._stderr()) from err
+        if self._monitor is None:
+            status = await self._reap()
             stderr = self._stderr()
             last = (stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
             raise LaunchError(
@@ -206,29 +211,6 @@ class VM:
                 status,
                 stderr,
             )
-        if error is not None:
-            raise error
-
-    async def _connect_caller_monitor(self) -> QMPClient:
-        path = os.fspath(self.qmp_socket)
-        delay = 0.005
-        while True:  # QEMU creates the socket early in its start-up; there is no event for it
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
-                sock.close()
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 0.05)
-            except BaseException:
-                sock.close()
-                raise
-        try:
-            return await connect_client(sock, self.policy.connect_timeout, self.name)
-        except (HandshakeTimeout, HandshakeFailed) as err:
-            raise LaunchError(f"{self.name}: {err}", None, self._stderr()) from err
 
     # ---- stop ------------------------------------------------------------------
 
@@ -242,64 +224,43 @@ class VM:
             await self._teardown()
 
     async def _teardown(self) -> None:
-        """Stop QEMU with the ladder, kill it if that failed, reap it, remove the files.
+        """Stop QEMU with the ladder (SIGKILL as its last step), reap it, remove the files.
 
         Runs shielded; every wait is bounded. Never raises an error of its own:
         it must not hide the one that ended the caller's block.
         """
-        process, popen = self._process, self._popen
+        process = self._process
         try:
             if process is not None and not process.has_exited():
-                with anyio.move_on_after(self.policy.bound + 5.0):
+                with anyio.move_on_after(self.policy.bound + self.policy.kill_timeout + 5.0):
                     try:
-                        await self.shutdown()
+                        await self._stop(self.policy, last_resort=True)
                     except Error as err:
                         logger.warning("%s: the ladder did not stop QEMU: %s", self.name, err)
-                if not process.has_exited():
-                    await self._kill(process)
-            await self._close_caller_monitor()
+                if not process.has_exited():  # the ladder itself could not run: no record
+                    logger.error("%s: SIGKILL outside the ladder", self.name)
+                    process.send_signal(signal.SIGKILL)
+            client, self._monitor = self._monitor, None
+            if client is not None:
+                await close_client(client)
         finally:
+            if self._popen is not None:
+                await self._reap()
             if process is not None:
                 process.close()
-            if popen is not None:
-                self._reap()
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
 
-    async def _kill(self, process: PidfdProcess) -> None:
-        started = anyio.current_time()
-        process.send_signal(signal.SIGKILL)
-        with anyio.move_on_after(self.policy.kill_timeout):
-            await process.wait_exited()
-        elapsed = anyio.current_time() - started
-        logger.warning("%s: SIGKILL after the ladder failed", self.name)
-        if self.result is not None:  # say in the record what really ended it
-            base = self.result.elapsed
-            step = Step(Stage.KILL, Outcome.DONE if process.has_exited() else Outcome.TIMEOUT,
-                        base, base + elapsed, "launch() teardown: sent SIGKILL")  # fmt: skip
-            self.result = attrs.evolve(
-                self.result,
-                stage=Stage.KILL if process.has_exited() else None,
-                elapsed=base + elapsed,
-                steps=(*self.result.steps, step),
-            )
-
-    async def _close_caller_monitor(self) -> None:
-        client, self._monitor = self._monitor, None
-        if client is None:
-            return
-        with anyio.move_on_after(2.0):
-            with contextlib.suppress(Exception):  # EOFError etc.: QEMU is gone
-                await client.disconnect()
-
-    def _reap(self) -> int | None:
+    async def _reap(self) -> int | None:
+        """Collect QEMU's exit status once its pidfd says it exited (bounded, never blocks)."""
         assert self._popen is not None
-        try:
-            # The pidfd said it exited, or it was SIGKILLed: this does not block for long.
-            return self._popen.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
+        if self._process is not None:
+            with anyio.move_on_after(self.policy.kill_timeout):
+                await self._process.wait_exited()
+        status = self._popen.poll()
+        if status is None:
             logger.error("%s: QEMU pid %d could not be reaped", self.name, self._popen.pid)
-            return None
+        return status
 
     def _stderr(self) -> str:
         if self._dir is None:
@@ -317,6 +278,7 @@ def launch(
     name: str | None = None,
     *,
     startup_timeout: float = 30.0,
+    on_progress: ProgressCallback | None = None,
 ) -> VM:
     """Boot QEMU for the length of an ``async with`` block; always stop and reap it.
 
@@ -331,12 +293,14 @@ def launch(
     :param policy: the ladder's policy for the teardown.
     :param name: how log lines name this VM (default: the binary's name).
     :param startup_timeout: seconds QEMU gets to greet on its monitor.
+    :param on_progress: called with a :class:`Progress` as each step of the
+        teardown (or of ``vm.shutdown()``) happens.
     :raises LaunchError: (on entering) QEMU exited early or did not greet in
         time; carries its exit status and stderr.
     :return: the :class:`VM`, an async context manager. On leaving the block —
         normally, by exception or by cancellation — the ladder runs shielded
-        and bounded, QEMU is SIGKILLed if the ladder did not end it, and it is
-        reaped; no QEMU is ever left behind (the kernel kills it too if this
-        process dies first).
+        and bounded, QEMU is SIGKILLed if the ladder did not end it (a ``kill``
+        step in the record), and it is reaped; no QEMU is ever left behind (the
+        kernel kills it too if this process dies first).
     """
-    return VM(argv, policy, name, startup_timeout)
+    return VM(argv, policy, name, startup_timeout, on_progress)

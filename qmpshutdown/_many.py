@@ -10,6 +10,7 @@ import anyio
 
 from ._errors import Error
 from ._policy import ShutdownPolicy
+from ._progress import ProgressCallback
 from ._result import ShutdownResult
 from ._shutdown import Target, check_target, shutdown
 
@@ -22,12 +23,16 @@ async def shutdown_many(
     targets: Sequence[Target],
     policy: ShutdownPolicy = _DEFAULT_POLICY,
     limit: int | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
 ) -> list[ShutdownResult | Error]:
     """Stop every target concurrently, at most *limit* at a time when given.
 
     :param targets: what :func:`shutdown` accepts, one per VM.
     :param policy: the policy for every VM.
     :param limit: the most ladders running at once; None runs all at once.
+    :param on_progress: called with every VM's :class:`Progress` updates
+        (``target`` tells them apart).
     :raises TypeError: a target is not a path, ``(host, port)`` or QMPClient
         (ValueError for a port out of range)
         (checked before anything starts).
@@ -47,7 +52,7 @@ async def shutdown_many(
     async def stop_one(index: int, target: Target) -> None:
         async with limiter if limiter is not None else contextlib.nullcontext():
             try:
-                results[index] = await shutdown(target, policy)
+                results[index] = await shutdown(target, policy, on_progress=on_progress)
             except Error as err:
                 results[index] = err
             except Exception as err:  # a bug must not stop the other VMs, nor leak a group

@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from collections.abc import Mapping
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
@@ -23,29 +22,15 @@ from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
 from qemu.qmp.qmp_client import NegotiationError
 
-from ._errors import ConnectError
+from ._errors import CommandError, ConnectError, MonitorClosedError
 from ._result import EventRecord
 
 logger = logging.getLogger(__name__)
 
-#: A unix socket path, or a ``(host, port)`` TCP address.
-Address = Union[str, "os.PathLike[str]", tuple[str, int]]
-
 # How long a monitor that will not close politely gets before its socket is cut.
 _CLOSE_GRACE = 1.0
-
-
-class CommandError(Exception):
-    """QEMU answered a command with an error."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__(f"{command}: {error_class}: {desc}")
-        self.error_class = error_class
-        self.desc = desc
-
-
-class MonitorClosedError(Exception):
-    """The connection ended before the reply came."""
+#: How many events a caller's client (``launch()``'s ``vm.monitor``) keeps, pending and past.
+EVENTS_KEPT = 1000
 
 
 class HandshakeTimeout(Exception):
@@ -60,7 +45,10 @@ class HandshakeFailed(Exception):
 class Monitor(Protocol):
     """What the ladder needs of a QMP monitor.
 
-    ``execute`` has no bound of its own: the ladder bounds every call.
+    ``execute`` has no bound of its own: the ladder bounds every call. An
+    implementation raises only :class:`CommandError` (QEMU said no) and
+    :class:`MonitorClosedError` (the connection ended) from ``execute``; the
+    other methods never raise.
     """
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
@@ -104,6 +92,13 @@ class _Client(QMPClient):
     (benchmarks/profile_cpu.py). These two hooks are meant for subclasses.
     """
 
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        # Replace the default listener (unbounded queue and history) before anyone uses it.
+        self._listeners.remove(self.events)
+        self.events = _RecentEvents()
+        self.register_listener(self.events)
+
     def _cb_outbound(self, msg: Message) -> Message:
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("--> %s", str(msg))
@@ -121,6 +116,27 @@ class _EventQueue(EventListener):
     async def put(self, event: Any) -> None:
         if self.accept(event):
             await self._queue.put(event)
+
+
+class _RecentEvents(EventListener):
+    """qemu.qmp's default listener, keeping only the latest events (it keeps all, forever).
+
+    A caller's client over a VM that lives for weeks must not grow without
+    bound: the oldest pending event is dropped when *limit* are waiting.
+    """
+
+    def __init__(self, limit: int = EVENTS_KEPT) -> None:
+        super().__init__()
+        self.limit = limit
+
+    async def put(self, event: Any) -> None:
+        if not self.accept(event):
+            return
+        if self._queue.qsize() >= self.limit:
+            self._queue.get_nowait()
+        self._queue.put_nowait(event)
+        self._history.append(event)
+        del self._history[: -self.limit]
 
 
 def event_record(msg: Mapping[str, Any]) -> EventRecord:
@@ -219,76 +235,10 @@ async def _disconnect(client: QMPClient, sock: socket.socket | None) -> None:
         logger.debug("monitor connection ended with %r", task.exception())
 
 
-async def connect_socket(address: Address, limit: float) -> socket.socket:
-    """Open a stream socket to *address*, bounded by *limit* seconds.
-
-    :raises ConnectError: no such socket, refused, permission denied, an
-        unresolvable host, or no answer in time.
-    """
-    loop = asyncio.get_running_loop()
-    where = format_address(address)
-    try:
-        with anyio.fail_after(limit):
-            if isinstance(address, tuple):
-                host, port = address
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                last: OSError | None = None
-                for family, kind, proto, _name, sockaddr in infos:
-                    sock = socket.socket(family, kind, proto)
-                    sock.setblocking(False)
-                    try:
-                        await loop.sock_connect(sock, sockaddr)
-                        return sock
-                    except OSError as err:
-                        sock.close()
-                        last = err
-                    except BaseException:
-                        sock.close()
-                        raise
-                raise last or OSError(f"no address for {host}")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await _connect_unix(sock, os.fspath(address))
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-    except TimeoutError as err:
-        raise ConnectError(f"{where}: no connection within {limit:g} s") from err
-    except socket.gaierror as err:
-        raise ConnectError(f"{where}: cannot resolve host: {err.strerror}") from err
-    except OSError as err:
-        # asyncio's own wording ("Connect call failed (...)") hides the reason
-        why = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
-        raise ConnectError(f"{where}: {why}") from err
-
-
-async def _connect_unix(sock: socket.socket, path: str) -> None:
-    """Connect a non-blocking unix socket, waiting while the listener's backlog is full.
-
-    A unix connect() that would block fails with EAGAIN and does *not* go on
-    in the background (unlike TCP), so asyncio's sock_connect would report a
-    socket that never connected. QEMU listens with a backlog of 1 and accepts
-    the next client only after it has dropped the previous one.
-    """
-    delay = 0.002
-    while True:
-        try:
-            sock.connect(path)
-            return
-        except BlockingIOError:
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-
-async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:
-    """Greet and negotiate capabilities over a connected socket; wrap the client.
-
-    :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
-    :raises HandshakeFailed: the peer is not a QMP server or hung up.
-    """
-    return QMPMonitor(await connect_client(sock, limit), sock, owned=True)
+async def close_client(client: QMPClient) -> None:
+    """Disconnect a caller's client, bounded and shielded; QEMU gone under it is fine."""
+    with anyio.CancelScope(shield=True):
+        await _disconnect(client, client_socket(client))
 
 
 async def connect_client(sock: socket.socket, limit: float, name: str | None = None) -> QMPClient:
@@ -313,7 +263,7 @@ async def connect_client(sock: socket.socket, limit: float, name: str | None = N
     try:
         task.result()
     except Exception as err:  # QMPError, OSError, EOFError, ValueError (an over-long line), ...
-        raise HandshakeFailed(f"not a QMP monitor: {_describe(err)}") from err
+        raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
     return client
 
 
@@ -333,7 +283,7 @@ async def _abandon(task: asyncio.Future[None], client: QMPClient, sock: socket.s
         sock.close()
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
     while True:
         if isinstance(err, NegotiationError):
             return "capabilities negotiation (qmp_capabilities) failed"
@@ -359,11 +309,3 @@ def client_socket(client: QMPClient) -> Any:
     """Return the socket under a connected client, or None (qemu.qmp has no API for it)."""
     writer = getattr(client, "_writer", None)
     return None if writer is None else writer.get_extra_info("socket")
-
-
-def format_address(address: Address) -> str:
-    """Return *address* as a user would write it: a path, or ``HOST:PORT``."""
-    if isinstance(address, tuple):
-        host, port = address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return os.fspath(address)

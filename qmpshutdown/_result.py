@@ -81,6 +81,9 @@ class Step:
     :ivar started: seconds from the call to the rung's start.
     :ivar ended: seconds from the call to the rung's end.
     :ivar detail: a short human-readable account.
+    :ivar cause: what this step saw of why the guest would not go (a paused or
+        sleeping guest, a monitor that did not answer, …), else None; the
+        result's ``cause`` is the first one a step names.
     """
 
     stage: Stage = attrs.field(converter=Stage)
@@ -88,11 +91,12 @@ class Step:
     started: float
     ended: float
     detail: str = ""
+    cause: Cause | None = attrs.field(default=None, converter=_optional_cause)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict.
 
-        Keys: ``stage``, ``outcome``, ``started_s``, ``ended_s``, ``detail``.
+        Keys: ``stage``, ``outcome``, ``started_s``, ``ended_s``, ``detail``, ``cause``.
         """
         return {
             "stage": self.stage.value,
@@ -100,6 +104,7 @@ class Step:
             "started_s": round(self.started, 6),
             "ended_s": round(self.ended, 6),
             "detail": self.detail,
+            "cause": None if self.cause is None else self.cause.value,
         }
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+from collections.abc import Sequence
 from typing import Union
 
 import anyio
 from qemu.qmp import QMPClient
 
+from ._connect import connect_socket, format_address, handshake
 from ._errors import ConnectError, PidMismatchError
 from ._ladder import climb
 from ._monitor import (
@@ -18,12 +21,9 @@ from ._monitor import (
     Monitor,
     QMPMonitor,
     client_socket,
-    connect_socket,
-    format_address,
-    handshake,
     wrap_client,
 )
-from ._policy import ShutdownPolicy
+from ._policy import ShutdownPolicy, Stage
 from ._process import (
     PidfdProcess,
     Process,
@@ -32,7 +32,9 @@ from ._process import (
     peer_pid,
     tcp_peer_is,
 )
+from ._progress import ProgressCallback
 from ._result import ShutdownResult
+from ._rungs import Rung, plan
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -46,6 +48,8 @@ async def shutdown(
     target: Target,
     policy: ShutdownPolicy = _DEFAULT_POLICY,
     pid: int | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
 ) -> ShutdownResult:
     """Stop one VM with the least force that works, and say how it went.
 
@@ -60,8 +64,13 @@ async def shutdown(
     :param pid: QEMU's pid when the caller knows it (e.g. for a TCP monitor).
         For a unix socket the pid is read from the socket; a *pid* that
         differs is refused before anything is sent.
+    :param on_progress: called with a :class:`Progress` as each thing happens
+        (a step begins or ends, a QMP event arrives, QEMU is gone), in order,
+        before this returns. It must be quick; if it raises, the error is
+        logged once and the ladder goes on.
     :raises ConnectError: no QMP monitor could be reached and there was no
-        safe way to escalate.
+        safe way to escalate (a peer that answers with anything but QMP, such
+        as QEMU's human monitor, is never signalled).
     :raises PidMismatchError: *pid* is not the QEMU behind the monitor.
     :raises ShutdownFailed: the allowed rungs are used up and QEMU still runs;
         its ``.result`` holds the record.
@@ -76,8 +85,10 @@ async def shutdown(
         raise ValueError(f"pid must be a positive int (a Linux pid), not {pid!r}")
     started = anyio.current_time()
     if isinstance(target, QMPClient):
-        return await _shutdown_client(target, policy, pid, started)
-    return await stop_at(_address(target), policy, pid=pid, started=started)
+        return await _shutdown_client(target, policy, pid, started, on_progress)
+    return await stop_at(
+        _address(target), policy, pid=pid, started=started, on_progress=on_progress
+    )
 
 
 async def stop_at(
@@ -88,24 +99,39 @@ async def stop_at(
     started: float,
     pinned: Process | None = None,
     name: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    rungs: Sequence[Rung] | None = None,
 ) -> ShutdownResult:
     """Connect to *address* and climb the ladder (the body of :func:`shutdown`).
 
     :param pinned: QEMU's process when the caller has pinned it already (its
         own child, from :func:`launch`); it is checked against the socket's
         peer, used even if the monitor cannot be reached, and left open.
+    :param rungs: the rungs to climb instead of the policy's plan.
     """
     name = name or format_address(address)
+    rungs = plan(policy) if rungs is None else list(rungs)
+    may_signal = any(rung.stage in (Stage.TERMINATE, Stage.KILL) for rung in rungs)
+
+    async def climb_with(
+        monitor: Monitor | None,
+        process: Process | None,
+        no_monitor_why: str = "",
+        no_signal_why: str = "",
+    ) -> ShutdownResult:
+        return await climb(
+            monitor, process, policy, started=started, name=name, on_progress=on_progress,
+            rungs=rungs, no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
+        )  # fmt: skip
+
     deadline = started + policy.connect_timeout
     try:
         sock = await connect_socket(address, policy.connect_timeout)
     except ConnectError as err:
-        if pinned is None or not policy.may_signal:
+        if pinned is None or not may_signal:
             raise
         logger.debug("%s: %s", name, err)
-        return await climb(
-            None, pinned, policy, started=started, name=name, no_monitor_why=str(err)
-        )
+        return await climb_with(None, pinned, no_monitor_why=str(err))
     process: Process | None = None
     monitor: Monitor | None = None
     try:
@@ -120,39 +146,40 @@ async def stop_at(
                 # its greeting says it has.
                 with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
                     await anyio.wait_readable(sock)
-            process, no_signal_why = _pin_process(sock, pid, policy, name)
+            process, no_signal_why = _pin_process(sock, pid, may_signal, name)
+        signallable = pinned or process
+        logger.debug("%s: connected; waiting for its greeting", name)
         try:
             monitor = await handshake(sock, max(0.0, deadline - anyio.current_time()))
-            no_monitor_why = ""
-        except (HandshakeTimeout, HandshakeFailed) as err:
+        except HandshakeTimeout as err:
+            # Said nothing at all: QEMU stopped or hung, or its monitor is held by another client.
             sock.close()
-            if isinstance(err, HandshakeTimeout):
-                no_monitor_why = f"no QMP greeting within {policy.connect_timeout:g} s"
-                if process is not None and process.is_stopped():
-                    no_monitor_why += " (QEMU is stopped)"
-            else:
-                no_monitor_why = str(err)
+            no_monitor_why = f"no QMP greeting within {policy.connect_timeout:g} s"
+            if signallable is not None and signallable.is_stopped():
+                no_monitor_why += " (QEMU is stopped)"
             logger.debug("%s: %s", name, no_monitor_why)
-            signallable = pinned or process
-            if isinstance(err, HandshakeFailed) and signallable is not None:
+            if signallable is None or not may_signal:
+                why = no_signal_why or "no pid to signal"
+                if signallable is not None:
+                    why = "signals are not allowed"
+                raise ConnectError(f"{name}: {no_monitor_why}; {why}") from err
+            return await climb_with(None, signallable, no_monitor_why=no_monitor_why,
+                                    no_signal_why=no_signal_why)  # fmt: skip
+        except HandshakeFailed as err:
+            # It said something that is not QMP (QEMU's human monitor, another server):
+            # whatever its pid, a guest nobody could ask is never forced.
+            sock.close()
+            if signallable is not None:
                 # QEMU hanging up mid-handshake is most often QEMU exiting: let it finish.
                 with anyio.move_on_after(min(1.0, policy.command_timeout)):
                     await signallable.wait_exited()
-            if signallable is None or not (policy.may_signal or signallable.has_exited()):
-                if signallable is None:
-                    why = no_signal_why or "no pid to signal"
-                else:
-                    why = "signals are not allowed"
-                raise ConnectError(f"{name}: {no_monitor_why}; {why}") from err
-        return await climb(
-            monitor,
-            pinned or process,
-            policy,
-            started=started,
-            name=name,
-            no_monitor_why=no_monitor_why,
-            no_signal_why=no_signal_why,
-        )
+            if signallable is None or not signallable.has_exited():
+                why = no_signal_why or "no pid to signal"
+                if signallable is not None:
+                    why = "not signalled: nothing was asked of its guest"
+                raise ConnectError(f"{name}: {err}; {why}") from err
+            return await climb_with(None, signallable, no_monitor_why=str(err))
+        return await climb_with(monitor, signallable, no_signal_why=no_signal_why)
     finally:
         with anyio.CancelScope(shield=True):
             if monitor is not None:
@@ -167,6 +194,8 @@ def shutdown_sync(
     target: str | os.PathLike[str] | tuple[str, int],
     policy: ShutdownPolicy = _DEFAULT_POLICY,
     pid: int | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
 ) -> ShutdownResult:
     """Like :func:`shutdown`, for synchronous callers (runs its own event loop).
 
@@ -174,12 +203,16 @@ def shutdown_sync(
         QMPClient belongs to an event loop of its own: use :func:`shutdown`).
     :param policy: see :func:`shutdown`.
     :param pid: see :func:`shutdown`.
+    :param on_progress: see :func:`shutdown` (called in this thread).
     :raises ConnectError, PidMismatchError, ShutdownFailed: see :func:`shutdown`.
     :return: see :func:`shutdown`.
     """
     if isinstance(target, QMPClient):
         raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
-    return anyio.run(shutdown, target, policy, pid, backend="asyncio")
+    return anyio.run(
+        functools.partial(shutdown, target, policy, pid, on_progress=on_progress),
+        backend="asyncio",
+    )
 
 
 def check_target(target: object) -> None:
@@ -212,7 +245,7 @@ def _address(target: object) -> str | tuple[str, int]:
 
 
 def _pin_process(
-    sock: object, pid: int | None, policy: ShutdownPolicy, name: str
+    sock: object, pid: int | None, may_signal: bool, name: str
 ) -> tuple[Process | None, str]:
     """Find and pin QEMU's process behind *sock*; say why not when it cannot be.
 
@@ -231,7 +264,7 @@ def _pin_process(
         return PidfdProcess.open_qemu(pid), ""
     if peer is None:
         return None, "QEMU's pid is unknown (pass pid= for a TCP monitor)"
-    if not policy.may_signal:
+    if not may_signal:
         return _pin_quietly(peer), "signals are not allowed"
     return _pin_quietly(peer), _not_qemu_why(peer)
 
@@ -254,12 +287,17 @@ def _not_qemu_why(pid: int) -> str:
 
 
 async def _shutdown_client(
-    client: QMPClient, policy: ShutdownPolicy, pid: int | None, started: float
+    client: QMPClient,
+    policy: ShutdownPolicy,
+    pid: int | None,
+    started: float,
+    on_progress: ProgressCallback | None,
 ) -> ShutdownResult:
     monitor: QMPMonitor = wrap_client(client)
     process: Process | None = None
     try:
-        process, no_signal_why = _pin_process(client_socket(client), pid, policy, "qmp-client")
+        sock = client_socket(client)
+        process, no_signal_why = _pin_process(sock, pid, policy.may_signal, "qmp-client")
         return await climb(
             monitor,
             process,
@@ -267,6 +305,7 @@ async def _shutdown_client(
             started=started,
             name=client.name or "qmp-client",
             no_signal_why=no_signal_why,
+            on_progress=on_progress,
         )
     finally:
         with anyio.CancelScope(shield=True):

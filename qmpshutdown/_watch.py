@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import anyio
 
 from ._result import EventRecord
-
-#: SHUTDOWN reasons of a guest that ended itself without being forced.
-GUEST_OFF_REASONS = frozenset({"guest-shutdown", "guest-reset"})
 
 
 class Watch:
@@ -71,3 +68,36 @@ class Watch:
             while not predicate():
                 await self._changed.wait()
         return predicate()
+
+
+T = TypeVar("T")
+
+
+async def race(gone: Callable[[], Awaitable[None]], work: Callable[[], Awaitable[T]]) -> T | None:
+    """Run *work* until it returns, or until *gone* returns first; whichever ends cancels the other.
+
+    The one exit race of the library: the ladder races its rungs against "QEMU
+    is gone", ``launch()`` races connecting against QEMU exiting early.
+    Exceptions of either side are raised as they are (never an ExceptionGroup).
+
+    :return: what *work* returned, or None when *gone* came first.
+    """
+    outcome: list[T] = []
+    errors: list[Exception] = []
+
+    async def run(side: Callable[[], Awaitable[Any]], keep: bool, scope: anyio.CancelScope) -> None:
+        try:
+            value = await side()
+        except Exception as err:  # raised below, outside the task group
+            errors.append(err)
+        else:
+            if keep:
+                outcome.append(value)
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, work, True, tg.cancel_scope)
+        tg.start_soon(run, gone, False, tg.cancel_scope)
+    if errors:
+        raise errors[0]
+    return outcome[0] if outcome else None

@@ -13,8 +13,7 @@ from typing import Any
 
 import anyio
 
-from qmpshutdown import EventRecord
-from qmpshutdown._monitor import CommandError, MonitorClosedError
+from qmpshutdown import CommandError, EventRecord, MonitorClosedError
 
 Handler = Callable[["FakeQemu", Mapping[str, object] | None], Awaitable[object]]
 

@@ -33,20 +33,13 @@ import pytest
 from robustness import Case
 
 import qmpshutdown
-from qmpshutdown import ConnectError, PidMismatchError, ShutdownFailed, ShutdownPolicy
+from policies import PEERS
+from qmpshutdown import ConnectError, PidMismatchError, ShutdownFailed
 
 pytestmark = pytest.mark.asyncio
 
 #: Small timeouts: a hostile peer costs at most a second per wait.
-POLICY = ShutdownPolicy(
-    powerdown_timeout=1.0,
-    repress_interval=None,
-    quit_timeout=1.0,
-    terminate_timeout=1.0,
-    kill_timeout=1.0,
-    connect_timeout=1.0,
-    command_timeout=1.0,
-)
+POLICY = PEERS
 #: Slack on top of the policy's own bound (scheduling on 2 busy cores).
 MARGIN = 1.0
 CONNECT_LIMIT = POLICY.connect_timeout + MARGIN

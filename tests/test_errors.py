@@ -43,9 +43,11 @@ EXPORTED = sorted(
 
 def test_the_expected_classes_exist() -> None:
     assert [cls.__name__ for cls in DEFINED] == [
+        "CommandError",
         "ConnectError",
         "Error",
         "LaunchError",
+        "MonitorClosedError",
         "PidMismatchError",
         "ShutdownFailed",
     ]

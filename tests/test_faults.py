@@ -24,19 +24,11 @@ from robustness import Case
 
 import qmpshutdown
 from guests import free_port, qmp_connect, qmp_disconnect
-from qmpshutdown import ShutdownPolicy
+from policies import FAULTS
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
-POLICY = ShutdownPolicy(
-    powerdown_timeout=2.0,
-    repress_interval=1.0,
-    quit_timeout=3.0,
-    terminate_timeout=3.0,
-    kill_timeout=3.0,
-    connect_timeout=1.0,
-    command_timeout=1.0,
-)
+POLICY = FAULTS
 #: Slack on top of the policy's own timeouts (scheduling on 2 busy cores).
 SLACK = 1.5
 
@@ -176,6 +168,24 @@ CASES = [
     ),
     Case(
         "safety",
+        "QEMU's human monitor (HMP) given, unix socket",
+        "its greeting is not QMP: a typed error naming HMP and -qmp; the guest never signalled",
+        qmpshutdown.ConnectError,
+        POLICY.connect_timeout + SLACK,
+        "connect_timeout",
+        {"scenario": "human_monitor", "tcp": False},
+    ),
+    Case(
+        "safety",
+        "QEMU's human monitor (HMP) given, TCP port with QEMU's pid",
+        "the same, though the pid is QEMU's own: a peer that is not QMP is never forced",
+        qmpshutdown.ConnectError,
+        POLICY.connect_timeout + SLACK,
+        "connect_timeout",
+        {"scenario": "human_monitor", "tcp": True},
+    ),
+    Case(
+        "safety",
         "hung QEMU and no signals allowed",
         "no monitor and no permission to signal: a typed error, QEMU untouched",
         qmpshutdown.ConnectError,
@@ -279,14 +289,10 @@ async def held_monitor(guests, case, clock, caplog):
 
 async def killed_while_pressing(guests, case, clock, caplog):
     guest = await guests.boot("ignores")
-
-    async def kill_soon():
-        await anyio.sleep(0.5)
-        os.kill(guest.pid, signal.SIGKILL)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(kill_soon)
+    kill = lambda: os.kill(guest.pid, signal.SIGKILL)  # noqa: E731
+    with on_log("pressed the power button", kill) as hook:
         result = await stop(guest, clock)
+    assert hook.fired
     assert result.reason is None
     assert "without a SHUTDOWN event" in result.steps[-1].detail
     assert await guest.wait_exit(5) == -signal.SIGKILL
@@ -322,16 +328,42 @@ async def killed_during_quit(guests, case, clock, caplog):
 async def exits_during_handshake(guests, case, clock, caplog):
     guest = await guests.boot("cooperative")
     os.kill(guest.pid, signal.SIGSTOP)  # connected, but no greeting comes
-
-    async def kill_soon():
-        await anyio.sleep(0.3)
-        os.kill(guest.pid, signal.SIGKILL)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(kill_soon)
+    kill = lambda: os.kill(guest.pid, signal.SIGKILL)  # noqa: E731
+    with on_log("waiting for its greeting", kill) as hook:
         result = await stop(guest, clock, attrs.evolve(POLICY, connect_timeout=5.0))
+    assert hook.fired
     assert result.steps == ()
     return outcome(result)
+
+
+async def human_monitor(guests, case, clock, caplog):
+    """QEMU's human monitor (HMP) where QMP was meant: never taken for a hung QEMU."""
+    if case.params["tcp"]:
+        port = free_port()
+        where = f"tcp:127.0.0.1:{port},server=on,wait=off"
+        target: object = ("127.0.0.1", port)
+    else:
+        where = f"unix:{guests.root / 'hmp.sock'},server=on,wait=off"
+        target = guests.root / "hmp.sock"
+    guest = await guests.boot("cooperative", extra_args=["-monitor", where])
+    try:
+        with clock.timing(), anyio.fail_after(POLICY.bound + 10):
+            await qmpshutdown.shutdown(
+                target, POLICY, pid=guest.pid if case.params["tcp"] else None
+            )
+    except qmpshutdown.ConnectError as err:
+        assert "human monitor (HMP)" in str(err) and "-qmp" in str(err), err
+        raise
+    finally:
+        assert guest.alive() and not _stopped(guest.pid)
+        # nothing reached the guest: the next stop, over QMP, is its first press
+        result = await stop(guest, Clock())
+        assert (result.stage.value, result.presses, result.graceful) == ("powerdown", 1, True)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
 async def socket_deleted(guests, case, clock, caplog):

@@ -19,16 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qmpshutdown
+from policies import FUZZ
 
-POLICY = qmpshutdown.ShutdownPolicy(
-    powerdown_timeout=0.15,
-    repress_interval=0.05,
-    quit_timeout=0.1,
-    terminate_timeout=0.1,
-    kill_timeout=0.1,
-    connect_timeout=0.3,
-    command_timeout=0.1,
-)
+POLICY = FUZZ
 LIMIT = POLICY.bound + 1.0
 FUZZ = settings(
     max_examples=30,

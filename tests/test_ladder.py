@@ -12,18 +12,12 @@ import anyio
 import pytest
 
 from fakes import FakeProcess, FakeQemu
+from policies import FAKE
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 
 pytestmark = pytest.mark.asyncio
 
-FAST = ShutdownPolicy(
-    powerdown_timeout=0.25,
-    repress_interval=0.1,
-    quit_timeout=0.2,
-    terminate_timeout=0.2,
-    kill_timeout=0.2,
-    command_timeout=0.2,
-)
+FAST = FAKE
 
 
 async def run(qemu: FakeQemu, policy: ShutdownPolicy = FAST, *, with_process: bool = True):
@@ -64,6 +58,7 @@ async def test_guest_that_wants_a_third_press_gets_it_by_repressing():
     assert outcomes(result) == [("powerdown", "done")]
 
 
+@pytest.mark.looptime  # the loop's clock is the test's: presses counted in its time, not the wall's
 async def test_ignored_button_escalates_to_quit_after_the_powerdown_timeout():
     qemu = FakeQemu(guest="ignores")
     result = await run(qemu)

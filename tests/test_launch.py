@@ -14,19 +14,12 @@ import pytest
 
 import qmpshutdown
 from guests import guest_argv
-from qmpshutdown import Cause, ShutdownPolicy, Stage
+from policies import GUEST
+from qmpshutdown import Cause, Stage
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
-POLICY = ShutdownPolicy(
-    powerdown_timeout=2.0,
-    repress_interval=1.0,
-    quit_timeout=5.0,
-    terminate_timeout=5.0,
-    kill_timeout=5.0,
-    connect_timeout=3.0,
-    command_timeout=3.0,
-)
+POLICY = GUEST
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ import anyio
 import pytest
 
 import qmpshutdown
-from qmpshutdown import ShutdownPolicy, Stage
+from policies import FAULTS
+from qmpshutdown import Stage
 
 pytestmark = pytest.mark.asyncio
 
-POLICY = ShutdownPolicy(
-    powerdown_timeout=2.0, repress_interval=1.0, quit_timeout=3.0, connect_timeout=2.0
-)
+POLICY = FAULTS
 
 
 @pytest.mark.qemu

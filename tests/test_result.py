@@ -24,7 +24,7 @@ RESULT_KEYS = {
     "steps",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
-STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail"}
+STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause"}
 
 
 def make_result(**changes: Any) -> ShutdownResult:
@@ -170,6 +170,7 @@ def test_step_to_dict() -> None:
         "started_s": 0.000123,
         "ended_s": 60.123457,
         "detail": "3 presses",
+        "cause": None,
     }
     assert type(out["stage"]) is str
     assert type(out["outcome"]) is str

@@ -17,20 +17,13 @@ from qemu.qmp import QMPClient
 
 import qmpshutdown
 from guests import free_port, qmp_connect, qmp_disconnect
-from qmpshutdown import Cause, ShutdownPolicy, Stage
+from policies import GUEST
+from qmpshutdown import Cause, Stage
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
 #: Short but safe on 2 TCG cores: a press is acted on in well under a second.
-POLICY = ShutdownPolicy(
-    powerdown_timeout=3.0,
-    repress_interval=1.0,
-    quit_timeout=5.0,
-    terminate_timeout=5.0,
-    kill_timeout=5.0,
-    connect_timeout=3.0,
-    command_timeout=3.0,
-)
+POLICY = GUEST
 
 
 def outcomes(result):

@@ -1,0 +1,249 @@
+"""The QEMU being stopped, as the rungs see it: its monitor, its process, what it said.
+
+Rungs act through this object and nothing else: bounded commands, the waits
+they share (for the guest to power itself off, for QEMU to be gone), and the
+recorder that turns each rung into a step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any
+
+import anyio
+
+from ._errors import CommandError, MonitorClosedError
+from ._monitor import Monitor
+from ._policy import GRACEFUL_STAGES, RUNGS, ShutdownPolicy, Stage
+from ._process import Process
+from ._result import Cause, EventRecord, Outcome
+from ._steps import Ended, OpenStep, Recorder
+from ._watch import Watch
+
+logger = logging.getLogger("qmpshutdown")
+
+#: Stages whose end is not announced by a SHUTDOWN event (SIGKILL gives none).
+_SIGNAL_STAGES = frozenset({Stage.TERMINATE, Stage.KILL})
+
+
+class Guest(enum.Enum):
+    """What a graceful rung's wait for the guest saw."""
+
+    OFF = "off"  #: the guest powered off: QEMU exited, or stopped under -no-shutdown
+    OFF_UNCONFIRMED = "off-unconfirmed"  #: SHUTDOWN came, yet QEMU neither exited nor stopped
+    PANICKED = "panicked"  #: the guest panicked and QEMU stays (action pause or run)
+    GONE = "gone"  #: QEMU went without the guest's SHUTDOWN
+    WAITING = "waiting"  #: none of these yet, and the time asked for is up
+
+
+class Qemu:
+    """One QEMU under the ladder.
+
+    :param monitor: its QMP monitor, or None when it could not be reached.
+    :param process: its pinned process, or None when signals are impossible.
+    :param policy: the policy the ladder runs under.
+    :param recorder: where steps, log lines and progress go.
+    :param no_monitor_why: why there is no monitor (for skipped steps).
+    :param no_signal_why: why there is no process (for skipped steps).
+    """
+
+    def __init__(
+        self,
+        monitor: Monitor | None,
+        process: Process | None,
+        policy: ShutdownPolicy,
+        recorder: Recorder,
+        *,
+        no_monitor_why: str = "",
+        no_signal_why: str = "",
+    ) -> None:
+        self.monitor = monitor
+        self.process = process
+        self.policy = policy
+        self.recorder = recorder
+        self.no_monitor_why = no_monitor_why
+        self.no_signal_why = no_signal_why
+        self.watch = Watch()
+        self.runstate: str | None = None  #: as found on arrival
+        self.presses = 0
+        #: Tasks that watch the guest while a graceful rung waits (none yet: room for samplers).
+        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = []
+
+    # ---- state -------------------------------------------------------------------
+
+    @property
+    def gone(self) -> bool:
+        """True once QEMU was seen gone (its process exited, or without a pid its monitor EOF)."""
+        return self.watch.gone.is_set()
+
+    @property
+    def guest_off(self) -> bool:
+        """True once the guest is off: found so, or a step ended it."""
+        return self.runstate == "shutdown" or any(
+            step.outcome is Outcome.DONE and step.stage in RUNGS for step in self.recorder.steps
+        )
+
+    def mark_gone(self) -> None:
+        if not self.gone:
+            self.watch.gone_at = self.recorder.now()
+            self.watch.gone.set()
+            self.watch.changed()
+            self.recorder.gone(self.watch.gone_at)
+
+    # ---- commands ------------------------------------------------------------------
+
+    async def command(self, name: str, arguments: Mapping[str, object] | None = None) -> object:
+        """Run one QMP command, bounded by ``command_timeout``.
+
+        :raises CommandError, MonitorClosedError, TimeoutError: as the seam says.
+        """
+        assert self.monitor is not None
+        with anyio.fail_after(self.policy.command_timeout):
+            return await self.monitor.execute(name, arguments)
+
+    async def try_command(self, name: str) -> Exception | None:
+        """Run *name*; return the error instead of raising it (logged)."""
+        try:
+            await self.command(name)
+        except (CommandError, MonitorClosedError, TimeoutError) as err:
+            self.recorder.say(f"{name} failed: {str(err) or 'no reply'}")
+            return err
+        return None
+
+    async def read_runstate(self) -> str | None:
+        try:
+            reply = await self.command("query-status")
+        except (CommandError, MonitorClosedError, TimeoutError) as err:
+            self.recorder.say(f"query-status failed: {str(err) or 'no reply'}")
+            return None
+        status = reply.get("status") if isinstance(reply, Mapping) else None
+        return str(status) if status is not None else None
+
+    async def arrive(self) -> None:
+        """Read the runstate the ladder starts from."""
+        if self.monitor is None:
+            return
+        self.runstate = await self.read_runstate()
+        self.watch.suspended = self.watch.slept = self.runstate == "suspended"
+        if self.runstate == "shutdown":
+            self.recorder.say("guest is already off (runstate shutdown)")
+
+    # ---- the waits the rungs share ---------------------------------------------------
+
+    async def wait_for_guest(self, until: float) -> Guest:
+        """Wait until the guest powered off, panicked, QEMU went, or *until* (anyio clock)."""
+        watch = self.watch
+        await watch.wait_until(
+            lambda: watch.guest_shut_down or watch.panic_stays or self.gone, until
+        )
+        if watch.guest_shut_down:
+            return Guest.OFF if await self._confirm_guest_off() else Guest.OFF_UNCONFIRMED
+        if self.gone:
+            return Guest.GONE
+        if watch.panic_stays:
+            return Guest.PANICKED
+        return Guest.WAITING
+
+    async def _confirm_guest_off(self) -> bool:
+        """After the guest's SHUTDOWN: QEMU exits at once, or stops under -no-shutdown."""
+        deadline = anyio.current_time() + self.policy.command_timeout
+        watch = self.watch
+        if await watch.wait_until(lambda: watch.stopped_after_shutdown or self.gone, deadline):
+            if not self.gone:
+                self.recorder.say("guest powered off; QEMU stays (runstate shutdown)")
+            return True
+        return await self.read_runstate() == "shutdown"
+
+    def guest_ended(self, seen: Guest, step: OpenStep, cause: Cause | None) -> Ended:
+        """How a graceful rung ended, from what its wait saw (not WAITING)."""
+        if seen is Guest.OFF and self.gone:
+            return self.gone_ended(step)
+        if seen is Guest.OFF:
+            return Ended(Outcome.DONE, _join(step.so_far, f"guest off ({self.watch.reason})"))
+        if seen is Guest.OFF_UNCONFIRMED:
+            what = "SHUTDOWN came but QEMU neither exited nor stopped"
+            return Ended(Outcome.FAILED, _join(step.so_far, what), cause)
+        if seen is Guest.PANICKED:
+            return Ended(Outcome.FAILED, _join(step.so_far, "guest panicked"), Cause.PANICKED)
+        return self.gone_ended(step)
+
+    async def wait_gone_or(self, seconds: float, step: OpenStep, still_running: str) -> Ended:
+        """Wait up to *seconds* for QEMU to be gone: done if it went, else a timeout."""
+        with anyio.move_on_after(seconds):
+            await self.watch.gone.wait()
+        return self.gone_ended(step) if self.gone else Ended(Outcome.TIMEOUT, still_running)
+
+    def gone_ended(self, step: OpenStep) -> Ended:
+        """The step in progress when QEMU went: done, saying how it went."""
+        reason = self.watch.reason
+        said = f" (SHUTDOWN {reason})" if reason else ""
+        if not reason and step.stage not in _SIGNAL_STAGES:
+            said = " without a SHUTDOWN event (ended from outside?)"
+        graceful_rung = step.stage in GRACEFUL_STAGES
+        what = "QEMU exited"
+        if graceful_rung and self.watch.guest_shut_down:
+            what = "guest powered off"
+        return Ended(Outcome.DONE, _join(step.so_far, what + said), at=self.watch.gone_at)
+
+    def ended_by_cancel(self, step: OpenStep) -> Ended:
+        """How a step cut short by cancellation ended: done if QEMU went, else cancelled."""
+        if self.gone:
+            return self.gone_ended(step)
+        return Ended(Outcome.FAILED, _join(step.so_far, "cancelled"))
+
+    @contextlib.asynccontextmanager
+    async def sampling(self) -> AsyncIterator[None]:
+        """Run the samplers while a graceful rung waits for the guest."""
+        async with anyio.create_task_group() as tg:
+            for sampler in self.samplers:
+                tg.start_soon(sampler, self)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
+
+    # ---- the race --------------------------------------------------------------
+
+    async def pump_events(self) -> None:
+        """Read QMP events into the watch until the monitor closes (then wait forever)."""
+        assert self.monitor is not None
+        try:
+            while True:
+                self.note(await self.monitor.next_event())
+        except Exception as err:  # events stop; the ladder goes on without them
+            logger.warning("%s: reading events failed: %r", self.recorder.name, err)
+
+    def note(self, event: EventRecord) -> None:
+        self.watch.note(event)
+        self.recorder.event(event)
+
+    async def wait_gone(self) -> None:
+        """Return once QEMU is seen gone: its pidfd, or without a pid its monitor's EOF."""
+        if self.process is not None:
+            await self.process.wait_exited()
+        elif self.monitor is not None:
+            await self.monitor.wait_closed()
+            if not self.monitor.peer_hung_up():
+                await anyio.sleep_forever()  # our side gave up: no sign of an exit
+        else:
+            await anyio.sleep_forever()
+        self.mark_gone()
+
+    async def settle(self) -> None:
+        """After the ladder: see an exit that came just now, and read QEMU's last words."""
+        if self.process is not None and self.process.has_exited():
+            self.mark_gone()
+        if self.monitor is None:
+            return
+        if self.gone:  # read what it said before its socket closed (bounded)
+            with anyio.move_on_after(min(1.0, self.policy.command_timeout)):
+                await self.monitor.wait_closed()
+        for event in self.monitor.pending_events():
+            self.note(event)
+
+
+def _join(so_far: str, what: str) -> str:
+    return f"{so_far}; {what}" if so_far else what

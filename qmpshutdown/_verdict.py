@@ -1,0 +1,112 @@
+"""The verdict: which rung ended the VM, whether the guest went by itself, and why not.
+
+Pure functions of what happened — the steps, the events, the runstate found
+on arrival and the presses — so they are tested as plain functions and never
+patched into a record afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from ._policy import RUNGS, Stage
+from ._result import Cause, EventRecord, Outcome, Step
+
+#: SHUTDOWN reasons of a guest that ended itself without being forced.
+GUEST_OFF_REASONS = frozenset({"guest-shutdown", "guest-reset"})
+
+
+@attrs.frozen
+class Verdict:
+    """What a ladder's record says: the rung that ended the VM, ``graceful`` and ``cause``."""
+
+    stage: Stage | None
+    graceful: bool
+    cause: Cause | None
+
+
+def first_shutdown(events: Sequence[EventRecord]) -> Mapping[str, Any] | None:
+    """The data of the first SHUTDOWN event, or None."""
+    return next((e.data for e in events if e.event == "SHUTDOWN"), None)
+
+
+def shutdown_reason(events: Sequence[EventRecord]) -> str | None:
+    """The ``reason`` of the first SHUTDOWN event, or None."""
+    data = first_shutdown(events)
+    reason = None if data is None else data.get("reason")
+    return None if reason is None else str(reason)
+
+
+def guest_went_by_itself(events: Sequence[EventRecord]) -> bool:
+    """True when the first SHUTDOWN came from the guest, powering off or resetting."""
+    data = first_shutdown(events)
+    return (
+        data is not None
+        and bool(data.get("guest"))
+        and shutdown_reason(events) in GUEST_OFF_REASONS
+    )
+
+
+def ended_by(steps: Sequence[Step], *, runstate: str | None, gone: bool) -> Stage | None:
+    """The rung that ended the VM, ``already-off``, or None when QEMU still runs.
+
+    A guest found off (runstate ``shutdown``), or QEMU gone before any step,
+    is ``already-off``; otherwise the first rung that ended ``done`` (a graceful
+    rung stays the answer when ``quit`` then ends a ``-no-shutdown`` QEMU).
+    Steps that are not rungs (actions such as a freeze) never end a VM.
+    """
+    rungs = [step for step in steps if step.stage in RUNGS]
+    if runstate == "shutdown" or (gone and not rungs):
+        return Stage.ALREADY_OFF
+    done = [step.stage for step in rungs if step.outcome is Outcome.DONE]
+    if done:
+        return done[0]
+    return rungs[-1].stage if gone else None
+
+
+def is_graceful(
+    stage: Stage | None, events: Sequence[EventRecord], *, runstate: str | None
+) -> bool:
+    """True when the guest powered itself off (or was found off)."""
+    if runstate == "shutdown":
+        return True  # the guest powered itself off before we came
+    return stage is not None and guest_went_by_itself(events)
+
+
+def likely_cause(
+    steps: Sequence[Step], events: Sequence[EventRecord], *, runstate: str | None, presses: int
+) -> Cause | None:
+    """Why the guest did not power itself off: the first cause a step named, else the events'."""
+    named = next((step.cause for step in steps if step.cause is not None), None)
+    if named is not None:
+        return named
+    if runstate is None and steps:
+        return Cause.MONITOR_UNRESPONSIVE
+    names = {event.event for event in events}
+    if "GUEST_PANICKED" in names or shutdown_reason(events) == "guest-panic":
+        return Cause.PANICKED
+    if runstate == "suspended" or "SUSPEND" in names:
+        return Cause.ASLEEP
+    if any(e.event == "RESET" and e.data.get("guest", True) for e in events):
+        return Cause.REBOOTED
+    if presses:
+        return Cause.IGNORED_POWER_BUTTON
+    return None
+
+
+def decide(
+    steps: Sequence[Step],
+    events: Sequence[EventRecord],
+    *,
+    runstate: str | None,
+    presses: int,
+    gone: bool,
+) -> Verdict:
+    """The whole verdict of a ladder from its record."""
+    stage = ended_by(steps, runstate=runstate, gone=gone)
+    graceful = is_graceful(stage, events, runstate=runstate)
+    cause = None if graceful else likely_cause(steps, events, runstate=runstate, presses=presses)
+    return Verdict(stage, graceful, cause)

@@ -1,0 +1,59 @@
+"""The test policies, one shared set: short timeouts for fakes, for peers and for real guests."""
+
+from __future__ import annotations
+
+from qmpshutdown import ShutdownPolicy
+
+#: The ladder against fakes of the seams (tests/fakes.py): everything in tenths of a second.
+FAKE = ShutdownPolicy(
+    powerdown_timeout=0.25,
+    repress_interval=0.1,
+    quit_timeout=0.2,
+    terminate_timeout=0.2,
+    kill_timeout=0.2,
+    command_timeout=0.2,
+)
+
+#: Random input through an in-process fake monitor (tests/test_fuzz.py): as short as it gets.
+FUZZ = ShutdownPolicy(
+    powerdown_timeout=0.15,
+    repress_interval=0.05,
+    quit_timeout=0.1,
+    terminate_timeout=0.1,
+    kill_timeout=0.1,
+    connect_timeout=0.3,
+    command_timeout=0.1,
+)
+
+#: Peers that are not QEMU (tests/peers.py): one second for everything, one press.
+PEERS = ShutdownPolicy(
+    powerdown_timeout=1.0,
+    repress_interval=None,
+    quit_timeout=1.0,
+    terminate_timeout=1.0,
+    kill_timeout=1.0,
+    connect_timeout=1.0,
+    command_timeout=1.0,
+)
+
+#: Faults on real guests: a short press, quick escalation (tests/test_faults.py, test_many.py).
+FAULTS = ShutdownPolicy(
+    powerdown_timeout=2.0,
+    repress_interval=1.0,
+    quit_timeout=3.0,
+    terminate_timeout=3.0,
+    kill_timeout=3.0,
+    connect_timeout=1.0,
+    command_timeout=1.0,
+)
+
+#: Real guests stopped the ordinary way: roomier timeouts for 2 busy cores under TCG.
+GUEST = ShutdownPolicy(
+    powerdown_timeout=3.0,
+    repress_interval=1.0,
+    quit_timeout=5.0,
+    terminate_timeout=5.0,
+    kill_timeout=5.0,
+    connect_timeout=3.0,
+    command_timeout=3.0,
+)

@@ -1,0 +1,148 @@
+"""Rungs are values: the plan follows the policy, budgets make the bound, and a new rung plugs in.
+
+A rung is one class with a stage, ``forced``, a budget, ``why_not`` and ``run``;
+the ladder's one loop runs any such value. These tests plug a fake rung and a
+fake action into the real ladder, against the fake seams.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import anyio
+import attrs
+import pytest
+
+from fakes import FakeQemu
+from policies import FAKE
+from qmpshutdown import Outcome, ShutdownPolicy, Stage, climb
+from qmpshutdown._rungs import RUNG_FOR, PowerButton, plan, plan_budget
+from qmpshutdown._steps import Ended
+
+
+class Knock:
+    """A forced rung of a test's own: it ends the fake QEMU itself, then waits for the exit."""
+
+    stage = Stage.QUIT  # stands in for a new stage of the policy's list
+    forced = True
+
+    def __init__(self, fake: FakeQemu) -> None:
+        self.fake = fake
+
+    def budget(self, policy: ShutdownPolicy) -> float:
+        return 1.0
+
+    def why_not(self, qemu):
+        return None
+
+    async def run(self, qemu, step):
+        step.note("knocked")
+        self.fake.monitor.emit("SHUTDOWN", guest=False, reason="host-qmp-quit")
+        self.fake.exit()
+        return await qemu.wait_gone_or(1.0, step, "nobody came")
+
+
+class Slowpoke:
+    """A rung that would run for ever: the ladder holds it to its budget."""
+
+    stage = Stage.TERMINATE
+    forced = True
+
+    def budget(self, policy: ShutdownPolicy) -> float:
+        return 0.2
+
+    def why_not(self, qemu):
+        return None
+
+    async def run(self, qemu, step):
+        step.note("waiting")
+        await anyio.sleep_forever()
+
+
+class Marker:
+    """An action: runs right before the first forced rung, and finishes at the end."""
+
+    stage = Stage.ALREADY_OFF  # not a rung: stands in for the freeze or the screenshot step
+
+    def __init__(self) -> None:
+        self.ran_at: list[str] = []
+        self.finished = False
+
+    def budget(self, policy: ShutdownPolicy) -> float:
+        return 0.5
+
+    def applies(self, qemu) -> bool:
+        return True
+
+    async def run(self, qemu, step):
+        self.ran_at.append(qemu.recorder.steps[-1].stage.value)
+        return Ended(Outcome.DONE, "marked")
+
+    async def finish(self, qemu) -> None:
+        self.finished = True
+
+
+async def climb_with(fake: FakeQemu, policy=FAKE, **kwargs):
+    with anyio.fail_after(10):
+        return await climb(
+            fake.monitor, fake.process, policy, started=anyio.current_time(), name="fake",
+            **kwargs,
+        )  # fmt: skip
+
+
+def test_the_plan_is_the_policys_stages_in_order():
+    policy = ShutdownPolicy(stages=("powerdown", "terminate"))
+    assert [rung.stage for rung in plan(policy)] == [Stage.POWERDOWN, Stage.TERMINATE]
+    assert [rung.stage for rung in plan(ShutdownPolicy())] == list(ShutdownPolicy().stages)
+    assert set(RUNG_FOR) == set(ShutdownPolicy().stages)
+    assert [rung.forced for rung in plan(ShutdownPolicy())] == [False, True, True, True]
+
+
+def test_the_bound_is_connecting_three_commands_and_the_rungs_budgets():
+    policy = FAKE
+    expected = policy.connect_timeout + 3 * policy.command_timeout
+    expected += sum(rung.budget(policy) for rung in plan(policy))
+    assert policy.bound == pytest.approx(expected)
+    assert plan_budget(policy, [PowerButton()]) == policy.powerdown_timeout + 2 * 0.2
+
+
+@pytest.mark.asyncio
+async def test_a_new_rung_plugs_into_the_ladder_as_one_value():
+    fake = FakeQemu(guest="ignores")
+    marker = Marker()
+    result = await climb_with(fake, rungs=[PowerButton(), Knock(fake)], actions=[marker])
+    assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+        ("powerdown", "timeout"),
+        ("already-off", "done"),  # the action, right before the first forced rung
+        ("quit", "done"),
+    ]
+    assert result.steps[2].detail == "knocked; QEMU exited (SHUTDOWN host-qmp-quit)"
+    assert marker.ran_at == ["powerdown"] and marker.finished
+    assert (result.stage, result.graceful, result.reason) == (Stage.QUIT, False, "host-qmp-quit")
+    assert "quit" not in fake.monitor.commands  # the fake rung, not the library's Quit
+
+
+@pytest.mark.asyncio
+async def test_a_rung_that_overruns_its_budget_times_out_and_the_ladder_goes_on():
+    fake = FakeQemu(guest="ignores")
+    rungs = [Slowpoke(), RUNG_FOR[Stage.KILL]]
+    result = await climb_with(fake, rungs=rungs)
+    slow = result.steps[0]
+    assert (slow.stage, slow.outcome) == (Stage.TERMINATE, Outcome.TIMEOUT)
+    assert slow.detail == "waiting; over its budget of 0.2 s"
+    assert 0.2 <= slow.ended - slow.started < 0.5
+    assert result.stage is Stage.KILL
+    assert fake.process.signals == [signal.SIGKILL]
+
+
+@pytest.mark.asyncio
+async def test_actions_do_not_run_when_no_forced_rung_runs():
+    marker = Marker()
+    result = await climb_with(FakeQemu(), actions=[marker])
+    assert [s.stage for s in result.steps] == [Stage.POWERDOWN]
+    assert marker.ran_at == [] and marker.finished
+
+
+def test_a_policy_variant_changes_the_budgets():
+    longer = attrs.evolve(FAKE, powerdown_timeout=10.0)
+    assert longer.bound - FAKE.bound == pytest.approx(10.0 - 0.25)
