@@ -21,6 +21,7 @@ from ._policy import ShutdownPolicy, Stage
 from ._process import PidfdProcess, Process
 from ._result import Cause, EventRecord, Outcome, ShutdownResult, Step
 from ._shutdown import Target, shutdown, shutdown_sync
+from ._version import __version__ as __version__
 
 __all__ = (
     # functions
@@ -50,7 +51,5 @@ __all__ = (
     "PidMismatchError",
     "ShutdownFailed",
 )
-
-__version__ = "0.1.0"
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

@@ -21,6 +21,7 @@ from ._many import shutdown_many
 from ._policy import RUNGS, ShutdownPolicy
 from ._result import ShutdownResult
 from ._shutdown import Target, shutdown
+from ._version import __version__
 
 _DEFAULT = ShutdownPolicy()
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
     chatter.add_argument("-v", "--verbose", action="store_true", help="debug logging, qemu.qmp too")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         invocation = parse_command_line(argv)
-    except SystemExit as exit:  # --help, or a usage error already printed
+    except SystemExit as exit:  # --help, --version, or a usage error already printed
         return exit.code if isinstance(exit.code, int) else _EXIT_UNREACHED
     verbose = invocation.verbosity > 0
     with _logging_to_stderr(invocation.verbosity, progress=not invocation.json):
