@@ -10,7 +10,7 @@ Every error the library raises on purpose derives from :class:`Error`::
      └── LaunchError           QEMU started by ``launch()`` exited before it was ready
 
 Errors of qemu.qmp and of the operating system are mapped to these in one place
-(:mod:`qmpshutdown._monitor` and :mod:`qmpshutdown._process`) and chained with
+(``qmpshutdown._monitor`` and ``qmpshutdown._process``) and chained with
 ``raise ... from err``, so the original cause stays visible in tracebacks.
 """
 

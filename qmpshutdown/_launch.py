@@ -128,7 +128,7 @@ class VM:
 
         :raises ShutdownFailed: the policy's rungs are used up and QEMU still
             runs (the block's end will still take it down).
-        :return: the record, also kept as :attr:`result`.
+        :return: the record, also kept as ``vm.result``.
         """
         policy = policy or self.policy
         assert self._process is not None, "the VM is not running"
