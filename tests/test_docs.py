@@ -76,3 +76,12 @@ def test_every_page_in_the_toctree_exists() -> None:
     assert pages, "docs/index.md has no toctree"
     missing = [p for p in pages if not any((DOCS / f"{p}{s}").exists() for s in (".md", ".rst"))]
     assert missing == []
+
+
+def test_readme_links_every_page_by_its_path() -> None:
+    readme = (ROOT / "README.md").read_text()
+    links = set(re.findall(r"\]\((docs/[\w.-]+)\)", readme))
+    for page in _toctree():
+        path = next(f"docs/{page}{s}" for s in (".md", ".rst") if (DOCS / f"{page}{s}").exists())
+        assert path in links, f"README.md does not link {path}"
+    assert [link for link in links if not (ROOT / link).exists()] == []
