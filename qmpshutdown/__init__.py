@@ -30,6 +30,7 @@ from ._process import Process
 from ._progress import Progress, ProgressKind
 from ._result import Cause, EventRecord, Outcome, ShutdownResult, Step
 from ._shutdown import Target, shutdown, shutdown_sync
+from ._version import __version__ as __version__
 
 # In order of importance: what stops a VM, what it returns, then the seams for
 # callers that reach QEMU their own way (climb() over any Monitor and Process).
@@ -63,7 +64,5 @@ __all__ = (
     "CommandError",
     "MonitorClosedError",
 )
-
-__version__ = "0.1.0"
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

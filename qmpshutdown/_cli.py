@@ -22,6 +22,7 @@ from ._policy import RUNGS, ShutdownPolicy
 from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
 from ._shutdown import Target, shutdown
+from ._version import __version__
 
 _DEFAULT = ShutdownPolicy()
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
     chatter.add_argument("-v", "--verbose", action="store_true", help="debug logging, qemu.qmp too")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
 
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         invocation = parse_command_line(argv)
-    except SystemExit as exit:  # --help, or a usage error already printed
+    except SystemExit as exit:  # --help, --version, or a usage error already printed
         return exit.code if isinstance(exit.code, int) else _EXIT_UNREACHED
     verbose = invocation.verbosity > 0
     with _logging_to_stderr(invocation.verbosity):

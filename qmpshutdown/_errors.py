@@ -15,7 +15,7 @@ The last two are what a :class:`~qmpshutdown.Monitor` raises to the ladder,
 which handles them; they reach a caller only through its own Monitor.
 
 Errors of qemu.qmp and of the operating system are mapped to these in one place
-(:mod:`qmpshutdown._monitor` and :mod:`qmpshutdown._process`) and chained with
+(``qmpshutdown._monitor`` and ``qmpshutdown._process``) and chained with
 ``raise ... from err``, so the original cause stays visible in tracebacks.
 """
 

@@ -78,8 +78,6 @@ async def climb(
     no_monitor_why: str = "",
     no_signal_why: str = "QEMU's pid is unknown",
     on_progress: ProgressCallback | None = None,
-    rungs: Sequence[Rung] | None = None,
-    actions: Sequence[Action] | None = None,
 ) -> ShutdownResult:
     """Run the ladder against *monitor* and *process* and return its record.
 
@@ -95,12 +93,29 @@ async def climb(
     :param no_monitor_why: why there is no monitor, for the skipped steps.
     :param no_signal_why: why there is no process, for the skipped steps.
     :param on_progress: called with a :class:`Progress` as each thing happens.
-    :param rungs: the rungs to climb instead of the policy's own plan.
-    :param actions: the steps to take before the first forced rung (and to
-        finish at the end) instead of the library's own.
     :raises ShutdownFailed: the allowed rungs are used up and QEMU still runs.
     :return: the record of what happened.
     """
+    return await run_plan(
+        monitor, process, policy, started=started, name=name, no_monitor_why=no_monitor_why,
+        no_signal_why=no_signal_why, on_progress=on_progress,
+    )  # fmt: skip
+
+
+async def run_plan(
+    monitor: Monitor | None,
+    process: Process | None,
+    policy: ShutdownPolicy,
+    *,
+    started: float,
+    name: str = "qemu",
+    no_monitor_why: str = "",
+    no_signal_why: str = "QEMU's pid is unknown",
+    on_progress: ProgressCallback | None = None,
+    rungs: Sequence[Rung] | None = None,
+    actions: Sequence[Action] | None = None,
+) -> ShutdownResult:
+    """:func:`climb`, with the rungs and actions given instead of the policy's own plan."""
     recorder = Recorder(started, name, on_progress)
     qemu = Qemu(monitor, process, policy, recorder,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip

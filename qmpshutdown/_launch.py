@@ -141,7 +141,7 @@ class VM:
 
         :raises ShutdownFailed: the policy's rungs are used up and QEMU still
             runs (the block's end will still take it down).
-        :return: the record, also kept as :attr:`result`.
+        :return: the record, also kept as ``vm.result``.
         """
         return await self._stop(policy or self.policy, last_resort=False)
 

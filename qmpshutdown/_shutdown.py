@@ -14,7 +14,7 @@ from qemu.qmp import QMPClient
 
 from ._connect import connect_socket, format_address, handshake
 from ._errors import ConnectError, PidMismatchError
-from ._ladder import climb
+from ._ladder import climb, run_plan
 from ._monitor import (
     HandshakeFailed,
     HandshakeTimeout,
@@ -119,7 +119,7 @@ async def stop_at(
         no_monitor_why: str = "",
         no_signal_why: str = "",
     ) -> ShutdownResult:
-        return await climb(
+        return await run_plan(
             monitor, process, policy, started=started, name=name, on_progress=on_progress,
             rungs=rungs, no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
         )  # fmt: skip

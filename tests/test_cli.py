@@ -20,7 +20,7 @@ import anyio
 import attrs
 import pytest
 
-from qmpshutdown import Cause, ShutdownPolicy, ShutdownResult, Stage
+from qmpshutdown import Cause, ShutdownPolicy, ShutdownResult, Stage, __version__
 from qmpshutdown._cli import _LineFormatter, main, parse_command_line, parse_target
 
 #: The keys of ShutdownResult.to_dict(), in its order.
@@ -168,6 +168,21 @@ def test_python_dash_m_runs_the_command() -> None:
     )
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: qmpshutdown ")
+
+
+def test_version_prints_the_package_version(capsys) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"qmpshutdown {__version__}\n"
+
+
+def test_python_dash_m_version_needs_no_target() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "qmpshutdown", "--version"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        0, f"qmpshutdown {__version__}\n", ""
+    )  # fmt: skip
 
 
 def test_progress_lines_drop_the_repeated_prefix_and_tracebacks() -> None:

@@ -15,7 +15,8 @@ import pytest
 
 from fakes import FakeQemu
 from policies import FAKE
-from qmpshutdown import Outcome, ShutdownPolicy, Stage, climb
+from qmpshutdown import Outcome, ShutdownPolicy, Stage
+from qmpshutdown._ladder import run_plan
 from qmpshutdown._rungs import RUNG_FOR, PowerButton, plan, plan_budget
 from qmpshutdown._steps import Ended
 
@@ -84,7 +85,7 @@ class Marker:
 
 async def climb_with(fake: FakeQemu, policy=FAKE, **kwargs):
     with anyio.fail_after(10):
-        return await climb(
+        return await run_plan(
             fake.monitor, fake.process, policy, started=anyio.current_time(), name="fake",
             **kwargs,
         )  # fmt: skip
