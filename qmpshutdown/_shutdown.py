@@ -251,7 +251,9 @@ def _not_holder_why(process: Process, sock: socket.socket) -> str:
     ``SO_PEERCRED`` names who called ``listen()``, not who holds the socket now
     (a listener can fork, keep the socket in the child and exec a QEMU). Fails
     closed: when it cannot be told (no sock_diag, /proc unreadable), the pid is
-    not used; a caller who knows better passes ``pid=``.
+    not used, because signalling a process that may not be the VM is worse than
+    leaving a hung VM to its caller (``quit`` still goes through the monitor);
+    a caller who knows better passes ``pid=``, which is trusted when unverifiable.
     """
     holds = holds_socket(process.pid, sock)
     if holds:  # even if it exits now: the pidfd can reach no other process
