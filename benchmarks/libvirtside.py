@@ -22,6 +22,8 @@ PREFIX = "qsd-bench-"
 
 def _xml(name: str, images: Path, mode: str, serial_log: Path, memory_mib: int) -> str:
     cmdline = f"console=ttyS0 panic=0 loglevel=4 qsd.mode={mode}"
+    # The system QEMU, not QMPSHUTDOWN_QEMU: libvirt probes and caches its emulator's
+    # capabilities, and a wrapper script that adds -L is not what it expects there.
     emulator = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>

@@ -42,7 +42,7 @@ import anyio  # noqa: E402
 import rawqmp  # noqa: E402
 
 import qmpshutdown  # noqa: E402
-from guests import Guest, GuestFactory, images_dir, kill_leftovers  # noqa: E402
+from guests import QEMU_BINARY, Guest, GuestFactory, images_dir, kill_leftovers  # noqa: E402
 
 LIB, RAW, LIBVIRT = "qmpshutdown", "raw socket", "libvirt"
 GRACE = 3.0  # the forced-stop grace period, seconds
@@ -384,7 +384,7 @@ def machine_info(lv: Any) -> list[tuple[str, str]]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     qemu = subprocess.run(
-        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+        [QEMU_BINARY, "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()[0]
     from importlib.metadata import version
 
@@ -621,8 +621,8 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     images_dir()  # build the fixture guest first (cached)
-    if shutil.which("qemu-system-x86_64") is None:
-        print("qemu-system-x86_64 not found: run bash .ci/setup", file=sys.stderr)
+    if shutil.which(QEMU_BINARY) is None:
+        print(f"{QEMU_BINARY} not found: run bash .ci/setup", file=sys.stderr)
         return 1
     scratch = Path(tempfile.mkdtemp(prefix="qsd-bench-"))
     lv, libvirt_note = open_libvirt(args.no_libvirt)

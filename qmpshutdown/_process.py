@@ -19,6 +19,18 @@ from ._errors import PidMismatchError
 logger = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# sock_diag (linux/sock_diag.h, linux/unix_diag.h): ask the kernel who is at the other end.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")  # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG = struct.Struct("=BBBBI2I")  # family, type, state, pad, ino, cookie
+_RTATTR = struct.Struct("=HH")  # len, type
+_UDIAG_SHOW_PEER, _UDIAG_SHOW_ICONS = 0x4, 0x8
+_UNIX_DIAG_PEER, _UNIX_DIAG_ICONS = 2, 3
+_TCP_LISTEN = 10
 
 
 @runtime_checkable
@@ -62,6 +74,112 @@ def peer_pid(sock: socket.socket) -> int | None:
     pid, _uid, _gid = _UCRED.unpack(raw)
     # 0: the peer lives in another pid namespace, so its pid means nothing here.
     return pid if pid > 0 else None
+
+
+def holds_socket(pid: int, sock: socket.socket) -> bool | None:
+    """Tell whether *pid* holds the server end of our unix socket connection *sock*.
+
+    ``SO_PEERCRED`` names whoever called ``listen()``, not who serves the socket
+    now: a process can listen, fork a child that keeps the socket, then
+    ``exec`` a QEMU that never owned it. So find, with sock_diag, the socket
+    at the other end of *sock* (once accepted: our peer, ``UNIX_DIAG_PEER``;
+    before: the listener with our connection in its queue, ``UNIX_DIAG_ICONS``)
+    and look for its inode among ``/proc/PID/fd``. This matches our very
+    connection, not a path, so a stale socket once bound at the same path
+    cannot fool it.
+
+    :param pid: the process that should hold it (pin it first: a pid read from
+        /proc may otherwise be recycled meanwhile).
+    :param sock: our connected unix socket.
+    :return: True or False when it can be told; None when it cannot (not a
+        unix socket, no sock_diag for unix sockets, the server end already
+        closed, or ``/proc/PID/fd`` unreadable). The caller decides what None
+        means: :func:`qmpshutdown.shutdown` sends no signal on it.
+    """
+    if sock.family != socket.AF_UNIX:
+        return None
+    try:
+        own = os.fstat(sock.fileno()).st_ino
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    server = None
+    # QEMU may accept() between asking for our peer and for the listener: ask again.
+    for _attempt in range(3):
+        try:
+            server = _server_end(own)
+        except OSError:
+            return None
+        if server is not None:
+            break
+    if server is None:
+        return None
+    target = f"socket:[{server}]"
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+    return False
+
+
+def _server_end(own: int) -> int | None:
+    """The inode of the socket serving our connection *own*: accepted, or its listener."""
+    for _ino, _state, attrs in _unix_diag(ino=own, states=0xFFFFFFFF, show=_UDIAG_SHOW_PEER):
+        peer = attrs.get(_UNIX_DIAG_PEER, b"")
+        # 0: not accept()ed yet (the embryonic socket has no inode), or closed.
+        if len(peer) == 4 and (inode := struct.unpack("=I", peer)[0]):
+            return int(inode)
+    for ino, _state, attrs in _unix_diag(states=1 << _TCP_LISTEN, show=_UDIAG_SHOW_ICONS):
+        icons = attrs.get(_UNIX_DIAG_ICONS, b"")
+        if own in struct.unpack(f"={len(icons) // 4}I", icons[: len(icons) // 4 * 4]):
+            return ino
+    return None
+
+
+def _unix_diag(
+    *, states: int, show: int, ino: int = 0
+) -> list[tuple[int, int, dict[int, bytes]]]:
+    """Ask sock_diag about unix sockets: one by inode, or (ino 0) all in *states*.
+
+    :raises OSError: sock_diag is not there or refused.
+    :return: (inode, state, attributes) per socket.
+    """
+    cookie = (0xFFFFFFFF, 0xFFFFFFFF)  # INET_DIAG_NOCOOKIE: any socket with this inode
+    body = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, states, ino, show, *cookie)
+    flags = _NLM_F_REQUEST | (0 if ino else _NLM_F_DUMP)
+    rows: list[tuple[int, int, dict[int, bytes]]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)  # the kernel answers at once; never hang on it
+        nl.sendto(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY, flags, 1, 0)
+                  + body, (0, 0))  # fmt: skip
+        while True:
+            data = nl.recv(1 << 16)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind = _NLMSGHDR.unpack_from(data, offset)[:2]
+                if length < _NLMSGHDR.size:
+                    return rows
+                if kind == _NLMSG_DONE:
+                    return rows
+                if kind == _NLMSG_ERROR:
+                    (errno,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
+                    if errno == 0:
+                        return rows
+                    raise OSError(-errno, os.strerror(-errno))
+                start = offset + _NLMSGHDR.size
+                _, _, state, _, inode, _, _ = _UNIX_DIAG_MSG.unpack_from(data, start)
+                attrs: dict[int, bytes] = {}
+                at = start + _UNIX_DIAG_MSG.size
+                while at + _RTATTR.size <= offset + length:
+                    size, attr = _RTATTR.unpack_from(data, at)
+                    if size < _RTATTR.size:
+                        break
+                    attrs[attr] = data[at + _RTATTR.size : at + size]
+                    at += (size + 3) & ~3
+                rows.append((inode, state, attrs))
+                offset += (length + 3) & ~3
+            if ino:  # an exact query has one answer, no DONE
+                return rows
 
 
 def executable(pid: int) -> str | None:

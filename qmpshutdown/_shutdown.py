@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from typing import Union
 
@@ -28,6 +29,7 @@ from ._process import (
     PidfdProcess,
     Process,
     executable,
+    holds_socket,
     is_qemu_executable,
     peer_pid,
     tcp_peer_is,
@@ -256,17 +258,44 @@ def _pin_process(
     if pid is not None:
         if peer is not None and peer != pid:
             raise PidMismatchError(f"{name}: pid {pid} given, but the socket's peer is pid {peer}")
-        if peer is None and sock is not None:
-            owns = tcp_peer_is(sock, pid)  # type: ignore[arg-type]
+        if sock is not None:
+            # A given pid is the caller's word: refused when it does not hold the socket,
+            # used when /proc cannot tell (None).
+            unix = peer is not None
+            owns = holds_socket(pid, sock) if unix else tcp_peer_is(sock, pid)  # type: ignore[arg-type]
             if owns is False:
                 raise PidMismatchError(f"{name}: pid {pid} does not hold this monitor connection")
         # An explicit pid must be QEMU; refusing is clearer than silently never signalling.
         return PidfdProcess.open_qemu(pid), ""
     if peer is None:
         return None, "QEMU's pid is unknown (pass pid= for a TCP monitor)"
+    process = _pin_quietly(peer)
+    if process is not None and (why := _not_holder_why(process, sock)):  # type: ignore[arg-type]
+        process.close()
+        return None, why
     if not may_signal:
-        return _pin_quietly(peer), "signals are not allowed"
-    return _pin_quietly(peer), _not_qemu_why(peer)
+        return process, "signals are not allowed"
+    return process, _not_qemu_why(peer)
+
+
+def _not_holder_why(process: Process, sock: socket.socket) -> str:
+    """Why *process* (the socket's ``SO_PEERCRED`` pid) must not be signalled, or "".
+
+    ``SO_PEERCRED`` names who called ``listen()``, not who holds the socket now
+    (a listener can fork, keep the socket in the child and exec a QEMU). Fails
+    closed: when it cannot be told (no sock_diag, /proc unreadable), the pid is
+    not used, because signalling a process that may not be the VM is worse than
+    leaving a hung VM to its caller (``quit`` still goes through the monitor);
+    a caller who knows better passes ``pid=``, which is trusted when unverifiable.
+    """
+    holds = holds_socket(process.pid, sock)
+    if holds:  # even if it exits now: the pidfd can reach no other process
+        return ""
+    if process.has_exited():  # /proc/PID may have named another process meanwhile
+        return f"the monitor's peer (pid {process.pid}) exited while it was being checked"
+    if holds is None:
+        return f"cannot tell whether the monitor's peer (pid {process.pid}) holds the socket"
+    return f"the monitor's peer (pid {process.pid}) does not hold the monitor socket"
 
 
 def _pin_quietly(pid: int) -> Process | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from guests import (
+    QEMU_BINARY,
     GuestFactory,
     ImagesUnavailable,
     accel_args,
@@ -21,6 +22,10 @@ from guests import (
     kill_leftovers,
     qemu_available,
 )
+
+if os.environ.get("QMPSHUTDOWN_QEMU"):
+    # Pytest runs started from a test (tests/test_pytest_plugin.py) have another cwd.
+    os.environ["QMPSHUTDOWN_QEMU"] = QEMU_BINARY
 
 
 def _in_ci() -> bool:
@@ -42,8 +47,8 @@ def require_qemu() -> Path:
     if _checked is None:
         if not qemu_available():
             _unavailable(
-                "qemu-system-x86_64 not found: install the Debian package qemu-system-x86 "
-                "(bash .ci/setup does)"
+                f"{QEMU_BINARY} not found: install the Debian package qemu-system-x86 "
+                "(bash .ci/setup does), or set QMPSHUTDOWN_QEMU to a QEMU"
             )
         try:
             _checked = images_dir()

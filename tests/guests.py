@@ -33,7 +33,11 @@ from typing import IO, Any
 
 import attrs
 
-QEMU_BINARY = "qemu-system-x86_64"
+#: The emulator every guest runs: ``QMPSHUTDOWN_QEMU`` (a name on PATH or a path; it must
+#: exec a ``qemu-system-*`` binary), default ``qemu-system-x86_64``. Made absolute: guests run
+#: with their workdir as cwd.
+_QEMU = os.environ.get("QMPSHUTDOWN_QEMU") or "qemu-system-x86_64"
+QEMU_BINARY = os.path.abspath(_QEMU) if os.sep in _QEMU else _QEMU
 MODES = ("cooperative", "slow", "needs-presses", "ignores", "asleep", "panics", "reboots")
 READY_PREFIX = "QMPSHUTDOWN-GUEST-READY"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +94,7 @@ def images_dir() -> Path:
 
 
 def qemu_available() -> bool:
-    """Whether ``qemu-system-x86_64`` is on PATH."""
+    """Whether :data:`QEMU_BINARY` is there (on PATH, or the path it names)."""
     return shutil.which(QEMU_BINARY) is not None
 
 

@@ -33,8 +33,10 @@ import pytest
 from robustness import Case
 
 import qmpshutdown
+from guests import Guest, guest_argv, qmp_connect, qmp_disconnect
 from policies import PEERS
 from qmpshutdown import ConnectError, PidMismatchError, ShutdownFailed
+from qmpshutdown._process import executable, is_qemu_executable, peer_pid
 
 pytestmark = pytest.mark.asyncio
 
@@ -49,6 +51,7 @@ ARGUMENT_LIMIT = 0.5
 #: The outer bound on any call in this file: a hang fails the test, it never stalls it.
 OUTER = POLICY.bound + 20
 PEERS_SCRIPT = Path(__file__).with_name("peers.py")
+LIAR_SCRIPT = Path(__file__).with_name("liar.py")
 #: The peer would accept this late (a busy QEMU accepts in its main loop).
 LATE_ACCEPT = 0.3
 #: What a skipped signal rung says for a unix peer that is not QEMU, and for TCP.
@@ -136,6 +139,24 @@ def decoy(name: str, handling: str, pid: str, *, tcp: bool, match: str, **params
         CONNECT_LIMIT,
         "connect_timeout",
         {"kind": "decoy", "pid": pid, "tcp": tcp, "match": match, **params},
+    )
+
+
+def liar(
+    name: str, handling: str, mode: str, expect: type[Exception], match: str | None
+) -> Case:
+    """A listener that forked, kept the socket in a child and exec'd a real QEMU (tests/liar.py)."""
+    limit, bound = (CONNECT_LIMIT, "connect_timeout")
+    if expect is ShutdownFailed:
+        limit, bound = (LADDER_LIMIT, "policy.bound")
+    return Case(
+        "peer that is not QEMU",
+        name,
+        handling,
+        expect,
+        limit,
+        bound,
+        {"kind": "liar", "mode": mode, "match": match},
     )
 
 
@@ -296,6 +317,28 @@ CASES: list[Case] = [
         "decoy",
         tcp=True,
         match="does not hold this monitor connection",
+    ),
+    # -- SO_PEERCRED names a real QEMU that never held the socket: that QEMU is left alone
+    liar(
+        "listener exec'd a QEMU, never accepts",
+        "the pid's QEMU does not hold the socket (sock_diag, /proc/PID/fd): no signal",
+        "backlog",
+        ConnectError,
+        "does not hold the monitor socket",
+    ),
+    liar(
+        "listener exec'd a QEMU, accepts silently",
+        "the pid's QEMU does not hold the socket (sock_diag, /proc/PID/fd): no signal",
+        "silent",
+        ConnectError,
+        "does not hold the monitor socket",
+    ),
+    liar(
+        "listener exec'd a QEMU, answers QMP",
+        "press and quit go to the impostor; the QEMU does not hold the socket: no signal",
+        "impostor",
+        ShutdownFailed,
+        None,  # the steps say it: see the test
     ),
     decoy("peer's own pid", "refused: not QEMU (/proc/PID/exe)", "peer", tcp=False, match=NOT_QEMU),
     decoy(
@@ -628,6 +671,94 @@ async def test_pid_that_is_not_the_peers_qemu_is_refused(case: Case) -> None:
     assert elapsed <= case.limit
 
 
+def start_liar(argv: list[str], workdir: Path) -> subprocess.Popen[bytes]:
+    with open(workdir / "qemu.stderr", "wb") as stderr:
+        # A new session: a ^C in the terminal reaches pytest, not the QEMU.
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+            cwd=workdir, start_new_session=True,
+        )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def lying_listener(mode: str, scratch: Path) -> AsyncIterator[tuple[str, Guest]]:
+    """tests/liar.py exec'ing a real fixture QEMU: (the liar's socket, that QEMU as a Guest).
+
+    The QEMU has its own monitor at another path; it is killed and reaped on leaving.
+    """
+    victim_dir = scratch / "victim"
+    victim_dir.mkdir()
+    path, pid_file = str(scratch / "liar.sock"), scratch / "child.pid"
+    argv = guest_argv("ignores", workdir=victim_dir)
+    liar_argv = [sys.executable, str(LIAR_SCRIPT), mode, path, str(pid_file), "--", *argv]
+    popen = start_liar(liar_argv, victim_dir)
+    victim = Guest(
+        mode="ignores",
+        pid=popen.pid,
+        qmp_path=victim_dir / "qmp.sock",
+        serial_log=victim_dir / "serial.log",
+        workdir=victim_dir,
+        popen=popen,
+        argv=liar_argv,
+    )
+    try:
+        await victim.wait_for_serial("QMPSHUTDOWN-GUEST-READY", 60)
+        with anyio.fail_after(10):
+            while not pid_file.exists():
+                await anyio.sleep(0.02)
+        yield path, victim
+    finally:
+        if popen.poll() is None:
+            popen.kill()  # the liar's child exits on its own once orphaned
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=10)
+
+
+@pytest.mark.qemu
+@parametrize("liar")
+async def test_qemu_named_by_a_lying_listener_is_never_signalled(
+    case: Case, tmp_path: Path
+) -> None:
+    params = case.params
+    async with lying_listener(params["mode"], tmp_path) as (path, victim):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.connect(path)
+            # The setup lies as meant: the kernel names the QEMU as the socket's peer.
+            assert peer_pid(probe) == victim.pid
+            assert is_qemu_executable(executable(victim.pid) or "")
+        started = time.monotonic()
+        with pytest.raises(case.expect, match=params["match"]) as caught:
+            await must_raise(path)
+        elapsed = time.monotonic() - started
+        # The pid given explicitly (e.g. read from a pidfile the liar wrote): refused too.
+        with pytest.raises(PidMismatchError, match="does not hold this monitor connection"):
+            await must_raise(path, victim.pid)
+        await anyio.sleep(0.5)  # QEMU exits a few ms after SIGTERM: give it the chance
+        assert victim.alive(), f"the QEMU that never held the socket was hit\n{victim.describe()}"
+        assert _state(victim.pid) not in ("T", "t"), "the QEMU was stopped"
+        assert victim.qmp_path is not None
+        client = await qmp_connect(victim.qmp_path)
+        try:
+            with anyio.fail_after(5):
+                status = await client.execute("query-status")
+        finally:
+            await qmp_disconnect(client)
+        assert status["status"] == "running", status
+    assert elapsed <= case.limit
+    if case.expect is ShutdownFailed:
+        result = caught.value.result
+        assert result.pid is None and result.stage is None
+        outcomes = [(s.stage.value, s.outcome.value) for s in result.steps]
+        assert outcomes == [
+            ("powerdown", "timeout"),
+            ("quit", "timeout"),
+            ("terminate", "skipped"),
+            ("kill", "skipped"),
+        ], outcomes
+        for step in signal_rungs(result):
+            assert "does not hold the monitor socket" in step.detail
+
+
 @pytest.mark.parametrize(
     ("setup", "tcp", "says"),
     [
@@ -692,7 +823,7 @@ async def test_no_raw_exception_escapes_from_any_peer() -> None:
 async def test_every_case_is_run_and_named_once() -> None:
     names = [case.name for case in CASES]
     assert len(set(names)) == len(names)
-    kinds = {"argument", "address", "unprivileged", "peer", "decoy"}
+    kinds = {"argument", "address", "unprivileged", "peer", "decoy", "liar"}
     assert {case.params["kind"] for case in CASES} == kinds
     for case in CASES:
         assert case.area in ("bad input", "peer that is not QEMU")

@@ -58,20 +58,6 @@ async def test_guest_that_wants_a_third_press_gets_it_by_repressing():
     assert outcomes(result) == [("powerdown", "done")]
 
 
-@pytest.mark.looptime  # the loop's clock is the test's: presses counted in its time, not the wall's
-async def test_ignored_button_escalates_to_quit_after_the_powerdown_timeout():
-    qemu = FakeQemu(guest="ignores")
-    result = await run(qemu)
-    assert result.stage is Stage.QUIT
-    assert result.graceful is False
-    assert result.reason == "host-qmp-quit"
-    assert result.presses == 3  # at 0, 0.1 and 0.2 s of a 0.25 s wait
-    assert result.cause is Cause.IGNORED_POWER_BUTTON
-    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
-    powerdown = result.step("powerdown")
-    assert powerdown is not None and 0.25 <= powerdown.ended < 0.5
-
-
 async def test_repress_none_presses_once():
     qemu = FakeQemu(guest="ignores")
     policy = ShutdownPolicy(powerdown_timeout=0.2, repress_interval=None, command_timeout=0.2)
