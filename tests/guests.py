@@ -550,7 +550,8 @@ class DiskState:
     #: ext4 says the journal must be replayed (``needs_recovery``: not cleanly unmounted
     #: or frozen).
     needs_recovery: bool
-    #: ``e2fsck -fn`` (read-only, no replay) found nothing to fix (exit status 0).
+    #: ``e2fsck -fn`` (read-only, no replay) exited 0. It does so for a disk that needs
+    #: recovery too (it warns that it skips the replay): read ``needs_recovery`` for that.
     fsck_clean: bool
     #: The integer in ``/counter`` as it sits in place, or None if missing or empty.
     counter: int | None
