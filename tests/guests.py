@@ -10,17 +10,37 @@ The guest's behaviour on the ACPI power button is picked per boot (``mode``):
   prints ``QMPSHUTDOWN-GUEST-RESUMED`` when woken, then acts like ``cooperative``;
 * ``panics``        kernel panic ``arg`` seconds after READY (default 1), no button handler;
   add ``-device pvpanic`` so QEMU notices;
-* ``reboots``       reboots on a press.
+* ``reboots``       reboots on a press;
+* ``updating``      on a press burns a CPU and writes (to the disk if there is one, else to
+  tmpfs) for ``arg`` seconds (default 20), ``QMPSHUTDOWN-GUEST-UPDATING t=N`` each second,
+  then powers off;
+* ``stalls``        on a press works about 1 s, prints ``QMPSHUTDOWN-GUEST-STALLED`` and
+  then waits forever (a "save your changes?" prompt).
+
+Options that combine with every mode (``boot()`` / ``guest_argv()`` keywords):
+
+* ``agent=True``    Debian's qemu-ga on a virtserialport ``org.qemu.guest_agent.0``,
+  its socket at ``Guest.agent_path`` (``workdir/qga.sock``); :class:`RawAgent` talks to it;
+* ``disk=True``     a 16 MiB ext4 qcow2 at ``Guest.disk_path`` (virtio-blk); the guest
+  rewrites ``/counter`` and prints ``QMPSHUTDOWN-GUEST-WROTE n=N`` once N is synced;
+  :func:`inspect_disk` reads it after QEMU exited (journal state, counter without replay);
+* ``display=True``  ``-device VGA``; the guest paints recognisable screens on tty1
+  (``screendump`` gives a 720x400 PNG).
 
 Serial lines the guest prints: ``QMPSHUTDOWN-GUEST-READY mode=<mode>`` once the
-button handler listens, ``QMPSHUTDOWN-GUEST-PRESS n=<count>`` per press seen.
+button handler listens (and, with ``agent``/``disk``, after
+``QMPSHUTDOWN-GUEST-AGENT-READY port=/dev/vportNpM`` and
+``QMPSHUTDOWN-GUEST-DISK-MOUNTED dev=/dev/vda``),
+``QMPSHUTDOWN-GUEST-PRESS n=<count>`` per press seen.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +58,14 @@ import attrs
 #: with their workdir as cwd.
 _QEMU = os.environ.get("QMPSHUTDOWN_QEMU") or "qemu-system-x86_64"
 QEMU_BINARY = os.path.abspath(_QEMU) if os.sep in _QEMU else _QEMU
-MODES = ("cooperative", "slow", "needs-presses", "ignores", "asleep", "panics", "reboots")
+MODES = (
+    "cooperative", "slow", "needs-presses", "ignores", "asleep", "panics", "reboots",
+    "updating", "stalls",
+)  # fmt: skip
+#: The virtio-serial port name qemu-ga looks for.
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+#: Size of the test disk made by :func:`make_disk`.
+DISK_SIZE_MIB = 16
 READY_PREFIX = "QMPSHUTDOWN-GUEST-READY"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "fixtures" / "qemu-images" / "build.py"
@@ -85,7 +112,7 @@ def images_dir() -> Path:
         _images_error = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
         raise ImagesUnavailable(_images_error)
     build_dir = BUILD_SCRIPT.parent / "build"
-    for name in ("vmlinuz", "initramfs.img"):
+    for name in ("vmlinuz", "initramfs.img", "initramfs-agent.img"):
         if not (build_dir / name).is_file():
             _images_error = f"{BUILD_SCRIPT} succeeded but left no {build_dir / name}"
             raise ImagesUnavailable(_images_error)
@@ -186,6 +213,10 @@ class Guest:
     workdir: Path
     popen: subprocess.Popen[bytes] = attrs.field(repr=False)
     argv: list[str] = attrs.field(repr=False)
+    #: The guest agent's unix socket (``agent=True``), else None.
+    agent_path: Path | None = None
+    #: The qcow2 ext4 disk (``disk=True``), else None.
+    disk_path: Path | None = None
 
     def serial_text(self) -> str:
         """Everything the guest printed on its serial console so far."""
@@ -260,14 +291,26 @@ def guest_argv(
     qmp: bool = True,
     memory: int = 256,
     kernel_args: Sequence[str] = (),
+    agent: bool = False,
+    disk: bool = False,
+    display: bool = False,
 ) -> list[str]:
-    """The QEMU command line for a test guest in ``mode`` (QMP socket at workdir/qmp.sock)."""
+    """The QEMU command line for a test guest in ``mode`` (QMP socket at workdir/qmp.sock).
+
+    :param agent: a virtserialport for qemu-ga, its chardev a unix socket at workdir/qga.sock.
+    :param disk: attach workdir/disk.qcow2 (made by :func:`make_disk`) as virtio-blk.
+    :param display: add ``-device VGA``, with the kernel console on tty0 as well as ttyS0.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown guest mode {mode!r}; one of {MODES}")
     images = images_dir()
-    append = ["console=ttyS0", "panic=0", "loglevel=4", f"qsd.mode={mode}"]
+    # ttyS0 last: /dev/console (init's output, the serial lines) stays on the serial port.
+    consoles = ["console=tty0", "console=ttyS0"] if display else ["console=ttyS0"]
+    append = [*consoles, "panic=0", "loglevel=4", f"qsd.mode={mode}"]
     if arg is not None:
         append.append(f"qsd.arg={int(arg)}")
+    append += [f"qsd.{name}=1" for name, on in (("agent", agent), ("disk", disk),
+                                                ("display", display)) if on]  # fmt: skip
     append.extend(kernel_args)
     argv = [
         QEMU_BINARY,
@@ -279,7 +322,8 @@ def guest_argv(
         "-display", "none",
         "-serial", f"file:{workdir / 'serial.log'}",
         "-kernel", str(images / "vmlinuz"),
-        "-initrd", str(images / "initramfs.img"),
+        # qemu-ga and its libraries make the initramfs 3.6x bigger: only when asked for.
+        "-initrd", str(images / ("initramfs-agent.img" if agent else "initramfs.img")),
         "-append", " ".join(append),
     ]  # fmt: skip
     if qmp:
@@ -287,6 +331,19 @@ def guest_argv(
             "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
         ]  # fmt: skip
+    if agent:
+        argv += [
+            "-chardev", f"socket,id=qga,path={workdir / 'qga.sock'},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT_NAME}",
+        ]  # fmt: skip
+    if disk:
+        argv += [
+            "-drive", f"file={workdir / 'disk.qcow2'},format=qcow2,if=none,id=disk0",
+            "-device", "virtio-blk-pci,drive=disk0",
+        ]  # fmt: skip
+    if display:
+        argv += ["-device", "VGA"]
     argv.extend(extra_args)
     return argv
 
@@ -315,11 +372,15 @@ class GuestFactory:
         ready_timeout: float = 60.0,
         memory: int = 256,
         kernel_args: Sequence[str] = (),
+        agent: bool = False,
+        disk: bool = False,
+        display: bool = False,
     ) -> Guest:
         """Start QEMU with a guest in ``mode``; return once it is ready.
 
         Waits for the QMP socket, then (if ``wait_ready`` and the guest can run,
-        i.e. no ``-S``) for the READY line, which means the button handler listens.
+        i.e. no ``-S``) for the READY line, which means the button handler listens
+        (and the agent and the disk are up, if asked for: see :func:`guest_argv`).
 
         :raises RuntimeError: if QEMU exits during the boot (the message holds its stderr).
         :raises TimeoutError: if the socket or READY line does not come in time.
@@ -327,9 +388,12 @@ class GuestFactory:
         self._count += 1
         workdir = self.root / f"guest{self._count}-{mode}"
         workdir.mkdir(parents=True)
+        if disk:
+            await asyncio.to_thread(make_disk, workdir / "disk.qcow2")
         argv = guest_argv(
             mode, workdir=workdir, machine=machine, arg=arg, extra_args=extra_args,
-            qmp=qmp, memory=memory, kernel_args=kernel_args,
+            qmp=qmp, memory=memory, kernel_args=kernel_args, agent=agent, disk=disk,
+            display=display,
         )  # fmt: skip
         popen = self._spawn(argv, workdir)
         _started.append(popen)
@@ -341,6 +405,8 @@ class GuestFactory:
             workdir=workdir,
             popen=popen,
             argv=argv,
+            agent_path=workdir / "qga.sock" if agent else None,
+            disk_path=workdir / "disk.qcow2" if disk else None,
         )
         self.guests.append(guest)
 
@@ -439,3 +505,159 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+# --------------------------------------------------------------------------- the disk
+
+
+def _tool(
+    argv: list[str], what: str, ok: tuple[int, ...] = (0,)
+) -> subprocess.CompletedProcess[str]:
+    """Run a host tool (bounded); raise RuntimeError with its output unless its status is ok."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError as err:
+        raise RuntimeError(
+            f"{what}: {argv[0]} not found (bash .ci/setup installs qemu-utils and e2fsprogs)"
+        ) from err
+    if proc.returncode not in ok:
+        raise RuntimeError(f"{what}: {' '.join(argv)} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def make_disk(path: Path, size_mib: int = DISK_SIZE_MIB) -> Path:
+    """Make an empty ext4 filesystem (label ``qsd-disk``) as a qcow2 image at ``path``.
+
+    mkfs.ext4 writes a raw file (it cannot write qcow2), then qemu-img converts it.
+    The inode tables and journal are initialised now, so the guest's kernel has no
+    lazy-init thread writing behind the test's back.
+    """
+    raw = path.with_suffix(".raw")
+    with open(raw, "wb") as file:
+        file.truncate(size_mib * 1024 * 1024)
+    try:
+        _tool(
+            ["mkfs.ext4", "-q", "-F", "-L", "qsd-disk",
+             "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)],
+            "making the test disk",
+        )  # fmt: skip
+        _tool(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+              "converting the test disk to qcow2")  # fmt: skip
+    finally:
+        raw.unlink(missing_ok=True)
+    return path
+
+
+@attrs.frozen
+class DiskState:
+    """What a test disk holds after QEMU exited, read from a raw copy, nothing replayed."""
+
+    #: ext4 says the journal must be replayed (``needs_recovery``: not cleanly unmounted
+    #: or frozen).
+    needs_recovery: bool
+    #: ``e2fsck -fn`` (read-only, no replay) exited 0. It does so for a disk that needs
+    #: recovery too (it warns that it skips the replay): read ``needs_recovery`` for that.
+    fsck_clean: bool
+    #: The integer in ``/counter`` as it sits in place, or None if missing or empty.
+    counter: int | None
+    #: ``dumpe2fs -h`` output, for failure messages.
+    header: str = attrs.field(repr=False)
+
+
+def inspect_disk(path: Path) -> DiskState:
+    """Read a test disk (qcow2) after its QEMU exited: journal state and counter.
+
+    Works on a raw copy (``qemu-img convert -O raw``) so nothing touches the image;
+    debugfs reads ``/counter`` without replaying the journal.
+    """
+    raw = path.with_name(path.stem + "-inspect.raw")
+    _tool(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(raw)],
+          "copying the test disk to raw")  # fmt: skip
+    try:
+        header = _tool(["dumpe2fs", "-h", str(raw)], "reading the ext4 superblock").stdout
+        features = re.search(r"^Filesystem features:(.*)$", header, re.MULTILINE)
+        needs_recovery = features is not None and "needs_recovery" in features.group(1).split()
+        fsck = _tool(["e2fsck", "-fn", str(raw)], "checking the disk", ok=(0, 1, 2, 4, 8, 12))
+        cat = _tool(["debugfs", "-R", "cat /counter", str(raw)], "reading /counter")
+        text = cat.stdout.strip()
+        return DiskState(
+            needs_recovery=needs_recovery,
+            fsck_clean=fsck.returncode == 0,
+            counter=int(text) if text.isdigit() else None,
+            header=header,
+        )
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the guest agent
+
+
+class RawAgent:
+    """A minimal qemu-ga client over the guest's agent socket (no greeting, no capabilities).
+
+    The agent may hold stale bytes from a previous client: :meth:`connect` resyncs with
+    ``guest-sync-delimited``, whose reply comes after a 0xFF byte (everything before it
+    is discarded). Every read is bounded.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def connect(cls, path: Path, timeout: float = 10.0) -> RawAgent:
+        """Connect and resync.
+
+        :raises TimeoutError: if the agent does not answer ``guest-sync-delimited`` in time
+            (a socket whose agent is not running accepts and never answers).
+        """
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout)
+        agent = cls(reader, writer)
+        try:
+            token = int.from_bytes(os.urandom(4), "big") >> 1
+            agent._send("guest-sync-delimited", {"id": token})
+            await asyncio.wait_for(reader.readuntil(b"\xff"), timeout)
+            while True:
+                reply = await agent._read(timeout)
+                if reply.get("return") == token:
+                    return agent
+        except BaseException:
+            writer.close()
+            raise
+
+    def _send(self, command: str, arguments: Mapping[str, Any] | None = None) -> None:
+        request: dict[str, Any] = {"execute": command}
+        if arguments:
+            request["arguments"] = dict(arguments)
+        self._writer.write(json.dumps(request).encode() + b"\n")
+
+    async def _read(self, timeout: float) -> dict[str, Any]:
+        line = await asyncio.wait_for(self._reader.readline(), timeout)
+        if not line:
+            raise EOFError("agent socket closed")
+        message: dict[str, Any] = json.loads(line.lstrip(b"\xff"))
+        return message
+
+    async def call(self, command: str, timeout: float = 10.0, **arguments: Any) -> dict[str, Any]:
+        """Send a command and return the whole reply (``{"return": ...}`` or ``{"error": ...}``)."""
+        self._send(command, arguments)
+        await asyncio.wait_for(self._writer.drain(), timeout)
+        return await self._read(timeout)
+
+    async def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
+        """Send a command and return its ``return`` value; an error reply raises RuntimeError."""
+        reply = await self.call(command, timeout, **arguments)
+        if "error" in reply:
+            raise RuntimeError(f"{command}: {reply['error']}")
+        return reply["return"]
+
+    async def send_no_reply(self, command: str, **arguments: Any) -> None:
+        """Send a command that never answers (``guest-shutdown``)."""
+        self._send(command, arguments)
+        await asyncio.wait_for(self._writer.drain(), 10.0)
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._writer.wait_closed(), 5.0)

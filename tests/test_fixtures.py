@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from guests import Guest, GuestFactory
+from guests import MODES, Guest, GuestFactory, RawAgent, inspect_disk
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -382,3 +385,351 @@ async def test_reboots_resets_on_press_or_shuts_down_with_no_reboot(guests: Gues
 async def test_boot_failure_reports_qemu_stderr(guests: GuestFactory) -> None:
     with pytest.raises(RuntimeError, match="'no-such-device' is not a valid device model name"):
         await guests.boot("cooperative", extra_args=["-device", "no-such-device"])
+
+
+# --------------------------------------------------------------------------- helpers: agent, disk
+
+
+async def quit_qemu(guest: Guest, qmp: RawQMP) -> None:
+    """``quit`` (QEMU may close the socket before it answers), then wait for the exit."""
+    with suppress(EOFError, ConnectionError, asyncio.TimeoutError):
+        await qmp.execute("quit")
+        await qmp.collect(EXIT_TIMEOUT)
+    assert await guest.wait_exit(EXIT_TIMEOUT) == 0
+
+
+def wrote(guest: Guest) -> list[int]:
+    """The counter values the guest reported durable, in order."""
+    prefix = "QMPSHUTDOWN-GUEST-WROTE n="
+    return [int(line[len(prefix) :]) for line in guest.serial_lines() if line.startswith(prefix)]
+
+
+async def wait_wrote(guest: Guest, n: int, timeout: float = REACTION_TIMEOUT) -> None:
+    await guest.wait_for_serial(f"QMPSHUTDOWN-GUEST-WROTE n={n}\n", timeout)
+
+
+@asynccontextmanager
+async def agent_of(guest: Guest) -> AsyncIterator[RawAgent]:
+    assert guest.agent_path is not None
+    agent = await RawAgent.connect(guest.agent_path, REPLY_TIMEOUT)
+    try:
+        yield agent
+    finally:
+        await agent.close()
+
+
+async def test_agent_answers_and_shuts_down_a_guest_that_ignores_the_button(
+    guests: GuestFactory,
+) -> None:
+    guest = await guests.boot("ignores", agent=True, disk=True)
+    assert "QMPSHUTDOWN-GUEST-AGENT-READY port=/dev/vport0p1" in guest.serial_lines()
+    async with qmp_of(guest) as qmp, agent_of(guest) as agent:
+        assert await agent.execute("guest-sync", id=12345) == 12345
+        osinfo = await agent.execute("guest-get-osinfo")
+        assert (osinfo["id"], osinfo["name"]) == ("debian", "Debian GNU/Linux")
+        assert osinfo["variant-id"] == "qsd-test-guest"
+        assert await agent.execute("guest-get-users") == []
+        assert await agent.execute("guest-fsfreeze-status") == "thawed"
+        await wait_wrote(guest, 2)
+        assert await agent.execute("guest-fsfreeze-freeze") == 1
+        assert await agent.execute("guest-fsfreeze-status") == "frozen"
+        # A frozen agent refuses guest-shutdown (as on a real Debian guest).
+        refused = await agent.call("guest-shutdown")
+        assert refused["error"]["class"] == "CommandNotFound", refused
+        assert "frozen" in refused["error"]["desc"]
+        assert await agent.execute("guest-fsfreeze-thaw") == 1
+        assert await agent.execute("guest-fsfreeze-status") == "thawed"
+        after_thaw = max(wrote(guest))
+        await wait_wrote(guest, after_thaw + 1)  # the writer goes on after the thaw
+
+        assert await qmp.execute("system_powerdown") == {}
+        await qmp.collect(1.0)
+        assert await qmp.status() == "running"
+        await agent.send_no_reply("guest-shutdown")
+        shutdown = await qmp.wait_event("SHUTDOWN", REACTION_TIMEOUT)
+        assert shutdown["data"] == GUEST_SHUTDOWN
+        assert qmp.event_names() == ["POWERDOWN", "SHUTDOWN"]
+        assert await guest.wait_exit(EXIT_TIMEOUT) == 0
+    lines = guest.serial_lines()
+    assert (
+        "QMPSHUTDOWN-GUEST-SHUTDOWN-COMMAND action=poweroff args=-h -P +0 "
+        "hypervisor initiated shutdown"
+    ) in lines
+    assert lines[-2:] == ["QMPSHUTDOWN-GUEST-DISK-UNMOUNTED", "QMPSHUTDOWN-GUEST-POWERING-OFF"]
+    assert guest.disk_path is not None
+    state = await asyncio.to_thread(inspect_disk, guest.disk_path)
+    assert not state.needs_recovery, state.header
+    assert state.fsck_clean
+    assert state.counter == max(wrote(guest))
+
+
+async def test_agent_shutdown_reboot_and_halt_modes(guests: GuestFactory) -> None:
+    async def reboot() -> None:
+        guest = await guests.boot("cooperative", agent=True, extra_args=["-no-reboot"])
+        async with qmp_of(guest) as qmp, agent_of(guest) as agent:
+            # Without a disk nothing is frozen, and that is no error.
+            assert await agent.execute("guest-fsfreeze-freeze") == 0
+            assert await agent.execute("guest-fsfreeze-thaw") == 0
+            await agent.send_no_reply("guest-shutdown", mode="reboot")
+            shutdown = await qmp.wait_event("SHUTDOWN", REACTION_TIMEOUT)
+            assert shutdown["data"] == {"guest": True, "reason": "guest-reset"}
+            assert await guest.wait_exit(EXIT_TIMEOUT) == 0
+        assert "QMPSHUTDOWN-GUEST-REBOOTING" in guest.serial_lines()
+
+    async def halt() -> None:
+        guest = await guests.boot("cooperative", agent=True, disk=True)
+        async with qmp_of(guest) as qmp, agent_of(guest) as agent:
+            await wait_wrote(guest, 1)
+            await agent.send_no_reply("guest-shutdown", mode="halt")
+            await guest.wait_for_serial("QMPSHUTDOWN-GUEST-HALTING", REACTION_TIMEOUT)
+            await qmp.collect(2.0)
+            # A halted guest is not powered off: QEMU runs on, no SHUTDOWN.
+            assert "SHUTDOWN" not in qmp.event_names()
+            assert await qmp.status() == "running"
+            await quit_qemu(guest, qmp)
+        assert "QMPSHUTDOWN-GUEST-DISK-UNMOUNTED" in guest.serial_lines()
+        assert guest.disk_path is not None
+        state = await asyncio.to_thread(inspect_disk, guest.disk_path)
+        assert not state.needs_recovery, state.header
+        assert state.counter == max(wrote(guest))
+
+    await all_of(reboot(), halt())
+
+
+async def test_disk_quit_leaves_journal_dirty_freeze_then_quit_leaves_it_clean(
+    guests: GuestFactory,
+) -> None:
+    async def forced_quit() -> None:
+        guest = await guests.boot("cooperative", disk=True)
+        async with qmp_of(guest) as qmp:
+            await wait_wrote(guest, 3)
+            await quit_qemu(guest, qmp)
+        assert guest.disk_path is not None
+        state = await asyncio.to_thread(inspect_disk, guest.disk_path)
+        assert state.needs_recovery, state.header
+
+    async def frozen_quit() -> None:
+        guest = await guests.boot("cooperative", disk=True, agent=True)
+        async with qmp_of(guest) as qmp, agent_of(guest) as agent:
+            await wait_wrote(guest, 3)
+            last_before = max(wrote(guest))
+            assert await agent.execute("guest-fsfreeze-freeze") >= 1
+            await quit_qemu(guest, qmp)
+        assert guest.disk_path is not None
+        state = await asyncio.to_thread(inspect_disk, guest.disk_path)
+        assert not state.needs_recovery, state.header
+        assert state.fsck_clean
+        assert state.counter is not None
+        # Every value reported durable is on disk; at most one more was written, unreported.
+        assert last_before <= max(wrote(guest)) <= state.counter <= max(wrote(guest)) + 1
+
+    await all_of(forced_quit(), frozen_quit())
+
+
+# --------------------------------------------------------------------------- helpers: CPU
+
+
+async def vcpu_thread(qmp: RawQMP) -> int:
+    cpus = await qmp.execute("query-cpus-fast")
+    assert len(cpus) == 1, cpus
+    thread_id: int = cpus[0]["thread-id"]
+    return thread_id
+
+
+def cpu_seconds(pid: int, tid: int) -> float:
+    """utime + stime of one thread of ``pid``, in seconds."""
+    stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wanted_seconds(pid: int, tid: int) -> float:
+    """Seconds one thread of ``pid`` ran or waited to run (schedstat: on CPU + runqueue)."""
+    on_cpu, waiting, _ = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+    return (int(on_cpu) + int(waiting)) / 1e9
+
+
+async def cpu_per_second(guest: Guest, tid: int, seconds: int) -> tuple[list[float], list[float]]:
+    """The vCPU thread's CPU seconds, and seconds it wanted a CPU, in each next second.
+
+    CPU seconds (``stat``) drop when other work on the host takes the cores; the time
+    the thread ran or sat runnable (``schedstat``) stays near 1.0 s/s for a busy
+    guest however loaded the host is, and near 0 for an idle one.
+    """
+    loop = asyncio.get_running_loop()
+    cpu: list[float] = []
+    wanted: list[float] = []
+    before = cpu_seconds(guest.pid, tid), wanted_seconds(guest.pid, tid), loop.time()
+    for _ in range(seconds):
+        await asyncio.sleep(max(0.0, before[2] + 1.0 - loop.time()))
+        now = cpu_seconds(guest.pid, tid), wanted_seconds(guest.pid, tid), loop.time()
+        cpu.append(round((now[0] - before[0]) / (now[2] - before[2]), 2))
+        wanted.append(round((now[1] - before[1]) / (now[2] - before[2]), 2))
+        before = now
+    return cpu, wanted
+
+
+async def test_updating_burns_a_cpu_for_arg_seconds_then_powers_off(
+    guests: GuestFactory,
+) -> None:
+    guest = await guests.boot("updating", arg=6)
+    async with qmp_of(guest) as qmp:
+        tid = await vcpu_thread(qmp)
+        idle_cpu, idle_wanted = await cpu_per_second(guest, tid, 2)
+        assert max(idle_cpu) < 0.1 and max(idle_wanted) < 0.15, (idle_cpu, idle_wanted)
+        loop = asyncio.get_running_loop()
+        pressed_at = loop.time()
+        await press_and_see(guest, qmp, 1)
+        await guest.wait_for_serial("QMPSHUTDOWN-GUEST-UPDATING-STARTED seconds=6", 5)
+        busy_cpu, busy_wanted = await cpu_per_second(guest, tid, 4)
+        assert min(busy_wanted) > 0.85, (busy_cpu, busy_wanted)
+        assert min(busy_cpu) > 0.25, (busy_cpu, busy_wanted)  # even on a crowded host
+        assert "SHUTDOWN" not in qmp.event_names()
+        shutdown = await qmp.wait_event("SHUTDOWN", 6 + REACTION_TIMEOUT)
+        assert loop.time() - pressed_at >= 6.0
+        assert shutdown["data"] == GUEST_SHUTDOWN
+        assert await guest.wait_exit(EXIT_TIMEOUT) == 0
+    lines = guest.serial_lines()
+    ticks = [line for line in lines if line.startswith("QMPSHUTDOWN-GUEST-UPDATING t=")]
+    assert ticks == [f"QMPSHUTDOWN-GUEST-UPDATING t={t}" for t in range(1, 7)]
+    assert lines[-1] == "QMPSHUTDOWN-GUEST-POWERING-OFF"
+
+
+async def test_updating_writes_the_disk_and_ignores_more_presses(guests: GuestFactory) -> None:
+    guest = await guests.boot("updating", arg=3, disk=True)
+    async with qmp_of(guest) as qmp:
+        await press_and_see(guest, qmp, 1)
+        await press_and_see(guest, qmp, 2)
+        await guest.wait_for_serial("QMPSHUTDOWN-GUEST-UPDATING-ALREADY", REACTION_TIMEOUT)
+        shutdown = await qmp.wait_event("SHUTDOWN", 3 + REACTION_TIMEOUT)
+        assert shutdown["data"] == GUEST_SHUTDOWN
+        assert await guest.wait_exit(EXIT_TIMEOUT) == 0
+    lines = guest.serial_lines()
+    assert "QMPSHUTDOWN-GUEST-UPDATING t=3" in lines
+    assert lines[-2:] == ["QMPSHUTDOWN-GUEST-DISK-UNMOUNTED", "QMPSHUTDOWN-GUEST-POWERING-OFF"]
+    assert guest.disk_path is not None
+    state = await asyncio.to_thread(inspect_disk, guest.disk_path)
+    assert not state.needs_recovery, state.header
+    assert state.counter == max(wrote(guest))
+
+
+async def test_stalls_works_a_second_then_waits_forever(guests: GuestFactory) -> None:
+    guest = await guests.boot("stalls")
+    async with qmp_of(guest) as qmp:
+        tid = await vcpu_thread(qmp)
+        before = cpu_seconds(guest.pid, tid), wanted_seconds(guest.pid, tid)
+        await press_and_see(guest, qmp, 1)
+        await guest.wait_for_serial("QMPSHUTDOWN-GUEST-STALLED", REACTION_TIMEOUT)
+        burst = cpu_seconds(guest.pid, tid) - before[0], wanted_seconds(guest.pid, tid) - before[1]
+        assert burst[1] >= 0.9 and burst[0] >= 0.3, burst
+        await asyncio.sleep(0.5)
+        after_cpu, after_wanted = await cpu_per_second(guest, tid, 4)
+        assert max(after_cpu) < 0.1 and max(after_wanted) < 0.15, (after_cpu, after_wanted)
+        await press_and_see(guest, qmp, 2)
+        await guest.wait_for_serial("QMPSHUTDOWN-GUEST-STALLED-ALREADY", REACTION_TIMEOUT)
+        await qmp.collect(2.0)
+        assert await qmp.status() == "running"
+        assert "SHUTDOWN" not in qmp.event_names()
+        assert guest.alive()
+
+
+# --------------------------------------------------------------------------- helpers: display
+
+
+def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Width, height and unfiltered rows of an 8-bit RGB/RGBA PNG (no interlace)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    offset, idat = 8, b""
+    width = height = bpp = 0
+    while offset < len(data):
+        (length,) = struct.unpack_from(">I", data, offset)
+        kind = data[offset + 4 : offset + 8]
+        body = data[offset + 8 : offset + 8 + length]
+        offset += 12 + length
+        if kind == b"IHDR":
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert (depth, interlace) == (8, 0) and colour in (2, 6), body
+            bpp = 3 if colour == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+    raw = zlib.decompress(idat)
+    stride = width * bpp
+    rows: list[bytes] = []
+    prior = bytearray(stride)
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        for x in range(stride):
+            left = line[x - bpp] if x >= bpp else 0
+            up, up_left = prior[x], prior[x - bpp] if x >= bpp else 0
+            if kind == 1:
+                line[x] = (line[x] + left) & 0xFF
+            elif kind == 2:
+                line[x] = (line[x] + up) & 0xFF
+            elif kind == 3:
+                line[x] = (line[x] + (left + up) // 2) & 0xFF
+            elif kind == 4:
+                p = left + up - up_left
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
+                pred = left if pa <= pb and pa <= pc else up if pb <= pc else up_left
+                line[x] = (line[x] + pred) & 0xFF
+        rows.append(bytes(line))
+        prior = line
+    return width, height, rows
+
+
+async def screen_of(guest: Guest, qmp: RawQMP, name: str) -> list[bytes]:
+    """A screendump of the guest's VGA console, checked to be 720x400 and not one colour."""
+    path = guest.workdir / f"{name}.png"
+    assert await qmp.execute("screendump", filename=str(path), format="png") == {}
+    width, height, rows = await asyncio.to_thread(decode_png, path.read_bytes())
+    assert (width, height) == (720, 400)
+    colours = {row[x : x + 3] for row in rows[::4] for x in range(0, len(row), 3 * 3)}
+    assert len(colours) >= 2, f"{name}: a single colour {colours}"
+    return rows
+
+
+async def test_display_shows_a_screen_per_behaviour(guests: GuestFactory) -> None:
+    async def ignores() -> None:
+        guest = await guests.boot("ignores", display=True)
+        async with qmp_of(guest) as qmp:
+            await screen_of(guest, qmp, "login")
+
+    async def changes_on_press(mode: str, arg: int | None, line: str) -> None:
+        guest = await guests.boot(mode, arg=arg, display=True)
+        async with qmp_of(guest) as qmp:
+            before = await screen_of(guest, qmp, "before")
+            await press_and_see(guest, qmp, 1)
+            await guest.wait_for_serial(line, REACTION_TIMEOUT)
+            await asyncio.sleep(0.5)  # the console is redrawn at QEMU's next refresh
+            after = await screen_of(guest, qmp, "after")
+            assert before != after, f"{mode}: the screen did not change after the press"
+            # The serial console still works beside the VGA one.
+            assert guest.serial_lines()[0] == f"QMPSHUTDOWN-GUEST-READY mode={mode}"
+
+    await all_of(
+        ignores(),
+        changes_on_press("slow", 30, "QMPSHUTDOWN-GUEST-SLOW-STOPPING"),
+        changes_on_press("updating", 30, "QMPSHUTDOWN-GUEST-UPDATING t=1"),
+        changes_on_press("stalls", None, "QMPSHUTDOWN-GUEST-STALLED"),
+    )
+
+
+async def test_every_mode_boots_with_agent_disk_and_display(guests: GuestFactory) -> None:
+    async def boot(mode: str) -> None:
+        # asleep and panics act on their own after READY: give them time to be asked.
+        arg = 60 if mode in ("asleep", "panics") else None
+        guest = await guests.boot(mode, arg=arg, agent=True, disk=True, display=True)
+        async with agent_of(guest) as agent:
+            assert await agent.execute("guest-sync", id=7) == 7
+        await wait_wrote(guest, 1)
+        lines = guest.serial_lines()
+        assert lines.index("QMPSHUTDOWN-GUEST-DISK-MOUNTED dev=/dev/vda") < lines.index(
+            f"QMPSHUTDOWN-GUEST-READY mode={mode}"
+        )
+        assert "QMPSHUTDOWN-GUEST-AGENT-READY port=/dev/vport0p1" in lines
+        guest.popen.kill()  # this guest only; the fixture reaps it too
+        await guest.wait_exit(EXIT_TIMEOUT)
+
+    for start in range(0, len(MODES), 3):  # three at a time: the machine has two cores
+        await all_of(*(boot(mode) for mode in MODES[start : start + 3]))
