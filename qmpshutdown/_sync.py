@@ -139,7 +139,7 @@ class SyncVM:
         :raises qemu.qmp.ExecuteError: QEMU answered with an error.
         :raises qemu.qmp.ExecInterruptedError: the connection ended first.
         """
-        return self._call(self._vm.monitor.execute, command, arguments or None)
+        return self._call("qmp", self._vm.monitor.execute, command, arguments or None)
 
     def events(self) -> list[EventRecord]:
         """Return the QMP events the caller's monitor received so far, oldest first.
@@ -155,12 +155,13 @@ class SyncVM:
             runs (the block's end will still take it down).
         :return: the record, also kept as :attr:`result`.
         """
-        return self._call(self._vm.shutdown, policy)
+        return self._call("shutdown", self._vm.shutdown, policy)
 
     # ---- the portal ------------------------------------------------------------
 
-    def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
-        refuse_in_event_loop(f"SyncVM.{getattr(func, '__name__', 'call')}()")
+    def _call(self, what: str, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run *func* in the portal's loop; Ctrl-C cancels it (and waits for that)."""
+        refuse_in_event_loop(f"SyncVM.{what}()")
         assert self._portal is not None, "the VM is not running"
         return wait_through(self._portal.start_task_soon(func, *args), cancel=True)
 

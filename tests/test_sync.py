@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -134,6 +135,26 @@ def test_ctrl_c_during_the_teardown_does_not_cut_it_short(argv, shared_portal):
     assert vm.result.stage is Stage.QUIT
     assert [s.stage.value for s in vm.result.steps] == ["powerdown", "quit"]
     assert our_qemus(marker) == []
+
+
+def test_ctrl_c_during_start_up_cancels_it_and_leaves_nothing_running():
+    # not QEMU: a program that never greets, so start-up would wait out its 30 s
+    marker = "qsd-sync-ctrl-c-boot"
+    timer = threading.Timer(
+        0.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)
+    )
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        timer.start()
+        with qmpshutdown.launch_sync(
+            [sys.executable, "-c", "import time; time.sleep(60)", marker],
+            POLICY,
+            startup_timeout=30.0,
+        ):
+            pytest.fail("the block must not run")
+    timer.join()
+    assert time.monotonic() - started < 0.5 + POLICY.terminate_timeout + POLICY.kill_timeout
+    assert our_qemus(marker, zombies=False) == []
 
 
 def test_inside_a_running_event_loop_is_a_clear_error(argv):
