@@ -30,6 +30,7 @@ from ._process import Process
 from ._progress import Progress, ProgressKind
 from ._result import Cause, EventRecord, Outcome, ShutdownResult, Step
 from ._shutdown import Target, shutdown, shutdown_sync
+from ._sync import SyncVM, launch_sync
 from ._version import __version__ as __version__
 
 # In order of importance: what stops a VM, what it returns, then the seams for
@@ -40,6 +41,7 @@ __all__ = (
     "shutdown_sync",
     "shutdown_many",
     "launch",
+    "launch_sync",
     "climb",
     # classes
     "ShutdownPolicy",
@@ -53,6 +55,7 @@ __all__ = (
     "ProgressKind",
     "Target",
     "VM",
+    "SyncVM",
     "Monitor",
     "Process",
     # exceptions

@@ -1,4 +1,4 @@
-"""The qemu_launcher fixture, run in a pytest of its own (pytester)."""
+"""The qemu_launcher and qemu_launcher_sync fixtures, run in a pytest of their own (pytester)."""
 
 from __future__ import annotations
 
@@ -56,4 +56,87 @@ def test_failing_test_still_leaves_nothing_running(
     assert "failing1: quit forced" in output
     assert "failing2: quit forced" in output
     assert "passing: " in output
+    assert our_qemus(marker) == []
+
+
+SYNC_INNER = """
+import time
+
+import pytest
+from guests import guest_argv
+from qmpshutdown import ShutdownPolicy
+
+@pytest.fixture
+def qemu_shutdown_policy():
+    return ShutdownPolicy(powerdown_timeout=3.0, repress_interval=None)
+
+def test_two_guests_one_ignores_the_button(qemu_launcher_sync, tmp_path):
+    vms = []
+    for mode in ("cooperative", "ignores"):
+        workdir = tmp_path / mode
+        workdir.mkdir()
+        argv = guest_argv(mode, workdir=workdir, qmp=False, extra_args=["-name", "MARKER"])
+        vms.append(qemu_launcher_sync.launch(argv, name=mode))
+    assert [vm.qmp("query-status")["status"] for vm in vms] == ["running", "running"]
+    serial = tmp_path / "cooperative" / "serial.log"
+    for _ in range(1200):  # the cooperative guest's button handler listens (60 s at most)
+        if serial.exists() and "QMPSHUTDOWN-GUEST-READY" in serial.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the cooperative guest never got ready")
+"""
+
+ANYIO_INNER = """
+import pytest
+from guests import guest_argv
+from qmpshutdown import ShutdownPolicy
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+@pytest.fixture
+def qemu_shutdown_policy():
+    return ShutdownPolicy(powerdown_timeout=1.0, repress_interval=None)
+
+@pytest.mark.anyio
+async def test_under_anyio(qemu_launcher, tmp_path):
+    argv = guest_argv("ignores", workdir=tmp_path, qmp=False, extra_args=["-name", "MARKER"])
+    vm = await qemu_launcher.launch(argv, name="anyio")
+    assert (await vm.monitor.execute("query-status"))["status"] == "running"
+"""
+
+
+def run_inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str):
+    pytester.makepyfile(test_inner=source)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    return pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-o", "asyncio_mode=strict", "-rA", timeout=120
+    )
+
+
+@pytest.mark.qemu
+def test_sync_fixture_stops_every_guest_and_reports_how(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = "qsd-plugin-sync"
+    result = run_inner(pytester, monkeypatch, SYNC_INNER.replace("MARKER", marker))
+    result.assert_outcomes(passed=1)
+    output = result.stdout.str()
+    assert "Captured qmpshutdown teardown" in output
+    assert "cooperative: powerdown graceful reason=guest-shutdown" in output
+    assert "ignores: quit forced reason=host-qmp-quit" in output
+    assert "cause=ignored-power-button" in output
+    assert our_qemus(marker) == []
+
+
+@pytest.mark.qemu
+def test_async_fixture_under_anyio_pytest_plugin(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = "qsd-plugin-anyio"
+    result = run_inner(pytester, monkeypatch, ANYIO_INNER.replace("MARKER", marker))
+    result.assert_outcomes(passed=1)
+    assert "anyio: quit forced" in result.stdout.str()
     assert our_qemus(marker) == []
