@@ -42,8 +42,8 @@ async def ladder(qemu: Qemu, rungs: Sequence[Rung], actions: Sequence[Action]) -
         if qemu.guest_off and not rung.forced:
             continue  # the guest is off: no graceful rung has anything left to do
         skip = rung.why_not(qemu)
-        if skip is None and rung.forced and not forcing:
-            forcing = True  # right before the first forced rung that will run
+        if skip is None and rung.forced and not forcing and not qemu.guest_off:
+            forcing = True  # right before the first forced rung that will run on a live guest
             for action in actions:
                 if action.applies(qemu):
                     await take_step(qemu, action.stage, action.budget(qemu.policy), action.run)

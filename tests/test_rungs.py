@@ -147,3 +147,14 @@ async def test_actions_do_not_run_when_no_forced_rung_runs():
 def test_a_policy_variant_changes_the_budgets():
     longer = attrs.evolve(FAKE, powerdown_timeout=10.0)
     assert longer.bound - FAKE.bound == pytest.approx(10.0 - 0.25)
+
+
+@pytest.mark.asyncio
+async def test_actions_do_not_run_when_quit_only_ends_a_guest_that_is_off():
+    marker = Marker()
+    result = await climb_with(FakeQemu(no_shutdown=True), actions=[marker])
+    assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+        ("powerdown", "done"),
+        ("quit", "done"),
+    ]
+    assert result.graceful and marker.ran_at == []
