@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -77,7 +78,9 @@ async def shutdown_many(
     ends_at = None if seconds is None else started + seconds
     sizes = Counter(job.group for job in jobs)
     largest = max(sizes.values(), default=0)
-    limiter = anyio.CapacityLimiter(ladder_capacity(min(limit or largest, largest)))
+    capacity = ladder_capacity(min(limit or largest, largest))
+    # No limiter when all of the largest group may run at once: nothing to wait for.
+    limiter = anyio.CapacityLimiter(capacity) if capacity < largest else None
     turns = _Turns()
     results: list[ShutdownResult | Error | None] = [None] * len(jobs)
 
@@ -95,7 +98,7 @@ async def shutdown_many(
     async def _stop_in_turn(job: Job, job_policy: ShutdownPolicy) -> ShutdownResult:
         idle = 0
         while True:
-            async with limiter:
+            async with limiter if limiter is not None else contextlib.nullcontext():
                 fitted = job_policy
                 if ends_at is not None:
                     fitted = fit_policy(job_policy, ends_at - anyio.current_time())
