@@ -47,6 +47,7 @@ CLIENTS = {
 }
 BEGIN, END = "<!-- fleet benchmark: begin -->", "<!-- fleet benchmark: end -->"
 PLOT = HERE / "fleet.png"
+LOADS: list[float] = []  # the 1-minute load average after each run (2 shared cores)
 
 
 def log(msg: str) -> None:
@@ -133,6 +134,7 @@ def measure(sizes: tuple[int, ...], runs: int) -> dict[int, dict[str, list[dict[
                     finally:
                         fleet.close()
                     data[n][client].append(figures)
+                    LOADS.append(os.getloadavg()[0])
                     log(f"fleet N={n} {client} run {round_no + 1}/{runs}: "
                         f"{figures['wall_s'] * 1000:.0f} ms, {figures['stopped']}/{n} stopped, "
                         f"{figures['peak_fds']} fds")  # fmt: skip
@@ -159,7 +161,13 @@ def render(data: dict[int, dict[str, list[dict[str, Any]]]], command: str) -> st
         "(stopmany.py): `shutdown_many(paths)` with the default policy, or the raw client "
         "with one thread per VM. Medians; *fds* is the most descriptors the stopping process "
         "held (sampled every 5 ms from outside). The machine's soft and hard limits are "
-        f"{_limits()}; the *limit 1024* rows set them in the stopping process.\n"
+        f"{_limits()}; the *limit 1024* rows set them in the stopping process."
+        + (
+            f" Load average (1 min) after the runs: {min(LOADS):.1f} to {max(LOADS):.1f}."
+            if LOADS
+            else ""
+        )
+        + "\n"
     )
     out.append("| N | client | runs | wall | vs raw | CPU per VM | peak RSS rise per VM "
                "| fds (max) | stopped (worst run) |")  # fmt: skip
