@@ -2,7 +2,7 @@
 
     fakeqemu.py SOCKET [DELAY_MS]
 
-Serves one QMP client on a unix socket the way QEMU does for a cooperative
+Serves QMP clients (one at a time) on a unix socket the way QEMU does for a cooperative
 guest: greeting, ``qmp_capabilities``, ``query-status`` → running,
 ``system_powerdown`` → POWERDOWN, then after DELAY_MS (default 5) SHUTDOWN
 ``{"guest": true, "reason": "guest-shutdown"}`` and exit. profile_cpu.py runs
@@ -12,6 +12,7 @@ qmpshutdown pins it like a real QEMU (it checks /proc/PID/exe).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,8 +27,16 @@ def main(path: str, delay_ms: float) -> None:
     server.listen(1)
     os.rename(path + ".tmp", path)
     server.settimeout(120)
-    conn, _ = server.accept()
-    conn.settimeout(30)
+    while True:  # like QEMU, serve the next client when one hangs up early
+        conn, _ = server.accept()
+        conn.settimeout(30)
+        with contextlib.suppress(OSError):  # a client that hung up mid-way
+            serve(conn, delay_ms)
+        conn.close()
+
+
+def serve(conn: socket.socket, delay_ms: float) -> None:
+    """Serve one client until it hangs up (or this process exits)."""
 
     def send(obj: object) -> None:
         conn.sendall(json.dumps(obj).encode() + b"\n")

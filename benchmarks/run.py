@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 os.environ["QSD_ACCEL"] = "tcg"
 
 import anyio  # noqa: E402
+import fleetbench  # noqa: E402
 import rawqmp  # noqa: E402
 
 import qmpshutdown  # noqa: E402
@@ -52,7 +53,7 @@ READY_TIMEOUT = 240.0  # per batch of guests: generous, TCG on 2 cores
 BATCH = 8  # guests booted at once
 SETTLE = 0.3  # seconds after the last READY before a timed stop
 MANY_MEMORY = 192  # MiB per guest in the many-at-once case
-CASES = ("cooperative", "forced", "hung", "many", "import")
+CASES = ("cooperative", "forced", "hung", "many", "import", "fleet")
 
 
 def log(msg: str) -> None:
@@ -636,6 +637,17 @@ def main(argv: Sequence[str]) -> int:
         if "import" in args.only:
             log("5. import time")
             report["import"] = import_scenario(max(args.runs, 5))
+        if "fleet" in args.only:
+            sizes = fleetbench.SMOKE_SIZES if args.smoke else fleetbench.SIZES
+            log(f"6. fleets of fake QEMUs, sizes {sizes}")
+            fleet = fleetbench.measure(sizes, 1 if args.smoke else min(args.runs, 3))
+            for size, per_client in fleet.items():
+                for client, runs in per_client.items():
+                    if any(r["stopped"] != size for r in runs):
+                        raise RuntimeError(f"fleet N={size} {client}: not all stopped")
+            if args.write:
+                fleetbench.plot(fleet)
+            report["fleet"] = fleetbench.render(fleet, "benchmarks/run.py " + " ".join(argv))
     finally:
         if lv is not None:
             lv.close()
@@ -646,7 +658,8 @@ def main(argv: Sequence[str]) -> int:
     report["load"] = load.summary()
     report["command"] = " ".join(["benchmarks/run.py", *argv])
     report["duration"] = time.monotonic() - started
-    text = render(report)
+    # The fleet section: this run's, or the one RESULTS.md has (fleetbench.py --write).
+    text = fleetbench.keep_section(render(report), report.get("fleet") or fleetbench.old_section())
     print(text)
     if args.write:
         (HERE / "RESULTS.md").write_text(text)

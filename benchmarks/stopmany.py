@@ -1,6 +1,6 @@
 """Stop N guests at once in a fresh process and measure it (run by run.py, one process per run).
 
-    python benchmarks/stopmany.py qmpshutdown|raw SOCKET...
+    python benchmarks/stopmany.py [--nofile=SOFT[:HARD]] qmpshutdown|raw SOCKET...
 
 Prints one JSON object: ``wall_s`` (start of the stop to the last exit
 known), ``cpu_s`` (this process's CPU time, all threads, over the same span),
@@ -97,6 +97,12 @@ def measure_raw(paths: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0].startswith("--nofile="):  # SOFT or SOFT:HARD, set before anything opens
+        import resource
+
+        soft, _, hard = argv.pop(0).removeprefix("--nofile=").partition(":")
+        limits = (int(soft), int(hard) if hard else resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
     tool, paths = argv[0], argv[1:]
     measure = {"qmpshutdown": measure_qmpshutdown, "raw": measure_raw}[tool]
     print(json.dumps(measure(paths)))

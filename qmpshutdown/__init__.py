@@ -21,6 +21,7 @@ from ._errors import (
     PidMismatchError,
     ShutdownFailed,
 )
+from ._fleet import Job
 from ._ladder import climb
 from ._launch import VM, launch
 from ._many import shutdown_many
@@ -45,6 +46,7 @@ __all__ = (
     "climb",
     # classes
     "ShutdownPolicy",
+    "Job",
     "ShutdownResult",
     "Stage",
     "Cause",

@@ -17,11 +17,12 @@ import anyio
 import attrs
 
 from ._errors import ConnectError, Error, PidMismatchError, ShutdownFailed
+from ._fleet import Job, check_deadline
+from ._fleetfile import FleetFileError, load_fleet
 from ._many import shutdown_many
 from ._policy import RUNGS, ShutdownPolicy
 from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
-from ._shutdown import Target, shutdown
 from ._version import __version__
 
 _DEFAULT = ShutdownPolicy()
@@ -73,6 +74,16 @@ exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
   3    a QEMU is still running, or its state is unknown, after its ladder
   130  interrupted (Ctrl-C)
 
+fleets (the VMs of a group are stopped concurrently):
+  --then           between targets starts the next group: every VM of a group
+                   is done before the next group starts (web1 web2 --then db)
+  --deadline S     every VM done by S seconds from now: the graceful wait is
+                   shortened to leave at most 2 s for the forced rungs
+  --fleet FILE     the VMs from a JSON file instead of TARGETs:
+                   {{"vms": [{{"target": "/run/db.qmp", "name": "db", "group": 1,
+                     "pid": 4242, "policy": {{"powerdown_timeout": 120}}}}, ...]}}
+                   "policy" holds ShutdownPolicy fields over the options' policy
+
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
    "pid", "elapsed_s", "events", "steps"}}, or {{"target", "error"}} when it was not
@@ -104,12 +115,29 @@ class Invocation:
     pid: int | None
     json: bool
     verbosity: int  #: -1 with -q, 1 with -v, else 0
+    #: one per target, with its group (``--then``) or its fleet file entry
+    jobs: tuple[Job, ...] = ()
+    deadline: float | None = None
 
 
 def _positive_pid(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"a pid is a positive integer, not {text!r}")
     return int(text)
+
+
+def _deadline(text: str) -> float:
+    try:
+        seconds = check_deadline(float(text))
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"a deadline is a number of seconds > 0, not {text!r}")
+    return seconds
+
+
+#: What ``--then`` becomes before parsing, so that it keeps its place among the targets.
+_THEN = "\0then"
 
 
 def _rungs(text: str) -> tuple[str, ...]:
@@ -125,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("targets", nargs="+", metavar="TARGET", help="PATH, HOST:PORT, [ADDR]:PORT")
+    parser.add_argument("targets", nargs="*", metavar="TARGET", help="PATH, HOST:PORT, [ADDR]:PORT")
     # Policy options are absent from the namespace unless given: the policy keeps its defaults.
     policy = parser.add_argument_group("policy (defaults in parentheses)")
     flags = {field: (option, value, text) for option, field, value, text in _FLAG_OPTIONS}
@@ -144,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         policy.add_argument(flag, dest=field, action="store_const", const=value,
                             default=argparse.SUPPRESS, help=text)  # fmt: skip
     parser.add_argument("--pid", type=_positive_pid, help="QEMU's pid (one target only)")
+    fleet = parser.add_argument_group("fleets")
+    fleet.add_argument("--deadline", type=_deadline, metavar="S",
+                       help="every VM done (gracefully or forced) within S seconds")  # fmt: skip
+    then = "between targets: those after it start once those before are done"
+    fleet.add_argument("--then", action="store_true", default=argparse.SUPPRESS, help=then)
+    vms = "the VMs (target, name, pid, group, policy) from a JSON file"
+    fleet.add_argument("--fleet", metavar="FILE", help=vms)
     parser.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
@@ -178,7 +213,8 @@ def parse_target(text: str) -> str | tuple[str, int]:
 def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
     """Parse *argv* (default ``sys.argv[1:]``); exit 2 with one line on bad usage."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args([_THEN if arg == "--then" else arg for arg in argv])
     given = vars(args)
     policy = _DEFAULT
     # A flag's constant is always valid: an error names the option that takes a value.
@@ -189,21 +225,59 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
                 policy = attrs.evolve(policy, **{field: given[field]})
             except ValueError as err:
                 parser.error(f"{option}: {err}")
-    if args.pid is not None and len(args.targets) > 1:
-        parser.error(f"--pid names one QEMU, but {len(args.targets)} targets were given")
-    addresses = []
+    if args.fleet is not None:
+        return _fleet_invocation(parser, args, policy)
+    targets = [target for target in args.targets if target != _THEN]
+    if not targets:
+        parser.error("the following arguments are required: TARGET (or --fleet FILE)")
+    if args.pid is not None and len(targets) > 1:
+        parser.error(f"--pid names one QEMU, but {len(targets)} targets were given")
+    groups = " ".join("|" if t == _THEN else "t" for t in args.targets).split("|")
+    if any(not group.strip() for group in groups):
+        parser.error("--then goes between targets: a group of targets on each side")
+    addresses, jobs, group = [], [], 0
     for target in args.targets:
+        if target == _THEN:
+            group += 1
+            continue
         try:
             addresses.append(parse_target(target))
         except ValueError as err:
             parser.error(str(err))
+        jobs.append(Job(addresses[-1], pid=args.pid, group=group))
     return Invocation(
-        targets=tuple(args.targets),
+        targets=tuple(targets),
         addresses=tuple(addresses),
         policy=policy,
         pid=args.pid,
         json=args.json,
         verbosity=-1 if args.quiet else 1 if args.verbose else 0,
+        jobs=tuple(jobs),
+        deadline=args.deadline,
+    )
+
+
+def _fleet_invocation(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, policy: ShutdownPolicy
+) -> Invocation:
+    if args.targets:
+        what = "--then" if _THEN in args.targets else "TARGETs"
+        parser.error(f"--fleet FILE names the VMs: {what} cannot be given too")
+    if args.pid is not None:
+        parser.error("--pid cannot be used with --fleet: give each VM its pid in the file")
+    try:
+        entries = load_fleet(args.fleet, policy, parse_target)
+    except FleetFileError as err:
+        parser.error(str(err))
+    return Invocation(
+        targets=tuple(label for label, _ in entries),
+        addresses=tuple(job.target for _, job in entries),  # type: ignore[misc]
+        policy=policy,
+        pid=None,
+        json=args.json,
+        verbosity=-1 if args.quiet else 1 if args.verbose else 0,
+        jobs=tuple(job for _, job in entries),
+        deadline=args.deadline,
     )
 
 
@@ -276,16 +350,10 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
     quiet = invocation.json or invocation.verbosity != 0
     on_progress = None if quiet else print_progress
-    if invocation.pid is None:
-        targets: list[Target] = list(invocation.addresses)
-        return await shutdown_many(targets, invocation.policy, on_progress=on_progress)
-    try:
-        address = invocation.addresses[0]
-        return [
-            await shutdown(address, invocation.policy, pid=invocation.pid, on_progress=on_progress)
-        ]
-    except Error as err:
-        return [err]
+    jobs = invocation.jobs or tuple(Job(a, pid=invocation.pid) for a in invocation.addresses)
+    return await shutdown_many(
+        jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline
+    )
 
 
 def _exit_status(outcome: ShutdownResult | Error) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -333,3 +334,16 @@ def _proc_addr(addr: tuple[Any, ...], family: int) -> str:
     packed = socket.inet_pton(family, addr[0])
     words = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
     return f"{words.hex().upper()}:{addr[1]:04X}"
+
+
+def out_of_descriptors(err: BaseException) -> bool:
+    """Tell whether *err* (or an error it was raised from) is this process out of open files.
+
+    ``EMFILE`` (our own limit) or ``ENFILE`` (the system's): our shortage, not the VM's.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__
+    return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -31,6 +30,7 @@ from ._process import (
     executable,
     holds_socket,
     is_qemu_executable,
+    out_of_descriptors,
     peer_pid,
     tcp_peer_is,
 )
@@ -299,9 +299,12 @@ def _not_holder_why(process: Process, sock: socket.socket) -> str:
 
 
 def _pin_quietly(pid: int) -> Process | None:
-    with contextlib.suppress(PidMismatchError):
+    try:
         return PidfdProcess.open_qemu(pid)
-    return None
+    except PidMismatchError as err:
+        if out_of_descriptors(err):
+            raise  # our own shortage says nothing of the peer (shutdown_many() retries)
+        return None
 
 
 def _not_qemu_why(pid: int) -> str:

@@ -1,0 +1,234 @@
+"""Fleets: Job, the deadline arithmetic, and our own descriptor limit (fake QEMUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+
+import qmpshutdown
+from policies import FAULTS, GUEST
+from qmpshutdown import Job, ShutdownPolicy, Stage
+from qmpshutdown._fleet import (
+    FDS_PER_LADDER,
+    FORCED_RESERVE,
+    MIN_LEFT,
+    check_deadline,
+    fit_policy,
+    open_descriptors,
+)
+
+FAKEQEMU = Path(__file__).resolve().parent.parent / "benchmarks" / "fakeqemu.py"
+
+# ----------------------------------------------------------------------------- Job
+
+
+def test_job_defaults_and_is_frozen(tmp_path):
+    job = Job(tmp_path / "a.sock")
+    assert (job.policy, job.pid, job.agent, job.name, job.group) == (None, None, None, None, 0)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        job.group = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"policy": "fast"}, TypeError),
+        ({"pid": 0}, ValueError),
+        ({"pid": True}, ValueError),
+        ({"pid": "12"}, ValueError),
+        ({"group": -1}, ValueError),
+        ({"group": 1.0}, ValueError),
+        ({"name": ""}, TypeError),
+        ({"agent": 42}, TypeError),
+    ],
+)
+def test_job_refuses_fields_that_make_no_sense(tmp_path, kwargs, error):
+    with pytest.raises(error):
+        Job(tmp_path / "a.sock", **kwargs)
+
+
+def test_job_refuses_a_bad_target():
+    with pytest.raises(TypeError):
+        Job(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="port"):
+        Job(("127.0.0.1", 0))
+
+
+def test_job_with_an_agent_is_refused_until_shutdown_takes_one(tmp_path):
+    with pytest.raises(ValueError, match="agent= is not supported yet"):
+        Job(tmp_path / "a.sock", agent=tmp_path / "qga.sock")
+
+
+# ----------------------------------------------------------------------------- the deadline
+
+
+@pytest.mark.parametrize("deadline", [0, -1, float("nan"), float("inf"), True, "8"])
+def test_deadline_must_be_a_positive_number(deadline):
+    with pytest.raises(ValueError, match="deadline"):
+        check_deadline(deadline)
+
+
+def test_a_policy_that_fits_is_kept():
+    assert fit_policy(GUEST, GUEST.bound) is GUEST
+    assert fit_policy(GUEST, GUEST.bound + 10) is GUEST
+
+
+@pytest.mark.parametrize("left", [MIN_LEFT, 1.0, 3.0, 8.0, 30.0, 100.0, 144.0])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        ShutdownPolicy(),
+        ShutdownPolicy(repress_interval=1.0),
+        GUEST,
+        FAULTS,
+        ShutdownPolicy(stages=("powerdown",)),
+        ShutdownPolicy(stages=("quit", "kill")),
+        ShutdownPolicy(stages=("powerdown", "kill"), connect_timeout=60.0),
+    ],
+)
+def test_a_fitted_policy_ends_within_what_is_left(policy, left):
+    fitted = fit_policy(policy, left)
+    assert fitted.bound <= left + 1e-9
+    assert fitted.stages == policy.stages
+    for field in attrs.fields(ShutdownPolicy):
+        if field.name in ("powerdown_timeout", "connect_timeout", "command_timeout",
+                          "quit_timeout", "terminate_timeout", "kill_timeout"):  # fmt: skip
+            assert getattr(fitted, field.name) <= getattr(policy, field.name)
+    if fitted is not policy and policy.allows(Stage.POWERDOWN):
+        # Nearly the whole of what is left goes to the guest: all but the reserve.
+        reserve = min(FORCED_RESERVE, left / 4)
+        wanted = min(policy.powerdown_timeout, left - reserve)
+        assert fitted.powerdown_timeout >= wanted - 1e-9
+
+
+def test_the_default_policy_at_8_s_as_documented():
+    fitted = fit_policy(ShutdownPolicy(), 8.0)
+    assert fitted.powerdown_timeout == pytest.approx(6.0)
+    assert (fitted.connect_timeout, fitted.command_timeout) == pytest.approx((0.4, 0.2))
+    assert (fitted.quit_timeout, fitted.terminate_timeout, fitted.kill_timeout) == pytest.approx(
+        (0.2, 0.1, 0.1)
+    )
+    assert fitted.bound == pytest.approx(8.0)
+
+
+def test_too_little_left_gets_the_floor():
+    assert fit_policy(ShutdownPolicy(), -3.0).bound == pytest.approx(MIN_LEFT)
+
+
+# ----------------------------------------------------------------------------- fake QEMUs
+
+
+@pytest.fixture(scope="module")
+def fake_binary(tmp_path_factory) -> Path:
+    """A copy of the interpreter named like QEMU, so the library pins it like one."""
+    target = tmp_path_factory.mktemp("bin") / "qemu-system-fake"
+    shutil.copy2(os.path.realpath(sys.executable), target)
+    return target
+
+
+@pytest.fixture
+def fakes(fake_binary, tmp_path) -> Iterator[object]:
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(n: int, delay_ms: float = 5.0) -> list[Path]:
+        env = dict(os.environ, PYTHONHOME=sys.base_prefix)
+        paths = [tmp_path / f"fake{len(started) + i}.sock" for i in range(n)]
+        for path in paths:
+            started.append(subprocess.Popen(
+                [str(fake_binary), "-S", str(FAKEQEMU), str(path), str(delay_ms)],
+                env=env, stdin=subprocess.DEVNULL,
+            ))  # fmt: skip
+        end = time.monotonic() + 30
+        while not all(path.exists() for path in paths):
+            assert time.monotonic() < end, "fake QEMUs did not listen in 30 s"
+            time.sleep(0.01)
+        return paths
+
+    spawn.started = started  # type: ignore[attr-defined]
+    try:
+        yield spawn
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.asyncio
+async def test_a_ladder_holds_what_the_budget_counts(fakes):
+    (path,) = fakes(1, delay_ms=300)
+    before = open_descriptors()
+    held: list[int] = []
+
+    def sample(update: qmpshutdown.Progress) -> None:
+        if "pressed" in update.message:
+            held.append(open_descriptors() - before)
+
+    with anyio.fail_after(10):
+        result = await qmpshutdown.shutdown(path, on_progress=sample)
+    assert result.graceful
+    assert held and set(held) == {FDS_PER_LADDER}
+    assert open_descriptors() == before
+
+
+_LOW_LIMIT_CHILD = textwrap.dedent(
+    """
+    import json, logging, resource, sys
+    soft, hard, squeeze = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "squeeze"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import anyio, qmpshutdown, qmpshutdown._fleet as fleet
+    if squeeze:  # a budget that believes in twice the descriptors: EMFILE must be retried
+        fleet.FD_HEADROOM, fleet.FDS_PER_LADDER = 0, 1
+    async def main():
+        results = await qmpshutdown.shutdown_many(sys.argv[4:])
+        print(json.dumps({
+            "soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "results": [
+                {"stage": str(r.stage), "graceful": r.graceful}
+                if isinstance(r, qmpshutdown.ShutdownResult) else {"error": repr(r)}
+                for r in results
+            ],
+        }))
+    anyio.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "mode"),
+    [(64, 64, "budget"), (64, 64, "squeeze"), (64, 4096, "budget")],
+    ids=["hard-limit-64", "emfile-retried", "soft-raised"],
+)
+def test_more_vms_than_descriptors_all_stopped(fakes, soft, hard, mode):
+    paths = fakes(100)
+    child = subprocess.run(
+        [sys.executable, "-c", _LOW_LIMIT_CHILD, str(soft), str(hard), mode, *map(str, paths)],
+        capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    report = json.loads(child.stdout)
+    assert report["results"] == [{"stage": "powerdown", "graceful": True}] * len(paths), (
+        child.stderr
+    )
+    assert "Too many open files" not in child.stdout
+    if hard > soft:
+        assert report["soft"] > soft
+        assert "raised the soft limit of open files (RLIMIT_NOFILE) from 64" in child.stderr
+    else:
+        assert report["soft"] == soft
+    if mode == "squeeze":
+        assert "trying again once another VM is done" in child.stderr
+    for proc in fakes.started:
+        assert proc.wait(10) == 0
