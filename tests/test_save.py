@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
+import sys
 from pathlib import Path
 
 import anyio
@@ -163,3 +165,23 @@ async def test_a_save_dir_with_quotes_spaces_and_semicolons_is_only_a_name(
     assert os.listdir(parent) == [weird.name]
     for where in (Path.cwd(), guest.workdir):
         assert not any(name.startswith("PWNED") for name in os.listdir(where))
+
+
+async def test_cli_save_dir_prints_the_state_file_and_its_size(
+    guests: GuestFactory, tmp_path: Path
+) -> None:
+    states = tmp_path / "states"
+    states.mkdir()
+    guest = await guests.boot("ignores")
+    argv = [
+        sys.executable, "-m", "qmpshutdown", "--json", "--timeout", "1", "--save-dir",
+        str(states), str(guest.qmp_path),
+    ]  # fmt: skip
+    with anyio.fail_after(60):
+        done = await anyio.run_process(argv, check=False)
+    assert done.returncode == 1, done.stderr  # forced
+    record = json.loads(done.stdout)
+    assert record["stage"] == "save"
+    assert os.listdir(states) == [Path(record["saved_state"]).name]
+    assert record["saved_state_bytes"] == os.stat(record["saved_state"]).st_size > 1 << 20
+    assert [s["stage"] for s in record["steps"]] == ["powerdown", "save"]
