@@ -36,11 +36,15 @@ QUIT = qmpshutdown.ShutdownPolicy(stages=("quit",))
 TICK = re.compile(r"QMPSHUTDOWN-GUEST-TICK n=(\d+)")
 
 
+def read_ticks(serial: Path) -> list[int]:
+    text = serial.read_text(errors="replace") if serial.exists() else ""
+    return [int(n) for n in TICK.findall(text)]
+
+
 async def wait_ticks(serial: Path, at_least: int, timeout: float = 60.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = serial.read_text(errors="replace") if serial.exists() else ""
-        ticks = [int(n) for n in TICK.findall(text)]
+        ticks = read_ticks(serial)
         if len(ticks) >= at_least:
             return ticks
         await asyncio.sleep(0.05)
