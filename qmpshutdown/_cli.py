@@ -20,7 +20,7 @@ from ._errors import ConnectError, Error, PidMismatchError, ShutdownFailed
 from ._fleet import Job, check_deadline
 from ._fleetfile import FleetFileError, load_fleet
 from ._many import shutdown_many
-from ._policy import RUNGS, ShutdownPolicy
+from ._policy import RUNGS, ShutdownPolicy, Stage
 from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
 from ._version import __version__
@@ -86,9 +86,17 @@ fleets (the VMs of a group are stopped concurrently):
 
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
-   "pid", "elapsed_s", "events", "steps"}}, or {{"target", "error"}} when it was not
+   "pid", "elapsed_s", "events", "steps", "saved_state"}}, or {{"target", "error"}} when it was not
   reached; a target still running has "error" and the record, with "stage": null.
   Progress and errors then stay off stderr (-v still logs there).
+  After a save, "saved_state_bytes" gives the state file's size.
+
+saving (--save-dir DIR):
+  Adds the 'save' rung before 'quit' (unless --stages says otherwise): a guest
+  that did not power off has its whole state (RAM and devices) written to a new
+  file in DIR (mode 0600), then QEMU quits. Start it again from there with the
+  same command line plus  -incoming 'exec:cat FILE'  (or qmpshutdown.launch(argv,
+  restore=FILE)), with the same QEMU version and the disk images untouched.
 """
 
 _EXIT_OK, _EXIT_FORCED, _EXIT_UNREACHED, _EXIT_RUNNING = 0, 1, 2, 3
@@ -118,6 +126,7 @@ class Invocation:
     #: one per target, with its group (``--then``) or its fleet file entry
     jobs: tuple[Job, ...] = ()
     deadline: float | None = None
+    save_dir: str | None = None  #: --save-dir: where the save rung keeps the state
 
 
 def _positive_pid(text: str) -> int:
@@ -171,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     for field, (flag, value, text) in flags.items():
         policy.add_argument(flag, dest=field, action="store_const", const=value,
                             default=argparse.SUPPRESS, help=text)  # fmt: skip
+    saving = parser.add_argument_group("saving")
+    saving.add_argument(
+        "--save-dir",
+        metavar="DIR",
+        help="keep a guest that will not go in a state file in DIR before quit "
+        "(adds the save rung unless --stages is given)",
+    )
     parser.add_argument("--pid", type=_positive_pid, help="QEMU's pid (one target only)")
     fleet = parser.add_argument_group("fleets")
     fleet.add_argument("--deadline", type=_deadline, metavar="S",
@@ -225,6 +241,13 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
                 policy = attrs.evolve(policy, **{field: given[field]})
             except ValueError as err:
                 parser.error(f"{option}: {err}")
+    if args.save_dir is not None:
+        if not os.path.isdir(args.save_dir):
+            parser.error(f"--save-dir: {args.save_dir!r} is not a directory")
+        if "stages" not in given and Stage.SAVE not in policy.stages:
+            # The save rung goes where the ladder's order puts it: right before quit.
+            stages = sorted((*policy.stages, Stage.SAVE), key=RUNGS.index)
+            policy = attrs.evolve(policy, stages=stages)
     if args.fleet is not None:
         return _fleet_invocation(parser, args, policy)
     targets = [target for target in args.targets if target != _THEN]
@@ -254,6 +277,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
         verbosity=-1 if args.quiet else 1 if args.verbose else 0,
         jobs=tuple(jobs),
         deadline=args.deadline,
+        save_dir=args.save_dir,
     )
 
 
@@ -277,6 +301,7 @@ def _fleet_invocation(
         json=args.json,
         verbosity=-1 if args.quiet else 1 if args.verbose else 0,
         jobs=tuple(job for _, job in entries),
+        save_dir=args.save_dir,
         deadline=args.deadline,
     )
 
@@ -352,8 +377,9 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     on_progress = None if quiet else print_progress
     jobs = invocation.jobs or tuple(Job(a, pid=invocation.pid) for a in invocation.addresses)
     return await shutdown_many(
-        jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline
-    )
+        jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline,
+        save_dir=invocation.save_dir,
+    )  # fmt: skip
 
 
 def _exit_status(outcome: ShutdownResult | Error) -> int:
@@ -382,6 +408,8 @@ def _report(invocation: Invocation, outcomes: Sequence[ShutdownResult | Error]) 
             if isinstance(outcome, (ShutdownResult, ShutdownFailed)):
                 result = outcome if isinstance(outcome, ShutdownResult) else outcome.result
                 record.update(result.to_dict())
+                if result.saved_state is not None:
+                    record["saved_state_bytes"] = _size(result.saved_state)
             print(json.dumps(record), flush=True)
             continue
         if isinstance(outcome, ShutdownFailed) and invocation.verbosity >= 0:
@@ -390,6 +418,16 @@ def _report(invocation: Invocation, outcomes: Sequence[ShutdownResult | Error]) 
             print(_error_line(target, outcome), file=sys.stderr)
         elif invocation.verbosity >= 0:
             print(f"{target}  {outcome.summary()}", file=sys.stderr)
+        if isinstance(outcome, ShutdownResult) and outcome.saved_state is not None:
+            size = _size(outcome.saved_state)
+            print(f"{target}  saved state: {outcome.saved_state} ({size} bytes)", file=sys.stderr)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,6 +85,11 @@ def _group(instance: Any, attribute: Any, value: Any) -> None:
         raise ValueError(f"group must be an int >= 0, not {value!r}")
 
 
+def _save_dir(instance: Any, attribute: Any, value: object) -> None:
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"save_dir must be a directory path or None, not {value!r}")
+
+
 @attrs.frozen
 class Job:
     """One VM of a fleet, with what it needs beyond the call's settings.
@@ -97,6 +102,8 @@ class Job:
         ``ValueError``.
     :param name: how progress, log lines and errors name the VM (default: the
         address; a QMPClient keeps its own name).
+    :param save_dir: where this VM's ``save`` rung keeps its state (None: the
+        one given to ``shutdown_many()``).
     :param group: the order of stopping: every VM of group 0 is done before
         group 1 starts, and so on.
     :raises TypeError, ValueError: a field that makes no sense (at construction).
@@ -108,6 +115,9 @@ class Job:
     agent: str | os.PathLike[str] | None = attrs.field(default=None, kw_only=True, validator=_agent)
     name: str | None = attrs.field(default=None, kw_only=True, validator=_name)
     group: int = attrs.field(default=0, kw_only=True, validator=_group)
+    save_dir: str | os.PathLike[str] | None = attrs.field(
+        default=None, kw_only=True, validator=_save_dir
+    )
 
     @property
     def label(self) -> str | None:

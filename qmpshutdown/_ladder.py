@@ -22,6 +22,7 @@ from ._progress import ProgressCallback
 from ._qemu import Qemu
 from ._result import Outcome, ShutdownResult
 from ._rungs import BEFORE_FORCE, Action, Rung, plan
+from ._save import saved_state
 from ._steps import Ended, OpenStep, Recorder
 from ._verdict import decide, shutdown_reason
 from ._watch import race
@@ -114,11 +115,16 @@ async def run_plan(
     on_progress: ProgressCallback | None = None,
     rungs: Sequence[Rung] | None = None,
     actions: Sequence[Action] | None = None,
+    save_dir: str | None = None,
 ) -> ShutdownResult:
-    """:func:`climb`, with the rungs and actions given instead of the policy's own plan."""
+    """:func:`climb`, with the rungs and actions given instead of the policy's own plan.
+
+    :param save_dir: where the ``save`` rung keeps the guest's state (None skips it).
+    """
     recorder = Recorder(started, name, on_progress)
     qemu = Qemu(monitor, process, policy, recorder,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
+    qemu.save_dir = save_dir
     rungs = plan(policy) if rungs is None else list(rungs)
     actions = BEFORE_FORCE if actions is None else tuple(actions)
     try:
@@ -151,6 +157,7 @@ def record(qemu: Qemu) -> ShutdownResult:
         elapsed=gone_at if gone_at is not None else qemu.recorder.now(),
         events=events,
         steps=steps,
+        saved_state=saved_state(verdict.stage, qemu.saved_to),
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

@@ -30,9 +30,10 @@ from ._monitor import close_client
 from ._policy import ShutdownPolicy, Stage
 from ._process import PidfdProcess
 from ._progress import ProgressCallback
+from ._restore import INCOMING_ARGS, load_state, open_state
 from ._result import ShutdownResult
 from ._rungs import LAST_RESORT_KILL, plan
-from ._shutdown import stop_at
+from ._shutdown import check_save_dir, stop_at
 from ._watch import race
 
 logger = logging.getLogger("qmpshutdown")
@@ -99,6 +100,9 @@ class VM:
         name: str | None,
         startup_timeout: float,
         on_progress: ProgressCallback | None = None,
+        *,
+        save_dir: str | os.PathLike[str] | None = None,
+        restore: str | os.PathLike[str] | None = None,
     ) -> None:
         if isinstance(argv, (str, bytes)) or not argv:
             raise TypeError("argv is QEMU's command line as a sequence, binary first")
@@ -109,6 +113,10 @@ class VM:
         self.name = name or os.path.basename(self.argv[0])
         self.startup_timeout = startup_timeout
         self.on_progress = on_progress
+        self.save_dir = check_save_dir(save_dir)
+        if restore is not None and not isinstance(restore, (str, os.PathLike)):
+            raise TypeError(f"restore must be a state file's path or None, not {restore!r}")
+        self.restore = None if restore is None else os.fspath(restore)
         self.result: ShutdownResult | None = None
         self._dir: Path | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -164,6 +172,7 @@ class VM:
                 name=self.name,
                 on_progress=self.on_progress,
                 rungs=rungs,
+                save_dir=self.save_dir,
             )
         except ShutdownFailed as err:
             self.result = err.result
@@ -189,8 +198,17 @@ class VM:
         return self
 
     async def _start(self) -> None:
+        state_fd = None if self.restore is None else open_state(self.restore, self.name)
+        try:
+            await self._start_qemu(state_fd)
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
+
+    async def _start_qemu(self, state_fd: int | None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpshutdown-"))
-        self._popen = _spawn(command_line(self.argv, self._dir), self._dir / "stderr", self.name)
+        argv = self.argv if state_fd is None else [*self.argv, *INCOMING_ARGS]
+        self._popen = _spawn(command_line(argv, self._dir), self._dir / "stderr", self.name)
         self._process = PidfdProcess(self._popen.pid, os.pidfd_open(self._popen.pid))
         logger.info("%s: started QEMU, pid %d", self.name, self._popen.pid)
         caller = os.fspath(self.qmp_socket)
@@ -208,6 +226,32 @@ class VM:
             last = (stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
             raise LaunchError(
                 f"{self.name}: QEMU exited during start-up with status {status}: {last}",
+                status,
+                stderr,
+            )
+        if state_fd is not None:
+            await self._load_state(state_fd)
+
+    async def _load_state(self, state_fd: int) -> None:
+        """Load the saved state over the ladder's monitor; LaunchError if it does not load."""
+        assert self._process is not None and self._dir is not None
+        ladder = os.fspath(self._dir / LADDER_SOCKET)
+        try:
+            runstate = await race(
+                self._process.wait_exited,
+                lambda: load_state(ladder, state_fd, self.startup_timeout, self.name),
+            )
+        except LaunchError as err:
+            raise LaunchError(str(err), None, self._stderr()) from err
+        except ConnectError as err:
+            raise LaunchError(f"{self.name}: {err}", None, self._stderr()) from err
+        if runstate is None:  # QEMU exits when the state does not load
+            status = await self._reap()
+            stderr = self._stderr()
+            last = (stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+            raise LaunchError(
+                f"{self.name}: the saved state did not load; QEMU exited with status "
+                f"{status}: {last}",
                 status,
                 stderr,
             )
@@ -279,6 +323,8 @@ def launch(
     *,
     startup_timeout: float = 30.0,
     on_progress: ProgressCallback | None = None,
+    save_dir: str | os.PathLike[str] | None = None,
+    restore: str | os.PathLike[str] | None = None,
 ) -> VM:
     """Boot QEMU for the length of an ``async with`` block; always stop and reap it.
 
@@ -295,12 +341,21 @@ def launch(
     :param startup_timeout: seconds QEMU gets to greet on its monitor.
     :param on_progress: called with a :class:`Progress` as each step of the
         teardown (or of ``vm.shutdown()``) happens.
+    :param save_dir: where the ``save`` rung (when *policy*'s stages name it)
+        keeps the guest's whole state at the teardown; see :func:`shutdown`.
+    :param restore: a state file the ``save`` rung wrote: QEMU starts with
+        the same *argv* plus an incoming migration from that file (passed by
+        descriptor) and the guest runs on from where it was saved. Keep the
+        same QEMU version and command line, and the disk images untouched
+        since the save.
     :raises LaunchError: (on entering) QEMU exited early or did not greet in
-        time; carries its exit status and stderr.
+        time, or the saved state did not load; carries its exit status and stderr.
     :return: the :class:`VM`, an async context manager. On leaving the block —
         normally, by exception or by cancellation — the ladder runs shielded
         and bounded, QEMU is SIGKILLed if the ladder did not end it (a ``kill``
         step in the record), and it is reaped; no QEMU is ever left behind (the
         kernel kills it too if this process dies first).
     """
-    return VM(argv, policy, name, startup_timeout, on_progress)
+    return VM(
+        argv, policy, name, startup_timeout, on_progress, save_dir=save_dir, restore=restore
+    )

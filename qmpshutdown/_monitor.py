@@ -177,6 +177,21 @@ class QMPMonitor:
             # QMPError here: StateError, the client is not connected any more.
             raise MonitorClosedError(f"{command}: {type(err).__name__}: {err}") from err
 
+    def send_fd(self, fd: int) -> None:
+        """Send a copy of *fd* to QEMU over the monitor socket (SCM_RIGHTS); *fd* stays open.
+
+        :raises FdPassingUnsupported: not a unix socket, or the send failed.
+        :raises MonitorClosedError: the connection ended.
+        """
+        if self.is_closed():
+            raise MonitorClosedError("send_fd: the monitor is closed")
+        try:
+            self.client.send_fd_scm(fd)
+        except QMPError as err:  # "Sending file descriptors requires a UNIX socket."
+            raise FdPassingUnsupported(str(err)) from err
+        except OSError as err:
+            raise MonitorClosedError(f"send_fd: {type(err).__name__}: {err}") from err
+
     async def next_event(self) -> EventRecord:
         return event_record(await self._events.get())
 
@@ -211,6 +226,28 @@ class QMPMonitor:
         if self._owned:
             with anyio.CancelScope(shield=True):
                 await _disconnect(self.client, self._sock)
+
+
+class FdPassingUnsupported(Exception):
+    """The monitor cannot pass a file descriptor to QEMU (not QMP on a unix socket)."""
+
+
+async def pass_fd(monitor: Monitor, fd: int, fdname: str) -> None:
+    """Give QEMU a copy of the open *fd* under *fdname* (``getfd``), without any path or shell.
+
+    The descriptor goes over the monitor socket with SCM_RIGHTS (qemu.qmp's
+    ``send_fd_scm``); QEMU keeps it for the next ``getfd``, which names it.
+    A monitor that is not a :class:`QMPMonitor` may offer the same as a
+    ``send_fd(fd)`` method (the tests' fakes do). Unbounded: the caller bounds it.
+
+    :raises FdPassingUnsupported: the monitor cannot pass descriptors.
+    :raises CommandError, MonitorClosedError: as :meth:`Monitor.execute`.
+    """
+    send = getattr(monitor, "send_fd", None)
+    if send is None:
+        raise FdPassingUnsupported(f"{type(monitor).__name__} cannot pass file descriptors")
+    send(fd)
+    await monitor.execute("getfd", {"fdname": fdname})
 
 
 async def _disconnect(client: QMPClient, sock: socket.socket | None) -> None:

@@ -19,6 +19,7 @@ class Stage(str, enum.Enum):
     ALREADY_OFF = "already-off"
     POWERDOWN = "powerdown"
     QUIT = "quit"
+    SAVE = "save"
     TERMINATE = "terminate"
     KILL = "kill"
 
@@ -27,7 +28,11 @@ class Stage(str, enum.Enum):
 
 
 #: The rungs a policy may list, in the only order they can be climbed.
-RUNGS: tuple[Stage, ...] = (Stage.POWERDOWN, Stage.QUIT, Stage.TERMINATE, Stage.KILL)
+RUNGS: tuple[Stage, ...] = (
+    Stage.POWERDOWN, Stage.SAVE, Stage.QUIT, Stage.TERMINATE, Stage.KILL
+)  # fmt: skip
+#: The rungs of the default policy: all but ``save`` (it writes as much as the guest's RAM).
+DEFAULT_STAGES: tuple[Stage, ...] = tuple(s for s in RUNGS if s is not Stage.SAVE)
 #: The rungs that ask the guest to power itself off (the others end QEMU).
 GRACEFUL_STAGES: frozenset[Stage] = frozenset({Stage.POWERDOWN})
 
@@ -58,9 +63,9 @@ def _validate_stages(instance: Any, attribute: Any, value: tuple[Stage, ...]) ->
         raise ValueError(f"stages must not repeat a rung: {[s.value for s in value]}")
     order = [RUNGS.index(s) for s in value]
     if order != sorted(order):
+        order_names = ", ".join(s.value for s in RUNGS)
         raise ValueError(
-            "stages must keep the ladder's order powerdown, quit, terminate, kill; "
-            f"got {[s.value for s in value]}"
+            f"stages must keep the ladder's order {order_names}; got {[s.value for s in value]}"
         )
 
 
@@ -109,6 +114,8 @@ class ShutdownPolicy:
     :param resume_paused: ``cont`` a paused guest before pressing; otherwise
         the press is skipped (a press latched in a paused guest would power it
         off by surprise when it is resumed later).
+    :param save_timeout: seconds the ``save`` rung gives QEMU to write the
+        guest's whole state to its file (the rung is cancelled after that).
     """
 
     powerdown_timeout: float = attrs.field(default=60.0, validator=_seconds)
@@ -119,10 +126,11 @@ class ShutdownPolicy:
     connect_timeout: float = attrs.field(default=5.0, validator=_seconds)
     command_timeout: float = attrs.field(default=5.0, validator=_seconds)
     stages: tuple[Stage, ...] = attrs.field(
-        default=RUNGS, converter=_convert_stages, validator=_validate_stages
+        default=DEFAULT_STAGES, converter=_convert_stages, validator=_validate_stages
     )
     wake_suspended: bool = attrs.field(default=True, validator=_flag)
     resume_paused: bool = attrs.field(default=False, validator=_flag)
+    save_timeout: float = attrs.field(default=120.0, validator=_seconds)
 
     def allows(self, stage: Stage) -> bool:
         """Tell whether the rung *stage* may be used."""

@@ -101,26 +101,29 @@ def holds_socket(pid: int, sock: socket.socket) -> bool | None:
         return None
     try:
         own = os.fstat(sock.fileno()).st_ino
-        fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return None
-    server = None
-    # QEMU may accept() between asking for our peer and for the listener: ask again.
+    # QEMU may accept() at any moment: between asking for our peer and for the
+    # listener, or between finding the server end and listing its fds (the
+    # accepted socket is a new fd). So list the fds after finding the server
+    # end, and look again when it is not among them.
     for _attempt in range(3):
         try:
             server = _server_end(own)
         except OSError:
             return None
-        if server is not None:
-            break
-    if server is None:
-        return None
-    target = f"socket:[{server}]"
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                return True
-    return False
+        if server is None:
+            continue
+        target = f"socket:[{server}]"
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return True
+    return None if server is None else False
 
 
 def _server_end(own: int) -> int | None:

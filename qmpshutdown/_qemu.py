@@ -71,6 +71,11 @@ class Qemu:
         self.presses = 0
         #: Tasks that watch the guest while a graceful rung waits (none yet: room for samplers).
         self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = []
+        #: Where the ``save`` rung puts the guest's state file (the caller's ``save_dir``);
+        #: None skips that rung.
+        self.save_dir: str | None = None
+        #: The state file once the ``save`` rung wrote it whole (see :mod:`._save`).
+        self.saved_to: str | None = None
 
     # ---- state -------------------------------------------------------------------
 

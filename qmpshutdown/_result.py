@@ -132,6 +132,9 @@ class ShutdownResult:
     :ivar elapsed: seconds from the call to the confirmed end.
     :ivar events: every QMP event seen, in order.
     :ivar steps: each rung tried, in order.
+    :ivar saved_state: the path of the file holding the guest's whole state
+        when the ``save`` rung ended the VM (restore it with
+        ``launch(argv, restore=PATH)``), else None.
     """
 
     stage: Stage | None = attrs.field(converter=_optional_stage)
@@ -144,6 +147,7 @@ class ShutdownResult:
     elapsed: float
     events: tuple[EventRecord, ...] = attrs.field(converter=_events)
     steps: tuple[Step, ...] = attrs.field(converter=_steps)
+    saved_state: str | None = None
 
     @property
     def forced(self) -> bool:
@@ -161,7 +165,7 @@ class ShutdownResult:
         """Return a JSON-ready dict of the whole record.
 
         Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
-        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``.
+        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``, ``saved_state``.
         """
         return {
             "stage": None if self.stage is None else self.stage.value,
@@ -174,6 +178,7 @@ class ShutdownResult:
             "elapsed_s": round(self.elapsed, 6),
             "events": [event.to_dict() for event in self.events],
             "steps": [step.to_dict() for step in self.steps],
+            "saved_state": self.saved_state,
         }
 
     def summary(self) -> str:

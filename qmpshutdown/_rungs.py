@@ -23,6 +23,7 @@ from ._errors import CommandError, MonitorClosedError
 from ._policy import ShutdownPolicy, Stage
 from ._qemu import Guest, Qemu
 from ._result import Cause, Outcome
+from ._save import Save
 from ._steps import Ended, OpenStep
 
 # Runstates in which a press is pointless or harmful (see QEMU-FACTS).
@@ -245,6 +246,7 @@ class Signal:
 #: The rung for each stage a policy may list.
 RUNG_FOR: dict[Stage, Rung] = {
     Stage.POWERDOWN: PowerButton(),
+    Stage.SAVE: Save(),
     Stage.QUIT: Quit(),
     Stage.TERMINATE: Signal(Stage.TERMINATE, signal.SIGTERM, "terminate_timeout"),
     Stage.KILL: Signal(Stage.KILL, signal.SIGKILL, "kill_timeout"),

@@ -15,7 +15,10 @@ The guest's behaviour on the ACPI power button is picked per boot (``mode``):
   tmpfs) for ``arg`` seconds (default 20), ``QMPSHUTDOWN-GUEST-UPDATING t=N`` each second,
   then powers off;
 * ``stalls``        on a press works about 1 s, prints ``QMPSHUTDOWN-GUEST-STALLED`` and
-  then waits forever (a "save your changes?" prompt).
+  then waits forever (a "save your changes?" prompt);
+* ``counts``        after READY prints ``QMPSHUTDOWN-GUEST-TICK n=N`` once a second from a
+  counter held in RAM (a shell loop); no button handler, like ``ignores`` (a guest
+  restored from a saved state goes on counting instead of starting again).
 
 Options that combine with every mode (``boot()`` / ``guest_argv()`` keywords):
 
@@ -60,7 +63,7 @@ _QEMU = os.environ.get("QMPSHUTDOWN_QEMU") or "qemu-system-x86_64"
 QEMU_BINARY = os.path.abspath(_QEMU) if os.sep in _QEMU else _QEMU
 MODES = (
     "cooperative", "slow", "needs-presses", "ignores", "asleep", "panics", "reboots",
-    "updating", "stalls",
+    "updating", "stalls", "counts",
 )  # fmt: skip
 #: The virtio-serial port name qemu-ga looks for.
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"

@@ -412,3 +412,23 @@ async def test_guest_left_running_is_exit_3_wrong_pid_2_and_ctrl_c_130(guests, t
     assert err.decode().splitlines()[-1] == "interrupted"
     assert "Traceback" not in err.decode()
     assert guest.alive()
+
+
+def test_save_dir_adds_the_save_rung_before_quit_unless_stages_is_given(tmp_path: Path) -> None:
+    invocation = parse_command_line(["--save-dir", str(tmp_path), "qmp.sock"])
+    assert invocation.save_dir == str(tmp_path)
+    assert [s.value for s in invocation.policy.stages] == [
+        "powerdown", "save", "quit", "terminate", "kill"
+    ]  # fmt: skip
+    chosen = parse_command_line(["--save-dir", str(tmp_path), "--stages", "save,kill", "x.sock"])
+    assert [s.value for s in chosen.policy.stages] == ["save", "kill"]
+    kept = parse_command_line(["--save-dir", str(tmp_path), "--stages", "powerdown,quit", "x.sock"])
+    assert [s.value for s in kept.policy.stages] == ["powerdown", "quit"]
+    assert parse_command_line(["qmp.sock"]).save_dir is None
+
+
+def test_save_dir_must_be_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_command_line(["--save-dir", str(tmp_path / "nope"), "qmp.sock"])
+    assert caught.value.code == 2
+    assert "--save-dir" in capsys.readouterr().err

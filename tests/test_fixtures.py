@@ -254,6 +254,25 @@ async def test_ignores_never_reacts_to_presses(guests: GuestFactory) -> None:
     assert guest.serial_lines() == ["QMPSHUTDOWN-GUEST-READY mode=ignores"]
 
 
+async def test_counts_ticks_from_ram_once_a_second_and_ignores_presses(
+    guests: GuestFactory,
+) -> None:
+    guest = await guests.boot("counts")
+    await guest.wait_for_serial("QMPSHUTDOWN-GUEST-TICK n=2\n", REACTION_TIMEOUT)
+    async with qmp_of(guest) as qmp:
+        for _ in range(2):
+            assert await qmp.execute("system_powerdown") == {}
+            await qmp.wait_event("POWERDOWN", REPLY_TIMEOUT)
+        await guest.wait_for_serial("QMPSHUTDOWN-GUEST-TICK n=5\n", REACTION_TIMEOUT)
+        assert await qmp.status() == "running"
+        assert guest.alive()
+    lines = guest.serial_lines()
+    assert lines[0] == "QMPSHUTDOWN-GUEST-READY mode=counts"
+    ticks = lines[1:]
+    # One counter, counting on from 1 without a gap; nobody answers the button.
+    assert ticks == [f"QMPSHUTDOWN-GUEST-TICK n={n}" for n in range(1, len(ticks) + 1)]
+
+
 async def test_asleep_suspends_q35_stays_deaf_after_wake_pc_wakes_and_obeys(
     guests: GuestFactory,
 ) -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from qmpshutdown import ShutdownPolicy, Stage
 
 # Written out here rather than imported, so the tests do not share the code's constant.
-LADDER = (Stage.POWERDOWN, Stage.QUIT, Stage.TERMINATE, Stage.KILL)
+LADDER = (Stage.POWERDOWN, Stage.SAVE, Stage.QUIT, Stage.TERMINATE, Stage.KILL)
 
 TIMEOUT_FIELDS = (
     "powerdown_timeout",
@@ -21,6 +21,7 @@ TIMEOUT_FIELDS = (
     "quit_timeout",
     "terminate_timeout",
     "kill_timeout",
+    "save_timeout",
     "connect_timeout",
     "command_timeout",
 )
@@ -63,6 +64,7 @@ def test_documented_defaults() -> None:
     assert policy.stages == ("powerdown", "quit", "terminate", "kill")
     assert policy.wake_suspended is True
     assert policy.resume_paused is False
+    assert policy.save_timeout == 120.0
 
 
 def test_default_stages_are_stage_members() -> None:
@@ -236,6 +238,7 @@ DISTINCT = {
     "quit_timeout": 11.0,
     "terminate_timeout": 13.0,
     "kill_timeout": 17.0,
+    "save_timeout": 19.0,
 }
 
 
@@ -249,6 +252,9 @@ DISTINCT = {
         (("quit",), 11 + 14),
         (("terminate", "kill"), 11 + 13 + 17),
         (("powerdown", "kill"), 11 + 13 + 17),
+        # save: 7 commands 21 + save_timeout 19 + quit_timeout 11 = 51.
+        (("powerdown", "save", "quit"), 11 + 13 + 51 + 14),
+        (("save",), 11 + 51),
     ],
 )
 def test_bound_sums_the_allowed_waits(stages: tuple[str, ...], expected: float) -> None:
@@ -281,6 +287,7 @@ def test_any_positive_timeouts_build_a_policy_bounded_by_its_waits(
     assert bound >= policy.command_timeout
     rung_timeout = {
         Stage.POWERDOWN: policy.powerdown_timeout,
+        Stage.SAVE: policy.save_timeout,
         Stage.QUIT: policy.quit_timeout,
         Stage.TERMINATE: policy.terminate_timeout,
         Stage.KILL: policy.kill_timeout,
@@ -291,7 +298,7 @@ def test_any_positive_timeouts_build_a_policy_bounded_by_its_waits(
 
 @given(timeouts=st.fixed_dictionaries({name: seconds for name in TIMEOUT_FIELDS}))
 def test_full_ladder_bound_covers_every_timeout(timeouts: dict[str, float]) -> None:
-    policy = make_policy(**timeouts)
+    policy = make_policy(stages=LADDER, **timeouts)
     for name in TIMEOUT_FIELDS:
         if name != "repress_interval":
             assert policy.bound >= getattr(policy, name)
@@ -305,3 +312,13 @@ def test_any_unordered_permutation_is_rejected(rungs: list[Stage], data: st.Data
         ShutdownPolicy(stages=permutation)
     with pytest.raises(ValueError, match="order"):
         ShutdownPolicy(stages=[s.value for s in permutation])
+
+
+def test_save_is_allowed_between_powerdown_and_quit_and_not_by_default() -> None:
+    assert Stage.SAVE not in ShutdownPolicy().stages
+    policy = ShutdownPolicy(stages=("powerdown", "save", "quit", "terminate", "kill"))
+    assert policy.stages == LADDER
+    with pytest.raises(ValueError, match="order powerdown, save, quit, terminate, kill"):
+        ShutdownPolicy(stages=("quit", "save"))
+    with pytest.raises(ValueError, match="order"):
+        ShutdownPolicy(stages=("save", "powerdown"))

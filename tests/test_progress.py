@@ -51,7 +51,7 @@ async def test_each_step_begins_and_ends_once_and_events_carry_their_record():
     assert messages[:2] == ["pressed the power button", "pressed the power button again (press 2)"]
     assert "sent quit" in messages
     end = next(u for u in updates if u.kind is ProgressKind.END)
-    assert end.message.startswith("powerdown timeout: pressed 3 times")
+    assert end.message.startswith("powerdown timeout: pressed ")
 
 
 async def test_a_callback_that_raises_is_logged_once_and_never_breaks_the_ladder(caplog):

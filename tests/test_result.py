@@ -22,6 +22,7 @@ RESULT_KEYS = {
     "elapsed_s",
     "events",
     "steps",
+    "saved_state",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
 STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause"}
@@ -59,7 +60,7 @@ def make_result(**changes: Any) -> ShutdownResult:
 @pytest.mark.parametrize(
     ("enum_type", "values"),
     [
-        (Stage, ["already-off", "powerdown", "quit", "terminate", "kill"]),
+        (Stage, ["already-off", "powerdown", "quit", "save", "terminate", "kill"]),
         (Outcome, ["done", "timeout", "skipped", "failed"]),
         (
             Cause,

@@ -17,6 +17,7 @@ from fakes import FakeQemu
 from policies import FAKE
 from qmpshutdown import Outcome, ShutdownPolicy, Stage
 from qmpshutdown._ladder import run_plan
+from qmpshutdown._policy import RUNGS
 from qmpshutdown._rungs import RUNG_FOR, PowerButton, plan, plan_budget
 from qmpshutdown._steps import Ended
 
@@ -95,7 +96,7 @@ def test_the_plan_is_the_policys_stages_in_order():
     policy = ShutdownPolicy(stages=("powerdown", "terminate"))
     assert [rung.stage for rung in plan(policy)] == [Stage.POWERDOWN, Stage.TERMINATE]
     assert [rung.stage for rung in plan(ShutdownPolicy())] == list(ShutdownPolicy().stages)
-    assert set(RUNG_FOR) == set(ShutdownPolicy().stages)
+    assert set(RUNG_FOR) == set(RUNGS)
     assert [rung.forced for rung in plan(ShutdownPolicy())] == [False, True, True, True]
 
 
