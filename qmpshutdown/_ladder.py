@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from ._errors import ShutdownFailed
+from ._evidence import console_tail, screenshot_of
 from ._monitor import Monitor
 from ._policy import ShutdownPolicy, Stage
 from ._process import Process
@@ -114,11 +115,18 @@ async def run_plan(
     on_progress: ProgressCallback | None = None,
     rungs: Sequence[Rung] | None = None,
     actions: Sequence[Action] | None = None,
+    evidence_dir: str | None = None,
+    console_log: str | None = None,
 ) -> ShutdownResult:
-    """:func:`climb`, with the rungs and actions given instead of the policy's own plan."""
+    """:func:`climb`, with the rungs and actions given instead of the policy's own plan.
+
+    :param evidence_dir: where the screenshot action saves the guest's screen.
+    :param console_log: the serial console's log, whose tail a forced record keeps.
+    """
     recorder = Recorder(started, name, on_progress)
     qemu = Qemu(monitor, process, policy, recorder,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
+    qemu.evidence_dir, qemu.console_log = evidence_dir, console_log
     rungs = plan(policy) if rungs is None else list(rungs)
     actions = BEFORE_FORCE if actions is None else tuple(actions)
     try:
@@ -140,6 +148,7 @@ def record(qemu: Qemu) -> ShutdownResult:
     steps, events = tuple(qemu.recorder.steps), tuple(qemu.watch.events)
     verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone)
     gone_at = qemu.watch.gone_at
+    forced = not verdict.graceful and verdict.stage is not Stage.ALREADY_OFF
     result = ShutdownResult(
         stage=verdict.stage,
         graceful=verdict.graceful,
@@ -151,6 +160,8 @@ def record(qemu: Qemu) -> ShutdownResult:
         elapsed=gone_at if gone_at is not None else qemu.recorder.now(),
         events=events,
         steps=steps,
+        screenshot=screenshot_of(steps),
+        console_tail=console_tail(qemu.console_log) if forced else None,
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

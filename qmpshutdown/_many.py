@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 
 import anyio
@@ -25,6 +26,7 @@ async def shutdown_many(
     limit: int | None = None,
     *,
     on_progress: ProgressCallback | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
 ) -> list[ShutdownResult | Error]:
     """Stop every target concurrently, at most *limit* at a time when given.
 
@@ -33,6 +35,8 @@ async def shutdown_many(
     :param limit: the most ladders running at once; None runs all at once.
     :param on_progress: called with every VM's :class:`Progress` updates
         (``target`` tells them apart).
+    :param evidence_dir: see :func:`shutdown`; one file per target that had
+        to be forced, each named after its target.
     :raises TypeError: a target is not a path, ``(host, port)`` or QMPClient
         (ValueError for a port out of range)
         (checked before anything starts).
@@ -52,7 +56,9 @@ async def shutdown_many(
     async def stop_one(index: int, target: Target) -> None:
         async with limiter if limiter is not None else contextlib.nullcontext():
             try:
-                results[index] = await shutdown(target, policy, on_progress=on_progress)
+                results[index] = await shutdown(
+                    target, policy, on_progress=on_progress, evidence_dir=evidence_dir
+                )
             except Error as err:
                 results[index] = err
             except Exception as err:  # a bug must not stop the other VMs, nor leak a group

@@ -84,6 +84,7 @@ class Step:
     :ivar cause: what this step saw of why the guest would not go (a paused or
         sleeping guest, a monitor that did not answer, …), else None; the
         result's ``cause`` is the first one a step names.
+    :ivar path: the file the step wrote (the PNG of a ``screenshot`` step), else None.
     """
 
     stage: Stage = attrs.field(converter=Stage)
@@ -92,11 +93,13 @@ class Step:
     ended: float
     detail: str = ""
     cause: Cause | None = attrs.field(default=None, converter=_optional_cause)
+    path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict.
 
-        Keys: ``stage``, ``outcome``, ``started_s``, ``ended_s``, ``detail``, ``cause``.
+        Keys: ``stage``, ``outcome``, ``started_s``, ``ended_s``, ``detail``,
+        ``cause``, ``path``.
         """
         return {
             "stage": self.stage.value,
@@ -105,7 +108,12 @@ class Step:
             "ended_s": round(self.ended, 6),
             "detail": self.detail,
             "cause": None if self.cause is None else self.cause.value,
+            "path": self.path,
         }
+
+
+def _optional_lines(value: Iterable[str] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
 
 
 def _events(value: Iterable[EventRecord]) -> tuple[EventRecord, ...]:
@@ -132,6 +140,10 @@ class ShutdownResult:
     :ivar elapsed: seconds from the call to the confirmed end.
     :ivar events: every QMP event seen, in order.
     :ivar steps: each rung tried, in order.
+    :ivar screenshot: the PNG of the guest's screen saved when it had to be
+        forced (the last ``screenshot`` step's file; see ``evidence_dir``), else None.
+    :ivar console_tail: the serial console's last lines when the VM had to be
+        forced (``launch(console_log=True)``), else None.
     """
 
     stage: Stage | None = attrs.field(converter=_optional_stage)
@@ -144,6 +156,8 @@ class ShutdownResult:
     elapsed: float
     events: tuple[EventRecord, ...] = attrs.field(converter=_events)
     steps: tuple[Step, ...] = attrs.field(converter=_steps)
+    screenshot: str | None = None
+    console_tail: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_lines)
 
     @property
     def forced(self) -> bool:
@@ -161,7 +175,8 @@ class ShutdownResult:
         """Return a JSON-ready dict of the whole record.
 
         Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
-        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``.
+        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``,
+        ``screenshot``, ``console_tail`` (a list of lines, or None).
         """
         return {
             "stage": None if self.stage is None else self.stage.value,
@@ -174,6 +189,8 @@ class ShutdownResult:
             "elapsed_s": round(self.elapsed, 6),
             "events": [event.to_dict() for event in self.events],
             "steps": [step.to_dict() for step in self.steps],
+            "screenshot": self.screenshot,
+            "console_tail": None if self.console_tail is None else list(self.console_tail),
         }
 
     def summary(self) -> str:

@@ -15,7 +15,7 @@ from qemu.qmp import QMPClient
 
 from ._connect import connect_socket, format_address, handshake
 from ._errors import ConnectError, PidMismatchError
-from ._ladder import climb, run_plan
+from ._ladder import run_plan
 from ._monitor import (
     HandshakeFailed,
     HandshakeTimeout,
@@ -52,6 +52,7 @@ async def shutdown(
     pid: int | None = None,
     *,
     on_progress: ProgressCallback | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Stop one VM with the least force that works, and say how it went.
 
@@ -70,6 +71,11 @@ async def shutdown(
         (a step begins or ends, a QMP event arrives, QEMU is gone), in order,
         before this returns. It must be quick; if it raises, the error is
         logged once and the ladder goes on.
+    :param evidence_dir: a directory (on QEMU's host, writable by QEMU) for a
+        PNG of the guest's screen (QMP ``screendump``), taken right before the
+        first forced rung and again if the ladder ends with QEMU still running;
+        never on a graceful stop. Its path is ``result.screenshot``; the step
+        ``screenshot`` says how it went (a failure never stops the ladder).
     :raises ConnectError: no QMP monitor could be reached and there was no
         safe way to escalate (a peer that answers with anything but QMP, such
         as QEMU's human monitor, is never signalled).
@@ -86,11 +92,13 @@ async def shutdown(
     ):
         raise ValueError(f"pid must be a positive int (a Linux pid), not {pid!r}")
     started = anyio.current_time()
+    evidence = _evidence_dir(evidence_dir)
     if isinstance(target, QMPClient):
-        return await _shutdown_client(target, policy, pid, started, on_progress)
+        return await _shutdown_client(target, policy, pid, started, on_progress, evidence)
     return await stop_at(
-        _address(target), policy, pid=pid, started=started, on_progress=on_progress
-    )
+        _address(target), policy, pid=pid, started=started, on_progress=on_progress,
+        evidence_dir=evidence,
+    )  # fmt: skip
 
 
 async def stop_at(
@@ -103,6 +111,8 @@ async def stop_at(
     name: str | None = None,
     on_progress: ProgressCallback | None = None,
     rungs: Sequence[Rung] | None = None,
+    evidence_dir: str | None = None,
+    console_log: str | None = None,
 ) -> ShutdownResult:
     """Connect to *address* and climb the ladder (the body of :func:`shutdown`).
 
@@ -110,6 +120,8 @@ async def stop_at(
         own child, from :func:`launch`); it is checked against the socket's
         peer, used even if the monitor cannot be reached, and left open.
     :param rungs: the rungs to climb instead of the policy's plan.
+    :param evidence_dir: see :func:`shutdown`.
+    :param console_log: the serial console's log file (from :func:`launch`).
     """
     name = name or format_address(address)
     rungs = plan(policy) if rungs is None else list(rungs)
@@ -124,6 +136,7 @@ async def stop_at(
         return await run_plan(
             monitor, process, policy, started=started, name=name, on_progress=on_progress,
             rungs=rungs, no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
+            evidence_dir=evidence_dir, console_log=console_log,
         )  # fmt: skip
 
     deadline = started + policy.connect_timeout
@@ -198,6 +211,7 @@ def shutdown_sync(
     pid: int | None = None,
     *,
     on_progress: ProgressCallback | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Like :func:`shutdown`, for synchronous callers (runs its own event loop).
 
@@ -206,15 +220,30 @@ def shutdown_sync(
     :param policy: see :func:`shutdown`.
     :param pid: see :func:`shutdown`.
     :param on_progress: see :func:`shutdown` (called in this thread).
+    :param evidence_dir: see :func:`shutdown`.
     :raises ConnectError, PidMismatchError, ShutdownFailed: see :func:`shutdown`.
     :return: see :func:`shutdown`.
     """
     if isinstance(target, QMPClient):
         raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
     return anyio.run(
-        functools.partial(shutdown, target, policy, pid, on_progress=on_progress),
+        functools.partial(
+            shutdown, target, policy, pid, on_progress=on_progress, evidence_dir=evidence_dir
+        ),
         backend="asyncio",
     )
+
+
+def _evidence_dir(directory: object) -> str | None:
+    """*directory* as a path string (None stays None); a missing one is the step's failure."""
+    if directory is None:
+        return None
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"evidence_dir must be a path or None, not {type(directory).__name__}")
+    path = os.fspath(directory)
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"evidence_dir must be a non-empty str path, not {directory!r}")
+    return os.path.abspath(path)  # QEMU resolves relative names against its own cwd
 
 
 def check_target(target: object) -> None:
@@ -321,13 +350,14 @@ async def _shutdown_client(
     pid: int | None,
     started: float,
     on_progress: ProgressCallback | None,
+    evidence_dir: str | None,
 ) -> ShutdownResult:
     monitor: QMPMonitor = wrap_client(client)
     process: Process | None = None
     try:
         sock = client_socket(client)
         process, no_signal_why = _pin_process(sock, pid, policy.may_signal, "qmp-client")
-        return await climb(
+        return await run_plan(
             monitor,
             process,
             policy,
@@ -335,6 +365,7 @@ async def _shutdown_client(
             name=client.name or "qmp-client",
             no_signal_why=no_signal_why,
             on_progress=on_progress,
+            evidence_dir=evidence_dir,
         )
     finally:
         with anyio.CancelScope(shield=True):

@@ -22,9 +22,11 @@ RESULT_KEYS = {
     "elapsed_s",
     "events",
     "steps",
+    "screenshot",
+    "console_tail",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
-STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause"}
+STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause", "path"}
 
 
 def make_result(**changes: Any) -> ShutdownResult:
@@ -59,7 +61,7 @@ def make_result(**changes: Any) -> ShutdownResult:
 @pytest.mark.parametrize(
     ("enum_type", "values"),
     [
-        (Stage, ["already-off", "powerdown", "quit", "terminate", "kill"]),
+        (Stage, ["already-off", "powerdown", "quit", "terminate", "kill", "screenshot"]),
         (Outcome, ["done", "timeout", "skipped", "failed"]),
         (
             Cause,
@@ -171,6 +173,7 @@ def test_step_to_dict() -> None:
         "ended_s": 60.123457,
         "detail": "3 presses",
         "cause": None,
+        "path": None,
     }
     assert type(out["stage"]) is str
     assert type(out["outcome"]) is str
