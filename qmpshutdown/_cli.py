@@ -75,9 +75,15 @@ exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
 
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
-   "pid", "elapsed_s", "events", "steps"}}, or {{"target", "error"}} when it was not
-  reached; a target still running has "error" and the record, with "stage": null.
+   "pid", "elapsed_s", "events", "steps", "screenshot", "console_tail"}}, or
+  {{"target", "error"}} when it was not reached; a target still running has
+  "error" and the record, with "stage": null.
   Progress and errors then stay off stderr (-v still logs there).
+
+--evidence-dir DIR saves a PNG of a guest's screen (QMP screendump; needs a
+  display device) right before the first forced rung, and again if QEMU still
+  runs at the end; never on a graceful stop. The progress line
+  "screenshot done: saved PATH" and "screenshot" in --json give its path.
 """
 
 _EXIT_OK, _EXIT_FORCED, _EXIT_UNREACHED, _EXIT_RUNNING = 0, 1, 2, 3
@@ -104,6 +110,7 @@ class Invocation:
     pid: int | None
     json: bool
     verbosity: int  #: -1 with -q, 1 with -v, else 0
+    evidence_dir: str | None = None  #: where to save a forced guest's screen (--evidence-dir)
 
 
 def _positive_pid(text: str) -> int:
@@ -145,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
                             default=argparse.SUPPRESS, help=text)  # fmt: skip
     parser.add_argument("--pid", type=_positive_pid, help="QEMU's pid (one target only)")
     parser.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
+    parser.add_argument(
+        "--evidence-dir", metavar="DIR",
+        help="save a PNG of each guest's screen here when it must be forced (QEMU writes it)",
+    )  # fmt: skip
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
     chatter.add_argument("-v", "--verbose", action="store_true", help="debug logging, qemu.qmp too")
@@ -204,6 +215,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
         pid=args.pid,
         json=args.json,
         verbosity=-1 if args.quiet else 1 if args.verbose else 0,
+        evidence_dir=args.evidence_dir,
     )
 
 
@@ -276,14 +288,20 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
     quiet = invocation.json or invocation.verbosity != 0
     on_progress = None if quiet else print_progress
+    evidence_dir = invocation.evidence_dir
     if invocation.pid is None:
         targets: list[Target] = list(invocation.addresses)
-        return await shutdown_many(targets, invocation.policy, on_progress=on_progress)
+        return await shutdown_many(
+            targets, invocation.policy, on_progress=on_progress, evidence_dir=evidence_dir
+        )
     try:
         address = invocation.addresses[0]
         return [
-            await shutdown(address, invocation.policy, pid=invocation.pid, on_progress=on_progress)
-        ]
+            await shutdown(
+                address, invocation.policy, pid=invocation.pid, on_progress=on_progress,
+                evidence_dir=evidence_dir,
+            )
+        ]  # fmt: skip
     except Error as err:
         return [err]
 
