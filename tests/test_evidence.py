@@ -253,3 +253,9 @@ async def test_shutdown_many_writes_one_file_per_target(guests, tmp_path):
     for result, guest in zip(results, ignoring, strict=True):
         assert result.step("screenshot").outcome is Outcome.DONE
         assert f"pid{guest.pid}-" in Path(result.screenshot).name
+
+
+@pytest.mark.parametrize("bad", [3, b"/tmp", ""])
+def test_a_bad_evidence_dir_is_a_type_error_before_anything_is_sent(bad):
+    with pytest.raises(TypeError, match="evidence_dir"):
+        qmpshutdown.shutdown_sync("/nonexistent/qmp.sock", evidence_dir=bad)
