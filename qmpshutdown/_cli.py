@@ -86,9 +86,16 @@ fleets (the VMs of a group are stopped concurrently):
 
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
-   "pid", "elapsed_s", "events", "steps", "saved_state"}}, or {{"target", "error"}} when it was not
-  reached; a target still running has "error" and the record, with "stage": null.
+   "pid", "elapsed_s", "events", "steps", "saved_state", "screenshot",
+  "console_tail"}}, or
+  {{"target", "error"}} when it was not reached; a target still running has
+  "error" and the record, with "stage": null.
   Progress and errors then stay off stderr (-v still logs there).
+
+--evidence-dir DIR saves a PNG of a guest's screen (QMP screendump; needs a
+  display device) right before the first forced rung, and again if QEMU still
+  runs at the end; never on a graceful stop. The progress line
+  "screenshot done: saved PATH" and "screenshot" in --json give its path.
   After a save, "saved_state_bytes" gives the state file's size.
 
 saving (--save-dir DIR):
@@ -127,6 +134,7 @@ class Invocation:
     jobs: tuple[Job, ...] = ()
     deadline: float | None = None
     save_dir: str | None = None  #: --save-dir: where the save rung keeps the state
+    evidence_dir: str | None = None  #: where to save a forced guest's screen (--evidence-dir)
 
 
 def _positive_pid(text: str) -> int:
@@ -196,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     vms = "the VMs (target, name, pid, group, policy) from a JSON file"
     fleet.add_argument("--fleet", metavar="FILE", help=vms)
     parser.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
+    parser.add_argument(
+        "--evidence-dir", metavar="DIR",
+        help="save a PNG of each guest's screen here when it must be forced (QEMU writes it)",
+    )  # fmt: skip
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
     chatter.add_argument("-v", "--verbose", action="store_true", help="debug logging, qemu.qmp too")
@@ -278,6 +290,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
         jobs=tuple(jobs),
         deadline=args.deadline,
         save_dir=args.save_dir,
+        evidence_dir=args.evidence_dir,
     )
 
 
@@ -303,6 +316,7 @@ def _fleet_invocation(
         jobs=tuple(job for _, job in entries),
         save_dir=args.save_dir,
         deadline=args.deadline,
+        evidence_dir=args.evidence_dir,
     )
 
 
@@ -378,7 +392,7 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     jobs = invocation.jobs or tuple(Job(a, pid=invocation.pid) for a in invocation.addresses)
     return await shutdown_many(
         jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline,
-        save_dir=invocation.save_dir,
+        save_dir=invocation.save_dir, evidence_dir=invocation.evidence_dir,
     )  # fmt: skip
 
 

@@ -38,12 +38,12 @@ FORCED_RESERVE = 2.0
 #: up to this late): a VM is never left running for want of time.
 MIN_LEFT = 0.5
 #: Each timeout's share of the reserve when the policy's own ones do not fit in it.
-#: ``command_timeout`` counts six times in :attr:`ShutdownPolicy.bound` (three
-#: around the rungs, two in the power button's budget, one for ``quit``):
-#: 0.2 + 6 x 0.1 + 0.1 + 0.05 + 0.05 = 1.
+#: ``command_timeout`` counts eight times in :attr:`ShutdownPolicy.bound` (three
+#: around the rungs, two in the power button's budget, two for the screenshot
+#: before force, one for ``quit``): 0.16 + 8 x 0.08 + 0.1 + 0.05 + 0.05 = 1.
 RESERVE_SHARES: dict[str, float] = {
-    "connect_timeout": 0.2,
-    "command_timeout": 0.1,
+    "connect_timeout": 0.16,
+    "command_timeout": 0.08,
     "quit_timeout": 0.1,
     "terminate_timeout": 0.05,
     "kill_timeout": 0.05,

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import anyio
 
 from ._errors import ShutdownFailed
+from ._evidence import console_tail, screenshot_of
 from ._monitor import Monitor
 from ._policy import ShutdownPolicy, Stage
 from ._process import Process
@@ -116,15 +117,20 @@ async def run_plan(
     rungs: Sequence[Rung] | None = None,
     actions: Sequence[Action] | None = None,
     save_dir: str | None = None,
+    evidence_dir: str | None = None,
+    console_log: str | None = None,
 ) -> ShutdownResult:
     """:func:`climb`, with the rungs and actions given instead of the policy's own plan.
 
     :param save_dir: where the ``save`` rung keeps the guest's state (None skips it).
+    :param evidence_dir: where the screenshot action saves the guest's screen.
+    :param console_log: the serial console's log, whose tail a forced record keeps.
     """
     recorder = Recorder(started, name, on_progress)
     qemu = Qemu(monitor, process, policy, recorder,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
     qemu.save_dir = save_dir
+    qemu.evidence_dir, qemu.console_log = evidence_dir, console_log
     rungs = plan(policy) if rungs is None else list(rungs)
     actions = BEFORE_FORCE if actions is None else tuple(actions)
     try:
@@ -146,6 +152,7 @@ def record(qemu: Qemu) -> ShutdownResult:
     steps, events = tuple(qemu.recorder.steps), tuple(qemu.watch.events)
     verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone)
     gone_at = qemu.watch.gone_at
+    forced = not verdict.graceful and verdict.stage is not Stage.ALREADY_OFF
     result = ShutdownResult(
         stage=verdict.stage,
         graceful=verdict.graceful,
@@ -158,6 +165,8 @@ def record(qemu: Qemu) -> ShutdownResult:
         events=events,
         steps=steps,
         saved_state=saved_state(verdict.stage, qemu.saved_to),
+        screenshot=screenshot_of(steps),
+        console_tail=console_tail(qemu.console_log) if forced else None,
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

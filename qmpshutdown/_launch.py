@@ -43,6 +43,8 @@ _PR_SET_PDEATHSIG = 1
 _STDERR_LIMIT = 64 * 1024
 #: The sockets in the private dir: one for the caller's client, one kept free for the ladder.
 CALLER_SOCKET, LADDER_SOCKET = "qmp.sock", "ladder.sock"
+#: The serial console's log in the private dir (``console_log=True``).
+CONSOLE_LOG = "console.log"
 
 
 # Resolved once here: the child between fork and exec must not run ldconfig
@@ -70,9 +72,46 @@ def _spawn(argv: list[str], stderr_path: Path, name: str) -> subprocess.Popen[by
             raise LaunchError(f"{name}: cannot start {argv[0]}: {err}") from err
 
 
-def command_line(argv: Sequence[str], rundir: Path) -> list[str]:
-    """QEMU's command line: the caller's, plus two QMP monitors on unix sockets in *rundir*."""
+def given_serial(argv: Sequence[str]) -> str | None:
+    """The value of the first ``-serial`` option in *argv* (``-serial X`` or ``-serial=X``)."""
+    for index, arg in enumerate(argv):
+        for option in ("-serial", "--serial"):
+            if arg == option and index + 1 < len(argv):
+                return argv[index + 1]
+            if arg.startswith(option + "="):
+                return arg.partition("=")[2]
+    return None
+
+
+def console_log_path(argv: Sequence[str], rundir: Path) -> tuple[Path, bool]:
+    """Where ``console_log=True`` finds the serial console, and whether launch adds the port.
+
+    Without a ``-serial`` in *argv*, launch adds ``-serial file:RUNDIR/console.log``
+    (the first serial port, ttyS0). When the caller's first ``-serial`` already
+    is ``file:PATH``, that file is the log (nothing is added: a second port
+    would be ttyS1, where the guest's console is not).
+
+    :raises ValueError: the first ``-serial`` is something else (stdio, a chardev, …).
+    """
+    given = given_serial(argv)
+    if given is None:
+        return rundir / CONSOLE_LOG, True
+    if given.startswith("file:") and len(given) > len("file:"):
+        return Path(given[len("file:") :]), False
+    raise ValueError(
+        f"console_log=True captures the first serial port, but argv has -serial {given}: "
+        "drop it (launch adds -serial file:...) or make it -serial file:PATH"
+    )
+
+
+def command_line(argv: Sequence[str], rundir: Path, *, console_log: bool = False) -> list[str]:
+    """QEMU's command line: the caller's, plus two QMP monitors on unix sockets in *rundir*.
+
+    :param console_log: add the serial console's log file (see :func:`console_log_path`).
+    """
     line = [*argv]
+    if console_log and console_log_path(argv, rundir)[1]:
+        line += ["-serial", f"file:{rundir / CONSOLE_LOG}"]
     for monitor_id, path in (("qmpshutdown-caller", rundir / CALLER_SOCKET),
                              ("qmpshutdown-ladder", rundir / LADDER_SOCKET)):  # fmt: skip
         line += [
@@ -91,6 +130,9 @@ class VM:
         commands (its ``events`` listener keeps only the latest 1,000 events).
     :ivar name: the name used in log lines.
     :ivar result: the :class:`ShutdownResult` of the stop, once QEMU was stopped.
+    :ivar console_log: the serial console's log file (``console_log=True``), else None;
+        launch's own is removed with its private dir when the block ends.
+    :ivar evidence_dir: where a forced stop saves the guest's screen, else None.
     """
 
     def __init__(
@@ -100,6 +142,8 @@ class VM:
         name: str | None,
         startup_timeout: float,
         on_progress: ProgressCallback | None = None,
+        evidence_dir: str | os.PathLike[str] | None = None,
+        console_log: bool = False,
         *,
         save_dir: str | os.PathLike[str] | None = None,
         restore: str | os.PathLike[str] | None = None,
@@ -117,6 +161,12 @@ class VM:
         if restore is not None and not isinstance(restore, (str, os.PathLike)):
             raise TypeError(f"restore must be a state file's path or None, not {restore!r}")
         self.restore = None if restore is None else os.fspath(restore)
+        if not isinstance(console_log, bool):
+            raise TypeError(f"console_log must be True or False, not {console_log!r}")
+        if console_log:
+            console_log_path(self.argv, Path("."))  # a -serial it cannot use: refused now
+        self._console_log = console_log
+        self.evidence_dir = None if evidence_dir is None else os.path.abspath(evidence_dir)
         self.result: ShutdownResult | None = None
         self._dir: Path | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -139,6 +189,12 @@ class VM:
     def monitor(self) -> QMPClient:
         assert self._monitor is not None, "the VM is not running"
         return self._monitor
+
+    @property
+    def console_log(self) -> Path | None:
+        if not self._console_log or self._dir is None:
+            return None
+        return console_log_path(self.argv, self._dir)[0]
 
     def __repr__(self) -> str:
         pid = self._popen.pid if self._popen is not None else None
@@ -173,6 +229,8 @@ class VM:
                 on_progress=self.on_progress,
                 rungs=rungs,
                 save_dir=self.save_dir,
+                evidence_dir=self.evidence_dir,
+                console_log=None if self.console_log is None else os.fspath(self.console_log),
             )
         except ShutdownFailed as err:
             self.result = err.result
@@ -208,7 +266,8 @@ class VM:
     async def _start_qemu(self, state_fd: int | None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpshutdown-"))
         argv = self.argv if state_fd is None else [*self.argv, *INCOMING_ARGS]
-        self._popen = _spawn(command_line(argv, self._dir), self._dir / "stderr", self.name)
+        argv = command_line(argv, self._dir, console_log=self._console_log)
+        self._popen = _spawn(argv, self._dir / "stderr", self.name)
         self._process = PidfdProcess(self._popen.pid, os.pidfd_open(self._popen.pid))
         logger.info("%s: started QEMU, pid %d", self.name, self._popen.pid)
         caller = os.fspath(self.qmp_socket)
@@ -323,6 +382,8 @@ def launch(
     *,
     startup_timeout: float = 30.0,
     on_progress: ProgressCallback | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
+    console_log: bool = False,
     save_dir: str | os.PathLike[str] | None = None,
     restore: str | os.PathLike[str] | None = None,
 ) -> VM:
@@ -348,6 +409,14 @@ def launch(
         descriptor) and the guest runs on from where it was saved. Keep the
         same QEMU version and command line, and the disk images untouched
         since the save.
+    :param evidence_dir: where a stop that has to force saves a PNG of the
+        guest's screen (see :func:`shutdown`); the directory must exist.
+    :param console_log: capture the serial console to a file in the private
+        dir (``vm.console_log``): launch adds ``-serial file:...`` as the first
+        serial port, or, when *argv*'s first ``-serial`` is ``file:PATH``,
+        uses that file. When the stop has to force, its last 50 lines are
+        ``vm.result.console_tail``.
+    :raises ValueError: *console_log* with a first ``-serial`` that is not ``file:PATH``.
     :raises LaunchError: (on entering) QEMU exited early or did not greet in
         time, or the saved state did not load; carries its exit status and stderr.
     :return: the :class:`VM`, an async context manager. On leaving the block —
@@ -357,5 +426,6 @@ def launch(
         kernel kills it too if this process dies first).
     """
     return VM(
-        argv, policy, name, startup_timeout, on_progress, save_dir=save_dir, restore=restore
-    )
+        argv, policy, name, startup_timeout, on_progress, evidence_dir, console_log,
+        save_dir=save_dir, restore=restore,
+    )  # fmt: skip

@@ -17,7 +17,7 @@ from ._policy import ShutdownPolicy
 from ._process import out_of_descriptors
 from ._progress import ProgressCallback
 from ._result import ShutdownResult
-from ._shutdown import Target, _address, check_save_dir, shutdown, stop_at
+from ._shutdown import Target, _address, _evidence_dir, check_save_dir, shutdown, stop_at
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -36,6 +36,7 @@ async def shutdown_many(
     on_progress: ProgressCallback | None = None,
     deadline: float | None = None,
     save_dir: str | os.PathLike[str] | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
 ) -> list[ShutdownResult | Error]:
     """Stop every target concurrently, at most *limit* at a time when given.
 
@@ -60,6 +61,8 @@ async def shutdown_many(
     :param limit: the most ladders running at once; None runs all at once.
     :param on_progress: called with every VM's :class:`Progress` updates
         (``target`` tells them apart).
+    :param evidence_dir: see :func:`shutdown`; one file per target that had
+        to be forced, each named after its target.
     :param save_dir: see :func:`shutdown` (each VM's state gets its own file).
     :param deadline: seconds from this call by which every VM must be done
         (off gracefully, or forced), all groups included; None: no deadline.
@@ -107,7 +110,8 @@ async def shutdown_many(
                     fitted = fit_policy(job_policy, ends_at - anyio.current_time())
                 turns.running += 1
                 try:
-                    return await _stop_job(job, fitted, on_progress, job.save_dir or save_dir)
+                    keep = job.save_dir or save_dir
+                    return await _stop_job(job, fitted, on_progress, keep, evidence_dir)
                 except (ConnectError, PidMismatchError) as err:
                     if not out_of_descriptors(err):
                         raise
@@ -159,14 +163,17 @@ async def _stop_job(
     policy: ShutdownPolicy,
     on_progress: ProgressCallback | None,
     save_dir: str | os.PathLike[str] | None,
+    evidence_dir: str | os.PathLike[str] | None,
 ) -> ShutdownResult:
     extra: dict[str, Any] = {} if job.agent is None else {"agent": job.agent}
     if job.label is None:
         return await shutdown(
-            job.target, policy, job.pid, on_progress=on_progress, save_dir=save_dir, **extra
-        )
+            job.target, policy, job.pid, on_progress=on_progress, save_dir=save_dir,
+            evidence_dir=evidence_dir, **extra,
+        )  # fmt: skip
     # A name is the ladder's own (stop_at); shutdown() names a VM by its address.
     return await stop_at(
         _address(job.target), policy, pid=job.pid, started=anyio.current_time(),
         name=job.label, on_progress=on_progress, save_dir=check_save_dir(save_dir),
+        evidence_dir=_evidence_dir(evidence_dir),
     )  # fmt: skip

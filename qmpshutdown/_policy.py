@@ -14,6 +14,8 @@ class Stage(str, enum.Enum):
 
     ``ALREADY_OFF`` is never a rung: it is the stage of a result whose guest
     was already powered off (runstate ``shutdown``) when the monitor was reached.
+    ``SCREENSHOT`` is a step, not a rung: the guest's screen saved as evidence
+    right before the first forced rung (see ``evidence_dir``).
     """
 
     ALREADY_OFF = "already-off"
@@ -22,6 +24,7 @@ class Stage(str, enum.Enum):
     SAVE = "save"
     TERMINATE = "terminate"
     KILL = "kill"
+    SCREENSHOT = "screenshot"
 
     def __str__(self) -> str:
         return self.value
@@ -59,6 +62,10 @@ def _validate_stages(instance: Any, attribute: Any, value: tuple[Stage, ...]) ->
         raise ValueError("stages must name at least one rung")
     if Stage.ALREADY_OFF in value:
         raise ValueError("'already-off' is a result, not a rung")
+    for stage in value:
+        if stage not in RUNGS:
+            names = ", ".join(s.value for s in RUNGS)
+            raise ValueError(f"{stage.value!r} is a step, not a rung; the rungs are {names}")
     if len(set(value)) != len(value):
         raise ValueError(f"stages must not repeat a rung: {[s.value for s in value]}")
     order = [RUNGS.index(s) for s in value]

@@ -5,6 +5,10 @@ boot VMs with ``await qemu_launcher.launch(argv)``, plain ``def`` tests with
 ``qemu_launcher_sync.launch(argv)``; at the fixture's teardown every VM still
 running is stopped with the ladder, reaped, and how each was stopped is added
 to the test's report (shown with the test's output).
+A VM that had to be forced leaves a screenshot of its screen (when it has a
+display device) in the test's ``tmp_path``: named in the report, kept when
+the test failed and removed when it passed; with ``console_log=True`` its
+console's last lines are in the report too.
 
 pytest-asyncio may run an async fixture's setup and teardown in different
 tasks, so nothing here keeps a cancel scope or task group open across the
@@ -13,8 +17,11 @@ fixture's ``yield``: each VM is entered and exited explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import AsyncIterator, Iterator, Sequence
+import os
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,8 +36,9 @@ from ._sync import SyncVM, refuse_in_event_loop, wait_through
 class QemuLauncher:
     """Boots VMs for one test and stops every one of them at its end."""
 
-    def __init__(self, policy: ShutdownPolicy) -> None:
+    def __init__(self, policy: ShutdownPolicy, evidence_dir: Path | None = None) -> None:
         self.policy = policy
+        self.evidence_dir = evidence_dir  #: where forced VMs' screenshots go (the default)
         self.vms: list[VM] = []
 
     async def launch(
@@ -44,13 +52,18 @@ class QemuLauncher:
 
         :raises qmpshutdown.LaunchError: QEMU exited early or did not greet in time.
         """
+        if self.evidence_dir is not None:
+            kwargs.setdefault("evidence_dir", self.evidence_dir)
         vm = launch(argv, policy or self.policy, name or f"vm{len(self.vms) + 1}", **kwargs)
         await vm.__aenter__()
         self.vms.append(vm)
         return vm
 
-    async def aclose(self) -> list[str]:
-        """Stop every VM still running (concurrently); return one line per VM."""
+    async def aclose(self, *, keep_evidence: bool = True) -> list[str]:
+        """Stop every VM still running (concurrently); return the report's lines.
+
+        :param keep_evidence: keep the screenshots (a failing test); else remove them.
+        """
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for vm in self.vms:
@@ -60,6 +73,20 @@ class QemuLauncher:
             result = vm.result
             how = result.summary() if result is not None else "exited on its own"
             lines.append(f"{vm.name}: {how}")
+            if result is None:
+                continue
+            if result.screenshot is not None:
+                if keep_evidence:
+                    lines.append(f"  screenshot: {result.screenshot}")
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(result.screenshot)
+                    lines.append(f"  screenshot: {result.screenshot} (removed: the test passed)")
+            if result.console_tail == ():
+                lines.append("  console: nothing on it")
+            elif result.console_tail is not None:
+                lines.append("  console, last lines:")
+                lines += [f"    {line}" for line in result.console_tail]
         return lines
 
 
@@ -104,6 +131,18 @@ def _report(request: pytest.FixtureRequest, lines: list[str]) -> None:
     """Add how each VM was stopped to the test's report."""
     if lines:
         request.node.add_report_section("teardown", "qmpshutdown", "\n".join(lines))
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember whether the test failed, for the teardown's evidence."""
+    report = yield
+    if report.when in ("setup", "call") and report.failed:
+        item.stash[_CALL_FAILED] = True
+    return report
 
 
 @pytest.fixture
@@ -125,18 +164,25 @@ else:
 
     @pytest_asyncio.fixture
     async def qemu_launcher(  # type: ignore[misc]  # one of two definitions
-        request: pytest.FixtureRequest, qemu_shutdown_policy: ShutdownPolicy
+        request: pytest.FixtureRequest, qemu_shutdown_policy: ShutdownPolicy, tmp_path: Path
     ) -> AsyncIterator[QemuLauncher]:
         """Boot QEMU VMs in a test; every one is stopped and reaped at teardown.
 
         ``vm = await qemu_launcher.launch(argv)`` returns a running
-        :class:`qmpshutdown.VM`; how each was stopped goes into the test's report.
+        :class:`qmpshutdown.VM`; how each was stopped goes into the test's report,
+        with the screenshot of a VM that had to be forced (kept in the test's
+        ``tmp_path`` when the test failed).
         """
-        launcher = QemuLauncher(qemu_shutdown_policy)
+        evidence = tmp_path / "qmpshutdown-evidence"
+        evidence.mkdir(exist_ok=True)
+        launcher = QemuLauncher(qemu_shutdown_policy, evidence)
         try:
             yield launcher
         finally:
-            _report(request, await launcher.aclose())
+            failed = request.node.stash.get(_CALL_FAILED, False)
+            lines = await launcher.aclose(keep_evidence=failed)
+            if lines:
+                request.node.add_report_section("teardown", "qmpshutdown", "\n".join(lines))
 
 
 @pytest.fixture

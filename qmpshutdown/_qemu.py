@@ -69,6 +69,10 @@ class Qemu:
         self.watch = Watch()
         self.runstate: str | None = None  #: as found on arrival
         self.presses = 0
+        #: Where to save the guest's screen when it must be forced (``evidence_dir=``), or None.
+        self.evidence_dir: str | None = None
+        #: The serial console's log file (``launch(console_log=True)``), or None.
+        self.console_log: str | None = None
         #: Tasks that watch the guest while a graceful rung waits (none yet: room for samplers).
         self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = []
         #: Where the ``save`` rung puts the guest's state file (the caller's ``save_dir``);

@@ -84,6 +84,7 @@ class Step:
     :ivar cause: what this step saw of why the guest would not go (a paused or
         sleeping guest, a monitor that did not answer, …), else None; the
         result's ``cause`` is the first one a step names.
+    :ivar path: the file the step wrote (the PNG of a ``screenshot`` step), else None.
     """
 
     stage: Stage = attrs.field(converter=Stage)
@@ -92,11 +93,13 @@ class Step:
     ended: float
     detail: str = ""
     cause: Cause | None = attrs.field(default=None, converter=_optional_cause)
+    path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict.
 
-        Keys: ``stage``, ``outcome``, ``started_s``, ``ended_s``, ``detail``, ``cause``.
+        Keys: ``stage``, ``outcome``, ``started_s``, ``ended_s``, ``detail``,
+        ``cause``, ``path``.
         """
         return {
             "stage": self.stage.value,
@@ -105,7 +108,12 @@ class Step:
             "ended_s": round(self.ended, 6),
             "detail": self.detail,
             "cause": None if self.cause is None else self.cause.value,
+            "path": self.path,
         }
+
+
+def _optional_lines(value: Iterable[str] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
 
 
 def _events(value: Iterable[EventRecord]) -> tuple[EventRecord, ...]:
@@ -135,6 +143,10 @@ class ShutdownResult:
     :ivar saved_state: the path of the file holding the guest's whole state
         when the ``save`` rung ended the VM (restore it with
         ``launch(argv, restore=PATH)``), else None.
+    :ivar screenshot: the PNG of the guest's screen saved when it had to be
+        forced (the last ``screenshot`` step's file; see ``evidence_dir``), else None.
+    :ivar console_tail: the serial console's last lines when the VM had to be
+        forced (``launch(console_log=True)``), else None.
     """
 
     stage: Stage | None = attrs.field(converter=_optional_stage)
@@ -148,6 +160,8 @@ class ShutdownResult:
     events: tuple[EventRecord, ...] = attrs.field(converter=_events)
     steps: tuple[Step, ...] = attrs.field(converter=_steps)
     saved_state: str | None = None
+    screenshot: str | None = None
+    console_tail: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_lines)
 
     @property
     def forced(self) -> bool:
@@ -166,6 +180,8 @@ class ShutdownResult:
 
         Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
         ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``, ``saved_state``.
+        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``,
+        ``screenshot``, ``console_tail`` (a list of lines, or None).
         """
         return {
             "stage": None if self.stage is None else self.stage.value,
@@ -179,6 +195,8 @@ class ShutdownResult:
             "events": [event.to_dict() for event in self.events],
             "steps": [step.to_dict() for step in self.steps],
             "saved_state": self.saved_state,
+            "screenshot": self.screenshot,
+            "console_tail": None if self.console_tail is None else list(self.console_tail),
         }
 
     def summary(self) -> str:

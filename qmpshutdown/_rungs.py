@@ -20,6 +20,7 @@ from typing import Protocol
 import anyio
 
 from ._errors import CommandError, MonitorClosedError
+from ._evidence import Screenshot
 from ._policy import ShutdownPolicy, Stage
 from ._qemu import Guest, Qemu
 from ._result import Cause, Outcome
@@ -252,8 +253,9 @@ RUNG_FOR: dict[Stage, Rung] = {
     Stage.KILL: Signal(Stage.KILL, signal.SIGKILL, "kill_timeout"),
 }
 
-#: Actions run before the first forced rung (none yet: the freeze and the screenshot go here).
-BEFORE_FORCE: tuple[Action, ...] = ()
+#: Actions run before the first forced rung, in order: the screenshot first, so that it
+#: shows the guest as it was (before a filesystem freeze).
+BEFORE_FORCE: tuple[Action, ...] = (Screenshot(),)
 
 #: ``launch()``'s last resort when its policy allows no SIGKILL: a recorded step like any other.
 LAST_RESORT_KILL = Signal(Stage.KILL, signal.SIGKILL, "kill_timeout", "launch() teardown: ")

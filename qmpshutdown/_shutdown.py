@@ -53,6 +53,7 @@ async def shutdown(
     *,
     on_progress: ProgressCallback | None = None,
     save_dir: str | os.PathLike[str] | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Stop one VM with the least force that works, and say how it went.
 
@@ -75,6 +76,11 @@ async def shutdown(
         stages name it) keeps the guest's whole state in a new file (mode
         0600); without it that rung is skipped. The path is the result's
         ``saved_state``.
+    :param evidence_dir: a directory (on QEMU's host, writable by QEMU) for a
+        PNG of the guest's screen (QMP ``screendump``), taken right before the
+        first forced rung and again if the ladder ends with QEMU still running;
+        never on a graceful stop. Its path is ``result.screenshot``; the step
+        ``screenshot`` says how it went (a failure never stops the ladder).
     :raises ConnectError: no QMP monitor could be reached and there was no
         safe way to escalate (a peer that answers with anything but QMP, such
         as QEMU's human monitor, is never signalled).
@@ -92,11 +98,14 @@ async def shutdown(
         raise ValueError(f"pid must be a positive int (a Linux pid), not {pid!r}")
     save_dir = check_save_dir(save_dir)
     started = anyio.current_time()
+    evidence = _evidence_dir(evidence_dir)
     if isinstance(target, QMPClient):
-        return await _shutdown_client(target, policy, pid, started, on_progress, save_dir)
+        return await _shutdown_client(
+            target, policy, pid, started, on_progress, save_dir, evidence
+        )
     return await stop_at(
         _address(target), policy, pid=pid, started=started, on_progress=on_progress,
-        save_dir=save_dir,
+        save_dir=save_dir, evidence_dir=evidence,
     )  # fmt: skip
 
 
@@ -111,6 +120,8 @@ async def stop_at(
     on_progress: ProgressCallback | None = None,
     rungs: Sequence[Rung] | None = None,
     save_dir: str | None = None,
+    evidence_dir: str | None = None,
+    console_log: str | None = None,
 ) -> ShutdownResult:
     """Connect to *address* and climb the ladder (the body of :func:`shutdown`).
 
@@ -119,6 +130,8 @@ async def stop_at(
         peer, used even if the monitor cannot be reached, and left open.
     :param rungs: the rungs to climb instead of the policy's plan.
     :param save_dir: where the ``save`` rung keeps the state (None skips it).
+    :param evidence_dir: see :func:`shutdown`.
+    :param console_log: the serial console's log file (from :func:`launch`).
     """
     name = name or format_address(address)
     rungs = plan(policy) if rungs is None else list(rungs)
@@ -134,6 +147,7 @@ async def stop_at(
             monitor, process, policy, started=started, name=name, on_progress=on_progress,
             rungs=rungs, no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
             save_dir=save_dir,
+            evidence_dir=evidence_dir, console_log=console_log,
         )  # fmt: skip
 
     deadline = started + policy.connect_timeout
@@ -209,6 +223,7 @@ def shutdown_sync(
     *,
     on_progress: ProgressCallback | None = None,
     save_dir: str | os.PathLike[str] | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Like :func:`shutdown`, for synchronous callers (runs its own event loop).
 
@@ -218,6 +233,7 @@ def shutdown_sync(
     :param pid: see :func:`shutdown`.
     :param on_progress: see :func:`shutdown` (called in this thread).
     :param save_dir: see :func:`shutdown`.
+    :param evidence_dir: see :func:`shutdown`.
     :raises ConnectError, PidMismatchError, ShutdownFailed: see :func:`shutdown`.
     :return: see :func:`shutdown`.
     """
@@ -225,7 +241,8 @@ def shutdown_sync(
         raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
     return anyio.run(
         functools.partial(
-            shutdown, target, policy, pid, on_progress=on_progress, save_dir=save_dir
+            shutdown, target, policy, pid, on_progress=on_progress, save_dir=save_dir,
+            evidence_dir=evidence_dir,
         ),
         backend="asyncio",
     )
@@ -240,6 +257,16 @@ def check_save_dir(save_dir: object) -> str | None:
         if isinstance(path, str) and path:
             return os.path.abspath(path)
     raise TypeError(f"save_dir must be a directory path or None, not {save_dir!r}")
+def _evidence_dir(directory: object) -> str | None:
+    """*directory* as a path string (None stays None); a missing one is the step's failure."""
+    if directory is None:
+        return None
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"evidence_dir must be a path or None, not {type(directory).__name__}")
+    path = os.fspath(directory)
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"evidence_dir must be a non-empty str path, not {directory!r}")
+    return os.path.abspath(path)  # QEMU resolves relative names against its own cwd
 
 
 def check_target(target: object) -> None:
@@ -350,6 +377,7 @@ async def _shutdown_client(
     started: float,
     on_progress: ProgressCallback | None,
     save_dir: str | None = None,
+    evidence_dir: str | None = None,
 ) -> ShutdownResult:
     monitor: QMPMonitor = wrap_client(client)
     process: Process | None = None
@@ -365,6 +393,7 @@ async def _shutdown_client(
             no_signal_why=no_signal_why,
             on_progress=on_progress,
             save_dir=save_dir,
+            evidence_dir=evidence_dir,
         )
     finally:
         with anyio.CancelScope(shield=True):

@@ -31,6 +31,7 @@ class Ended:
     detail: str
     cause: Cause | None = None
     at: float | None = None  #: when it ended (seconds since the call), if not now
+    path: str | None = None  #: a file the step wrote (a screenshot), if any
 
 
 class OpenStep:
@@ -97,7 +98,9 @@ class Recorder:
         self.close(step, ended, step.started)
 
     def close(self, step: OpenStep, ended: Ended, at: float) -> None:
-        record = Step(step.stage, ended.outcome, step.started, at, ended.detail, ended.cause)
+        record = Step(
+            step.stage, ended.outcome, step.started, at, ended.detail, ended.cause, ended.path
+        )
         self.steps.append(record)
         message = f"{step.stage.value} {ended.outcome.value}: {ended.detail}"
         self._update(message, step.stage, ProgressKind.END, step=record)

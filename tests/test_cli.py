@@ -432,3 +432,25 @@ def test_save_dir_must_be_a_directory(tmp_path: Path, capsys: pytest.CaptureFixt
         parse_command_line(["--save-dir", str(tmp_path / "nope"), "qmp.sock"])
     assert caught.value.code == 2
     assert "--save-dir" in capsys.readouterr().err
+def test_evidence_dir_is_parsed():
+    assert parse_command_line(["a.sock"]).evidence_dir is None
+    assert parse_command_line(["--evidence-dir", "shots", "a.sock"]).evidence_dir == "shots"
+
+
+@pytest.mark.asyncio
+async def test_evidence_dir_gives_the_screenshot_on_the_progress_line_and_in_json(guests, tmp_path):
+    plain, as_json = await guests.boot_many(
+        {"mode": "ignores", "display": True}, {"mode": "ignores", "display": True}
+    )
+    run = await qmpshutdown(*FAST, "--evidence-dir", tmp_path, plain.qmp_path)
+    assert run.status == 1, run.err
+    pattern = rf"{re.escape(str(plain.qmp_path))}  \+\d+\.\d\ds  screenshot done: saved (.+)"
+    (saved,) = [m[1] for m in map(re.compile(pattern).fullmatch, run.err.splitlines()) if m]
+    assert os.path.dirname(saved) == str(tmp_path) and os.path.getsize(saved) > 0
+    run = await qmpshutdown("--json", *FAST, "--evidence-dir", tmp_path, as_json.qmp_path)
+    assert run.status == 1, run.err
+    (record,) = run.records()
+    assert record["screenshot"] is not None and record["screenshot"] != saved
+    assert os.path.dirname(record["screenshot"]) == str(tmp_path)
+    assert [s["stage"] for s in record["steps"]] == ["powerdown", "screenshot", "quit"]
+    assert record["steps"][1]["path"] == record["screenshot"]

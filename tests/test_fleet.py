@@ -115,7 +115,7 @@ def test_a_fitted_policy_ends_within_what_is_left(policy, left):
 def test_the_default_policy_at_8_s_as_documented():
     fitted = fit_policy(ShutdownPolicy(), 8.0)
     assert fitted.powerdown_timeout == pytest.approx(6.0)
-    assert (fitted.connect_timeout, fitted.command_timeout) == pytest.approx((0.4, 0.2))
+    assert (fitted.connect_timeout, fitted.command_timeout) == pytest.approx((0.32, 0.16))
     assert (fitted.quit_timeout, fitted.terminate_timeout, fitted.kill_timeout) == pytest.approx(
         (0.2, 0.1, 0.1)
     )

@@ -226,8 +226,8 @@ def test_may_signal(stages: tuple[str, ...], expected: bool) -> None:
 
 def test_default_bound() -> None:
     # connect 5 + 3 commands 15; powerdown 60 + 2 commands 10; quit command 5 + 30;
-    # terminate 10; kill 10.
-    assert ShutdownPolicy().bound == 145.0
+    # terminate 10; kill 10; the screenshot before force and at the end, 2 commands 10.
+    assert ShutdownPolicy().bound == 155.0
 
 
 # Distinct values so that a term counted twice or left out changes the sum.
@@ -247,14 +247,15 @@ DISTINCT = {
     [
         # Always: connect 2 + 3 commands 9 = 11.
         # powerdown: 7 + 2 commands 6 = 13; quit: command 3 + 11 = 14.
-        (("powerdown", "quit", "terminate", "kill"), 11 + 13 + 14 + 13 + 17),
+        # With force, the screenshot's 2 commands: 6.
+        (("powerdown", "quit", "terminate", "kill"), 11 + 13 + 14 + 13 + 17 + 6),
         (("powerdown",), 11 + 13),
-        (("quit",), 11 + 14),
-        (("terminate", "kill"), 11 + 13 + 17),
-        (("powerdown", "kill"), 11 + 13 + 17),
+        (("quit",), 11 + 14 + 6),
+        (("terminate", "kill"), 11 + 13 + 17 + 6),
+        (("powerdown", "kill"), 11 + 13 + 17 + 6),
         # save: 7 commands 21 + save_timeout 19 + quit_timeout 11 = 51.
-        (("powerdown", "save", "quit"), 11 + 13 + 51 + 14),
-        (("save",), 11 + 51),
+        (("powerdown", "save", "quit"), 11 + 13 + 51 + 14 + 6),
+        (("save",), 11 + 51 + 6),
     ],
 )
 def test_bound_sums_the_allowed_waits(stages: tuple[str, ...], expected: float) -> None:

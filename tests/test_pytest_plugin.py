@@ -140,3 +140,56 @@ def test_async_fixture_under_anyio_pytest_plugin(
     result.assert_outcomes(passed=1)
     assert "anyio: quit forced" in result.stdout.str()
     assert our_qemus(marker) == []
+
+
+EVIDENCE = """
+import anyio
+import pytest
+from guests import guest_argv
+from qmpshutdown import ShutdownPolicy
+
+pytestmark = pytest.mark.asyncio
+
+@pytest.fixture
+def qemu_shutdown_policy():
+    return ShutdownPolicy(powerdown_timeout=1.0, repress_interval=None)
+
+async def test_leaves_an_ignoring_vm_then_fails(qemu_launcher, tmp_path):
+    argv = guest_argv("ignores", workdir=tmp_path, qmp=False, display=True,
+                      extra_args=["-name", "MARKER"])
+    vm = await qemu_launcher.launch(argv, name="failing", console_log=True)
+    with anyio.fail_after(60):
+        while "GUEST-READY" not in vm.console_log.read_text(errors="replace"):
+            await anyio.sleep(0.05)
+    assert False, "this test fails on purpose"
+
+async def test_leaves_an_ignoring_vm_and_passes(qemu_launcher, tmp_path):
+    argv = guest_argv("ignores", workdir=tmp_path, qmp=False, display=True,
+                      extra_args=["-name", "MARKER"])
+    await qemu_launcher.launch(argv, name="passing")
+"""
+
+
+@pytest.mark.qemu
+def test_the_report_names_the_screenshot_kept_for_a_failing_test(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = "qsd-plugin-evidence"
+    pytester.makepyfile(test_inner=EVIDENCE.replace("MARKER", marker))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-o", "asyncio_mode=strict", "-rA", timeout=120
+    )
+    result.assert_outcomes(failed=1, passed=1)
+    lines = result.stdout.str().splitlines()
+    kept = [line.split("screenshot: ", 1)[1] for line in lines if "  screenshot: " in line]
+    assert len(kept) == 2, "\n".join(lines)
+    failing = next(path for path in kept if "/failing-" in path)
+    passing = next(path for path in kept if "/passing-" in path)
+    assert failing.endswith(".png") and Path(failing).stat().st_size > 0
+    assert "test_leaves_an_ignoring_vm_the0" in failing  # in pytest's tmp dir for the test
+    assert passing.endswith(" (removed: the test passed)")
+    assert not Path(passing.removesuffix(" (removed: the test passed)")).exists()
+    assert any(line == "  console, last lines:" for line in lines)
+    assert any(line.strip().startswith("QMPSHUTDOWN-GUEST-READY mode=ignores") for line in lines)
+    assert our_qemus(marker) == []

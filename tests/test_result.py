@@ -23,9 +23,11 @@ RESULT_KEYS = {
     "events",
     "steps",
     "saved_state",
+    "screenshot",
+    "console_tail",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
-STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause"}
+STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause", "path"}
 
 
 def make_result(**changes: Any) -> ShutdownResult:
@@ -60,7 +62,7 @@ def make_result(**changes: Any) -> ShutdownResult:
 @pytest.mark.parametrize(
     ("enum_type", "values"),
     [
-        (Stage, ["already-off", "powerdown", "quit", "save", "terminate", "kill"]),
+        (Stage, ["already-off", "powerdown", "quit", "save", "terminate", "kill", "screenshot"]),
         (Outcome, ["done", "timeout", "skipped", "failed"]),
         (
             Cause,
@@ -172,6 +174,7 @@ def test_step_to_dict() -> None:
         "ended_s": 60.123457,
         "detail": "3 presses",
         "cause": None,
+        "path": None,
     }
     assert type(out["stage"]) is str
     assert type(out["outcome"]) is str

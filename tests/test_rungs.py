@@ -100,10 +100,11 @@ def test_the_plan_is_the_policys_stages_in_order():
     assert [rung.forced for rung in plan(ShutdownPolicy())] == [False, True, True, True]
 
 
-def test_the_bound_is_connecting_three_commands_and_the_rungs_budgets():
+def test_the_bound_is_connecting_three_commands_and_the_budgets():
     policy = FAKE
     expected = policy.connect_timeout + 3 * policy.command_timeout
     expected += sum(rung.budget(policy) for rung in plan(policy))
+    expected += 2 * policy.command_timeout  # the screenshot: before force, and at the end
     assert policy.bound == pytest.approx(expected)
     assert plan_budget(policy, [PowerButton()]) == policy.powerdown_timeout + 2 * 0.2
 

@@ -1,0 +1,178 @@
+"""Evidence when a guest will not stop: a screenshot of its screen, its console's last lines.
+
+The screenshot is an :class:`~._rungs.Action`: QMP ``screendump`` (PNG) right
+before the first forced rung — before any filesystem freeze, so it shows the
+guest as it was — and once more when the ladder ends with QEMU still running.
+Nothing is captured on a graceful stop. It is one recorded step
+(:attr:`Stage.SCREENSHOT`), never longer than ``command_timeout``, and it never
+stops the ladder: a missing display or an unwritable directory is a
+``skipped`` or ``failed`` step, not an exception.
+
+QEMU writes the file itself: the directory is a path on QEMU's host, writable
+by QEMU's user. The name is reserved here first with ``O_EXCL`` (an existing
+file is never overwritten) and removed again when no screenshot came.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import re
+from collections.abc import Sequence
+
+from ._errors import CommandError, MonitorClosedError
+from ._policy import ShutdownPolicy, Stage
+from ._qemu import Qemu
+from ._result import Outcome, Step
+from ._steps import Ended, OpenStep
+
+logger = logging.getLogger("qmpshutdown")
+
+#: How many of the console's last lines go into the record.
+CONSOLE_TAIL_LINES = 50
+#: The most of a console log read to find its last lines (the end of the file).
+_CONSOLE_TAIL_BYTES = 64 * 1024
+# QEMU's words when it has no console to dump (-nodefaults and no display device).
+_NO_CONSOLE = re.compile(r"no (qemu)?console", re.IGNORECASE)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_counter = itertools.count(1)
+
+
+def screenshot_name(target: str, pid: int | None, when: str) -> str:
+    """A file name for a screenshot of *target*: safe for any name, unique per VM and attempt.
+
+    The target's name (a socket path, ``host:port``) is reduced to safe
+    characters and kept distinct by a short hash of the original; the pid,
+    the time to the millisecond and a per-process counter tell attempts apart.
+
+    :param when: ``before-force`` or ``end``.
+    """
+    safe = _UNSAFE.sub("_", target).strip("._")[-40:] or "qemu"
+    digest = hashlib.sha256(target.encode(errors="surrogateescape")).hexdigest()[:8]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{safe}-{digest}-pid{pid or 0}-{stamp}-{next(_counter)}-{when}.png"
+
+
+def reserve(directory: str, name: str) -> str:
+    """Create *name* in *directory* with ``O_EXCL`` (another name if taken); return its path.
+
+    :raises OSError: the directory is missing or not writable.
+    """
+    stem = name.removesuffix(".png")
+    for attempt in range(100):
+        path = os.path.join(directory, name if not attempt else f"{stem}-{attempt}.png")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        except FileExistsError:
+            continue
+        return path
+    raise OSError(errno.EEXIST, "no free file name", os.path.join(directory, name))
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as err:
+        logger.debug("cannot remove %s: %s", path, err)
+
+
+def _written(path: str) -> bool:
+    """Whether QEMU wrote something into *path*; remove it if not."""
+    try:
+        if os.stat(path).st_size > 0:
+            return True
+    except OSError:
+        return False
+    _discard(path)
+    return False
+
+
+async def take_screenshot(qemu: Qemu, when: str) -> Ended:
+    """``screendump`` the guest's screen into ``qemu.evidence_dir``; say how it went."""
+    assert qemu.evidence_dir is not None
+    pid = None if qemu.process is None else qemu.process.pid
+    try:
+        path = reserve(qemu.evidence_dir, screenshot_name(qemu.recorder.name, pid, when))
+    except OSError as err:
+        return Ended(Outcome.FAILED, f"cannot create a file in {qemu.evidence_dir}: {err}")
+    try:
+        await qemu.command("screendump", {"filename": path, "format": "png"})
+    except CommandError as err:
+        _discard(path)
+        if _NO_CONSOLE.search(str(err)):
+            return Ended(Outcome.SKIPPED, f"no display device ({err})")
+        return Ended(Outcome.FAILED, f"screendump failed: {err}")
+    except (MonitorClosedError, TimeoutError) as err:
+        _discard(path)
+        why = str(err) or f"no reply in {qemu.policy.command_timeout:g} s"
+        return Ended(Outcome.FAILED, f"screendump failed: {why}")
+    except BaseException:
+        _discard(path)  # cancelled (QEMU went): no half-written evidence
+        raise
+    if not _written(path):
+        return Ended(Outcome.FAILED, "screendump answered but wrote nothing")
+    return Ended(Outcome.DONE, f"saved {path}", path=path)
+
+
+class Screenshot:
+    """The guest's screen (QMP ``screendump``, PNG) when the ladder has to force.
+
+    Runs when the call was given an evidence directory (``qemu.evidence_dir``)
+    and a monitor is there; a hung QEMU without a monitor gets no step at all.
+    """
+
+    stage = Stage.SCREENSHOT
+
+    def budget(self, policy: ShutdownPolicy) -> float:
+        # One screendump before force, one more when the ladder ends with QEMU running.
+        return 2 * policy.command_timeout
+
+    def applies(self, qemu: Qemu) -> bool:
+        return (
+            qemu.evidence_dir is not None
+            and qemu.monitor is not None
+            and not qemu.monitor.is_closed()
+        )
+
+    async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
+        return await take_screenshot(qemu, "before-force")
+
+    async def finish(self, qemu: Qemu) -> None:
+        """One more screenshot when the ladder ended and QEMU still runs (a recorded step)."""
+        if qemu.gone or not self.applies(qemu):
+            return
+        if qemu.process is not None and qemu.process.has_exited():
+            return
+        # Bounded by the command's own timeout; recorded like any other step.
+        with qemu.recorder.step(self.stage, qemu.ended_by_cancel) as step:
+            step.end(await take_screenshot(qemu, "end"))
+
+
+def screenshot_of(steps: Sequence[Step]) -> str | None:
+    """The file of the last ``screenshot`` step that saved one, else None."""
+    saved = [s.path for s in steps if s.stage is Stage.SCREENSHOT and s.outcome is Outcome.DONE]
+    return saved[-1] if saved else None
+
+
+def console_tail(path: str | None, lines: int = CONSOLE_TAIL_LINES) -> tuple[str, ...] | None:
+    """The last *lines* lines of the console log at *path* (None if there is none to read)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - _CONSOLE_TAIL_BYTES))
+            data = log.read(_CONSOLE_TAIL_BYTES)
+    except OSError as err:
+        logger.debug("cannot read the console log %s: %s", path, err)
+        return None
+    if size > _CONSOLE_TAIL_BYTES:
+        data = data.partition(b"\n")[2]  # the first line read is cut short
+    text = data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    kept: collections.deque[str] = collections.deque(text.splitlines(), maxlen=lines)
+    return tuple(kept)
