@@ -65,6 +65,7 @@ causes (why a guest did not power itself off):
   migrating              a migration or snapshot is running
   rebooted               the guest rebooted instead of powering off
   monitor-unresponsive   QMP gave no greeting or no reply
+  no-logon               Windows (its agent said so) with nobody logged in
 
 exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
   0    every target powered off gracefully (or was already off)

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import ShutdownFailed
 from ._monitor import Monitor
@@ -47,6 +48,8 @@ async def ladder(qemu: Qemu, rungs: Sequence[Rung], actions: Sequence[Action]) -
             for action in actions:
                 if action.applies(qemu):
                     await take_step(qemu, action.stage, action.budget(qemu.policy), action.run)
+            # A caller who cancelled during the actions (after a freeze) gets no force.
+            await anyio.lowlevel.checkpoint()
         if skip is not None:
             qemu.recorder.skip(rung.stage, skip)
         else:
@@ -114,10 +117,15 @@ async def run_plan(
     on_progress: ProgressCallback | None = None,
     rungs: Sequence[Rung] | None = None,
     actions: Sequence[Action] | None = None,
+    agent: str | None = None,
 ) -> ShutdownResult:
-    """:func:`climb`, with the rungs and actions given instead of the policy's own plan."""
+    """:func:`climb`, with the rungs and actions given instead of the policy's own plan.
+
+    :param agent: the unix socket of the guest agent's chardev (for the agent
+        rung and the freeze), or None.
+    """
     recorder = Recorder(started, name, on_progress)
-    qemu = Qemu(monitor, process, policy, recorder,
+    qemu = Qemu(monitor, process, policy, recorder, agent=agent,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
     rungs = plan(policy) if rungs is None else list(rungs)
     actions = BEFORE_FORCE if actions is None else tuple(actions)
@@ -131,6 +139,8 @@ async def run_plan(
         with anyio.CancelScope(shield=True):
             for action in actions:
                 await action.finish(qemu)
+            if qemu.agent is not None:
+                await qemu.agent.close()
     await qemu.settle()
     return record(qemu)
 
@@ -138,7 +148,10 @@ async def run_plan(
 def record(qemu: Qemu) -> ShutdownResult:
     """The ladder's record, with its verdict; raise ShutdownFailed when QEMU still runs."""
     steps, events = tuple(qemu.recorder.steps), tuple(qemu.watch.events)
-    verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone)
+    info = None if qemu.agent is None else qemu.agent.info
+    guest_os, guest_users = (None, None) if info is None else (info.os, info.users)
+    verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone,
+                     guest_os=guest_os, guest_users=guest_users)  # fmt: skip
     gone_at = qemu.watch.gone_at
     result = ShutdownResult(
         stage=verdict.stage,
@@ -151,6 +164,8 @@ def record(qemu: Qemu) -> ShutdownResult:
         elapsed=gone_at if gone_at is not None else qemu.recorder.now(),
         events=events,
         steps=steps,
+        guest_os=guest_os,
+        guest_users=guest_users,
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

@@ -14,22 +14,29 @@ class Stage(str, enum.Enum):
 
     ``ALREADY_OFF`` is never a rung: it is the stage of a result whose guest
     was already powered off (runstate ``shutdown``) when the monitor was reached.
+    ``FREEZE`` and ``THAW`` are never rungs either: they are steps the ladder
+    records around force (a policy cannot list them).
     """
 
     ALREADY_OFF = "already-off"
     POWERDOWN = "powerdown"
+    AGENT = "agent"  #: ``guest-shutdown`` through the guest agent
     QUIT = "quit"
     TERMINATE = "terminate"
     KILL = "kill"
+    FREEZE = "freeze"  #: a step, not a rung: the guest's filesystems frozen before force
+    THAW = "thaw"  #: a step, not a rung: the guest's filesystems thawed
 
     def __str__(self) -> str:
         return self.value
 
 
-#: The rungs a policy may list, in the only order they can be climbed.
-RUNGS: tuple[Stage, ...] = (Stage.POWERDOWN, Stage.QUIT, Stage.TERMINATE, Stage.KILL)
+#: The rungs a policy may list, in the default order (the graceful two in either order).
+RUNGS: tuple[Stage, ...] = (
+    Stage.POWERDOWN, Stage.AGENT, Stage.QUIT, Stage.TERMINATE, Stage.KILL,
+)  # fmt: skip
 #: The rungs that ask the guest to power itself off (the others end QEMU).
-GRACEFUL_STAGES: frozenset[Stage] = frozenset({Stage.POWERDOWN})
+GRACEFUL_STAGES: frozenset[Stage] = frozenset({Stage.POWERDOWN, Stage.AGENT})
 
 
 def _convert_stages(value: Any) -> tuple[Stage, ...]:
@@ -54,13 +61,17 @@ def _validate_stages(instance: Any, attribute: Any, value: tuple[Stage, ...]) ->
         raise ValueError("stages must name at least one rung")
     if Stage.ALREADY_OFF in value:
         raise ValueError("'already-off' is a result, not a rung")
+    for stage in value:
+        if stage not in RUNGS:
+            raise ValueError(f"{stage.value!r} is a step the ladder records, not a rung")
     if len(set(value)) != len(value):
         raise ValueError(f"stages must not repeat a rung: {[s.value for s in value]}")
-    order = [RUNGS.index(s) for s in value]
+    # The graceful rungs come first, in either order; the forced ones after them, in order.
+    order = [0 if s in GRACEFUL_STAGES else RUNGS.index(s) for s in value]
     if order != sorted(order):
         raise ValueError(
-            "stages must keep the ladder's order powerdown, quit, terminate, kill; "
-            f"got {[s.value for s in value]}"
+            "stages must keep the ladder's order: powerdown and agent (either first), "
+            f"then quit, terminate, kill; got {[s.value for s in value]}"
         )
 
 
@@ -103,12 +114,21 @@ class ShutdownPolicy:
     :param connect_timeout: seconds for connect, greeting and capabilities.
     :param command_timeout: seconds for any single QMP command.
     :param stages: the rungs allowed, in ladder order; ``("powerdown",)``
-        never uses force.
+        never uses force. The graceful rungs ``powerdown`` and ``agent`` may
+        come in either order (``agent`` first asks the agent before pressing,
+        as Proxmox does); ``agent`` is skipped (recorded) without an agent socket.
     :param wake_suspended: wake an S3-suspended guest (``system_wakeup``)
         before pressing; otherwise the press is skipped.
     :param resume_paused: ``cont`` a paused guest before pressing; otherwise
         the press is skipped (a press latched in a paused guest would power it
         off by surprise when it is resumed later).
+    :param agent_timeout: seconds the guest gets to power off after the
+        agent's ``guest-shutdown``.
+    :param freeze_before_force: when an agent answers, freeze the guest's
+        filesystems (``guest-fsfreeze-freeze``) right before the first forced
+        rung, so that they come back clean; a running guest is never left frozen.
+    :param freeze_timeout: the longest a freeze may take (Windows' VSS itself
+        gives up after 10 s).
     """
 
     powerdown_timeout: float = attrs.field(default=60.0, validator=_seconds)
@@ -123,6 +143,9 @@ class ShutdownPolicy:
     )
     wake_suspended: bool = attrs.field(default=True, validator=_flag)
     resume_paused: bool = attrs.field(default=False, validator=_flag)
+    agent_timeout: float = attrs.field(default=60.0, validator=_seconds)
+    freeze_before_force: bool = attrs.field(default=True, validator=_flag)
+    freeze_timeout: float = attrs.field(default=10.0, validator=_seconds)
 
     def allows(self, stage: Stage) -> bool:
         """Tell whether the rung *stage* may be used."""

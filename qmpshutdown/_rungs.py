@@ -19,7 +19,9 @@ from typing import Protocol
 
 import anyio
 
+from ._agent_rung import AGENT_SHUTDOWN
 from ._errors import CommandError, MonitorClosedError
+from ._freeze import FREEZE_BEFORE_FORCE
 from ._policy import ShutdownPolicy, Stage
 from ._qemu import Guest, Qemu
 from ._result import Cause, Outcome
@@ -245,13 +247,15 @@ class Signal:
 #: The rung for each stage a policy may list.
 RUNG_FOR: dict[Stage, Rung] = {
     Stage.POWERDOWN: PowerButton(),
+    Stage.AGENT: AGENT_SHUTDOWN,
     Stage.QUIT: Quit(),
     Stage.TERMINATE: Signal(Stage.TERMINATE, signal.SIGTERM, "terminate_timeout"),
     Stage.KILL: Signal(Stage.KILL, signal.SIGKILL, "kill_timeout"),
 }
 
-#: Actions run before the first forced rung (none yet: the freeze and the screenshot go here).
-BEFORE_FORCE: tuple[Action, ...] = ()
+#: Actions run before the first forced rung, in order: a screenshot, when it lands, goes
+#: FIRST (it must see the guest before anything is frozen); the freeze comes last.
+BEFORE_FORCE: tuple[Action, ...] = (FREEZE_BEFORE_FORCE,)
 
 #: ``launch()``'s last resort when its policy allows no SIGKILL: a recorded step like any other.
 LAST_RESORT_KILL = Signal(Stage.KILL, signal.SIGKILL, "kill_timeout", "launch() teardown: ")

@@ -15,7 +15,7 @@ from qemu.qmp import QMPClient
 
 from ._connect import connect_socket, format_address, handshake
 from ._errors import ConnectError, PidMismatchError
-from ._ladder import climb, run_plan
+from ._ladder import run_plan
 from ._monitor import (
     HandshakeFailed,
     HandshakeTimeout,
@@ -52,6 +52,7 @@ async def shutdown(
     pid: int | None = None,
     *,
     on_progress: ProgressCallback | None = None,
+    agent: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Stop one VM with the least force that works, and say how it went.
 
@@ -70,6 +71,10 @@ async def shutdown(
         (a step begins or ends, a QMP event arrives, QEMU is gone), in order,
         before this returns. It must be quick; if it raises, the error is
         logged once and the ladder goes on.
+    :param agent: the unix socket of QEMU's chardev for the guest agent's
+        virtio-serial port (``org.qemu.guest_agent.0``), or None. With it the
+        ``agent`` rung asks the agent for ``guest-shutdown``, and the guest's
+        filesystems are frozen before any forced rung (``freeze_before_force``).
     :raises ConnectError: no QMP monitor could be reached and there was no
         safe way to escalate (a peer that answers with anything but QMP, such
         as QEMU's human monitor, is never signalled).
@@ -85,12 +90,14 @@ async def shutdown(
         isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31
     ):
         raise ValueError(f"pid must be a positive int (a Linux pid), not {pid!r}")
+    agent_path = _agent_path(agent)
     started = anyio.current_time()
     if isinstance(target, QMPClient):
-        return await _shutdown_client(target, policy, pid, started, on_progress)
+        return await _shutdown_client(target, policy, pid, started, on_progress, agent_path)
     return await stop_at(
-        _address(target), policy, pid=pid, started=started, on_progress=on_progress
-    )
+        _address(target), policy, pid=pid, started=started, on_progress=on_progress,
+        agent=agent_path,
+    )  # fmt: skip
 
 
 async def stop_at(
@@ -103,6 +110,7 @@ async def stop_at(
     name: str | None = None,
     on_progress: ProgressCallback | None = None,
     rungs: Sequence[Rung] | None = None,
+    agent: str | None = None,
 ) -> ShutdownResult:
     """Connect to *address* and climb the ladder (the body of :func:`shutdown`).
 
@@ -110,6 +118,7 @@ async def stop_at(
         own child, from :func:`launch`); it is checked against the socket's
         peer, used even if the monitor cannot be reached, and left open.
     :param rungs: the rungs to climb instead of the policy's plan.
+    :param agent: the guest agent's socket (see :func:`shutdown`).
     """
     name = name or format_address(address)
     rungs = plan(policy) if rungs is None else list(rungs)
@@ -123,7 +132,7 @@ async def stop_at(
     ) -> ShutdownResult:
         return await run_plan(
             monitor, process, policy, started=started, name=name, on_progress=on_progress,
-            rungs=rungs, no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
+            rungs=rungs, no_monitor_why=no_monitor_why, no_signal_why=no_signal_why, agent=agent,
         )  # fmt: skip
 
     deadline = started + policy.connect_timeout
@@ -198,6 +207,7 @@ def shutdown_sync(
     pid: int | None = None,
     *,
     on_progress: ProgressCallback | None = None,
+    agent: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Like :func:`shutdown`, for synchronous callers (runs its own event loop).
 
@@ -206,13 +216,14 @@ def shutdown_sync(
     :param policy: see :func:`shutdown`.
     :param pid: see :func:`shutdown`.
     :param on_progress: see :func:`shutdown` (called in this thread).
+    :param agent: see :func:`shutdown`.
     :raises ConnectError, PidMismatchError, ShutdownFailed: see :func:`shutdown`.
     :return: see :func:`shutdown`.
     """
     if isinstance(target, QMPClient):
         raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
     return anyio.run(
-        functools.partial(shutdown, target, policy, pid, on_progress=on_progress),
+        functools.partial(shutdown, target, policy, pid, on_progress=on_progress, agent=agent),
         backend="asyncio",
     )
 
@@ -221,6 +232,15 @@ def check_target(target: object) -> None:
     """Raise TypeError unless *target* is something :func:`shutdown` accepts."""
     if not isinstance(target, QMPClient):
         _address(target)
+
+
+def _agent_path(agent: object) -> str | None:
+    if agent is None:
+        return None
+    path = os.fspath(agent) if isinstance(agent, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"agent is the path of the guest agent's unix socket, not {agent!r}")
+    return path
 
 
 def _address(target: object) -> str | tuple[str, int]:
@@ -321,13 +341,14 @@ async def _shutdown_client(
     pid: int | None,
     started: float,
     on_progress: ProgressCallback | None,
+    agent: str | None,
 ) -> ShutdownResult:
     monitor: QMPMonitor = wrap_client(client)
     process: Process | None = None
     try:
         sock = client_socket(client)
         process, no_signal_why = _pin_process(sock, pid, policy.may_signal, "qmp-client")
-        return await climb(
+        return await run_plan(
             monitor,
             process,
             policy,
@@ -335,6 +356,7 @@ async def _shutdown_client(
             name=client.name or "qmp-client",
             no_signal_why=no_signal_why,
             on_progress=on_progress,
+            agent=agent,
         )
     finally:
         with anyio.CancelScope(shield=True):

@@ -69,7 +69,8 @@ class FakeAgent:
             reply = self._reply(command, request.get("arguments", {}))
             if reply is None:
                 continue
-            if reply == b"CLOSE":
+            if reply.endswith(b"CLOSE"):
+                await stream.send(reply.removesuffix(b"CLOSE"))
                 return
             await stream.send(reply)
 
@@ -79,7 +80,7 @@ class FakeAgent:
         if self.behaviour == "garbage":
             return b"\xff<<not json>> \x00\x01{{{\n"
         if self.behaviour == "closes":
-            return b'{"return": ' if command.startswith("guest-sync") else b"CLOSE"
+            return b'\xff{"return": CLOSE'  # half a reply, then the socket closes
         if command in ("guest-sync", "guest-sync-delimited"):
             token = arguments["id"] + (1 if self.behaviour == "wrong-id" else 0)
             head = b"\xff" if command == "guest-sync-delimited" else b""

@@ -22,6 +22,8 @@ RESULT_KEYS = {
     "elapsed_s",
     "events",
     "steps",
+    "guest_os",
+    "guest_users",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
 STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause"}
@@ -59,7 +61,7 @@ def make_result(**changes: Any) -> ShutdownResult:
 @pytest.mark.parametrize(
     ("enum_type", "values"),
     [
-        (Stage, ["already-off", "powerdown", "quit", "terminate", "kill"]),
+        (Stage, ["already-off", "powerdown", "agent", "quit", "terminate", "kill", "freeze", "thaw"]),
         (Outcome, ["done", "timeout", "skipped", "failed"]),
         (
             Cause,
@@ -71,6 +73,7 @@ def make_result(**changes: Any) -> ShutdownResult:
                 "migrating",
                 "rebooted",
                 "monitor-unresponsive",
+                "no-logon",
             ],
         ),
     ],

@@ -17,7 +17,7 @@ from fakes import FakeQemu
 from policies import FAKE
 from qmpshutdown import Outcome, ShutdownPolicy, Stage
 from qmpshutdown._ladder import run_plan
-from qmpshutdown._rungs import RUNG_FOR, PowerButton, plan, plan_budget
+from qmpshutdown._rungs import BEFORE_FORCE, RUNG_FOR, PowerButton, plan, plan_budget
 from qmpshutdown._steps import Ended
 
 
@@ -96,13 +96,16 @@ def test_the_plan_is_the_policys_stages_in_order():
     assert [rung.stage for rung in plan(policy)] == [Stage.POWERDOWN, Stage.TERMINATE]
     assert [rung.stage for rung in plan(ShutdownPolicy())] == list(ShutdownPolicy().stages)
     assert set(RUNG_FOR) == set(ShutdownPolicy().stages)
-    assert [rung.forced for rung in plan(ShutdownPolicy())] == [False, True, True, True]
+    assert [rung.forced for rung in plan(ShutdownPolicy())] == [False, False, True, True, True]
 
 
 def test_the_bound_is_connecting_three_commands_and_the_rungs_budgets():
     policy = FAKE
     expected = policy.connect_timeout + 3 * policy.command_timeout
     expected += sum(rung.budget(policy) for rung in plan(policy))
+    # With a forced rung allowed, the actions before force: the freeze's freeze_timeout + a command.
+    expected += sum(action.budget(policy) for action in BEFORE_FORCE)
+    assert sum(action.budget(policy) for action in BEFORE_FORCE) == pytest.approx(10.0 + 0.2)
     assert policy.bound == pytest.approx(expected)
     assert plan_budget(policy, [PowerButton()]) == policy.powerdown_timeout + 2 * 0.2
 
