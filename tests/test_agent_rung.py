@@ -18,7 +18,6 @@ from qmpshutdown import Cause, ShutdownFailed, Stage
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._verdict import decide
 
-
 #: FAKE with the default ladder (the agent rung in it) and short agent times.
 POLICY = attrs.evolve(
     FAKE, stages=("powerdown", "agent", "quit", "terminate", "kill"),

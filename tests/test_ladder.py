@@ -166,7 +166,9 @@ async def test_suspended_guest_is_woken_before_the_press_or_skipped(wake):
     else:
         assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.ASLEEP)
         # The default ladder: no agent socket given, so the agent rung is skipped (recorded).
-        assert outcomes(result) == [("powerdown", "skipped"), ("agent", "skipped"), ("quit", "done")]
+        assert outcomes(result) == [
+            ("powerdown", "skipped"), ("agent", "skipped"), ("quit", "done"),
+        ]  # fmt: skip
         assert result.presses == 0
         assert "system_powerdown" not in qemu.monitor.commands
 

@@ -61,7 +61,10 @@ def make_result(**changes: Any) -> ShutdownResult:
 @pytest.mark.parametrize(
     ("enum_type", "values"),
     [
-        (Stage, ["already-off", "powerdown", "agent", "quit", "terminate", "kill", "freeze", "thaw"]),
+        (
+            Stage,
+            ["already-off", "powerdown", "agent", "quit", "terminate", "kill", "freeze", "thaw"],
+        ),
         (Outcome, ["done", "timeout", "skipped", "failed"]),
         (
             Cause,
