@@ -36,6 +36,7 @@ _SECONDS_OPTIONS = (
     ("--connect-timeout", "connect_timeout", "seconds for connect, greeting and capabilities"),
     ("--command-timeout", "command_timeout", "seconds for any single QMP command"),
     ("--stages", "stages", "comma-separated rungs allowed"),
+    ("--agent-timeout", "agent_timeout", "seconds the guest gets to power off after the agent"),
 )
 #: (option, field, the value it sets, help), each exclusive with the option of its field.
 _FLAG_OPTIONS = (
@@ -43,6 +44,7 @@ _FLAG_OPTIONS = (
     ("--no-force", "stages", ("powerdown",), "same as --stages powerdown"),
     ("--no-wake", "wake_suspended", False, "do not wake an S3-suspended guest to press"),
     ("--resume-paused", "resume_paused", True, "resume a paused guest to press its button"),
+    ("--no-freeze", "freeze_before_force", False, "do not freeze the guest before force"),
 )
 
 _EPILOG = f"""\
@@ -55,7 +57,11 @@ targets:
 
 the ladder (--stages picks rungs, in this order): {", ".join(s.value for s in RUNGS)}
   The power button is pressed (again every --repress seconds) until the guest
-  powers off or --timeout runs out; then 'quit', SIGTERM, SIGKILL, each waited for.
+  powers off or --timeout runs out; with --agent PATH (the guest agent's chardev
+  socket) the agent is asked for guest-shutdown next (--agent-timeout), and the
+  guest's filesystems are frozen right before any force (not with --no-freeze);
+  then 'quit', SIGTERM, SIGKILL, each waited for. Windows' agent closes open
+  applications by force on guest-shutdown.
 
 causes (why a guest did not power itself off):
   ignored-power-button   pressed and delivered, but the guest did not react
@@ -76,8 +82,9 @@ exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
 
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
-   "pid", "elapsed_s", "events", "steps"}}, or {{"target", "error"}} when it was not
-  reached; a target still running has "error" and the record, with "stage": null.
+   "pid", "elapsed_s", "events", "steps", "guest_os", "guest_users"}},
+  or {{"target", "error"}} when it was not reached; a target still running has
+  "error" and the record, with "stage": null.
   Progress and errors then stay off stderr (-v still logs there).
 """
 
@@ -104,6 +111,7 @@ class Invocation:
     policy: ShutdownPolicy
     pid: int | None
     json: bool
+    agent: str | None = attrs.field(default=None, kw_only=True)  #: the guest agent's socket
     verbosity: int  #: -1 with -q, 1 with -v, else 0
 
 
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         policy.add_argument(flag, dest=field, action="store_const", const=value,
                             default=argparse.SUPPRESS, help=text)  # fmt: skip
     parser.add_argument("--pid", type=_positive_pid, help="QEMU's pid (one target only)")
+    parser.add_argument("--agent", metavar="PATH",
+                        help="the guest agent's chardev socket (one target only)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
     chatter = parser.add_mutually_exclusive_group()
     chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
@@ -192,6 +202,10 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
                 parser.error(f"{option}: {err}")
     if args.pid is not None and len(args.targets) > 1:
         parser.error(f"--pid names one QEMU, but {len(args.targets)} targets were given")
+    if args.agent is not None and len(args.targets) > 1:
+        parser.error(f"--agent names one guest, but {len(args.targets)} targets were given")
+    if args.agent == "":
+        parser.error("--agent: a socket path must not be empty")
     addresses = []
     for target in args.targets:
         try:
@@ -205,6 +219,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
         pid=args.pid,
         json=args.json,
         verbosity=-1 if args.quiet else 1 if args.verbose else 0,
+        agent=args.agent,
     )
 
 
@@ -277,13 +292,19 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
     quiet = invocation.json or invocation.verbosity != 0
     on_progress = None if quiet else print_progress
-    if invocation.pid is None:
+    if invocation.pid is None and invocation.agent is None:
         targets: list[Target] = list(invocation.addresses)
         return await shutdown_many(targets, invocation.policy, on_progress=on_progress)
     try:
         address = invocation.addresses[0]
         return [
-            await shutdown(address, invocation.policy, pid=invocation.pid, on_progress=on_progress)
+            await shutdown(
+                address,
+                invocation.policy,
+                pid=invocation.pid,
+                on_progress=on_progress,
+                agent=invocation.agent,
+            )
         ]
     except Error as err:
         return [err]

@@ -42,6 +42,10 @@ _PR_SET_PDEATHSIG = 1
 _STDERR_LIMIT = 64 * 1024
 #: The sockets in the private dir: one for the caller's client, one kept free for the ladder.
 CALLER_SOCKET, LADDER_SOCKET = "qmp.sock", "ladder.sock"
+#: The guest agent's chardev socket in the private dir (``launch(agent=True)``).
+AGENT_SOCKET = "qga.sock"
+#: The virtio-serial port name qemu-ga looks for.
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 
 
 # Resolved once here: the child between fork and exec must not run ldconfig
@@ -69,9 +73,21 @@ def _spawn(argv: list[str], stderr_path: Path, name: str) -> subprocess.Popen[by
             raise LaunchError(f"{name}: cannot start {argv[0]}: {err}") from err
 
 
-def command_line(argv: Sequence[str], rundir: Path) -> list[str]:
-    """QEMU's command line: the caller's, plus two QMP monitors on unix sockets in *rundir*."""
+def command_line(argv: Sequence[str], rundir: Path, *, agent: bool = False) -> list[str]:
+    """QEMU's command line: the caller's, plus two QMP monitors on unix sockets in *rundir*.
+
+    :param agent: also a virtio-serial device, the guest agent's port and its
+        chardev on a unix socket in *rundir*.
+    """
     line = [*argv]
+    if agent:
+        line += [
+            "-chardev", f"socket,id=qmpshutdown-agent,path={rundir / AGENT_SOCKET},"
+            "server=on,wait=off",
+            "-device", "virtio-serial-pci,id=qmpshutdown-vser",
+            "-device", "virtserialport,bus=qmpshutdown-vser.0,chardev=qmpshutdown-agent,"
+            f"name={AGENT_PORT_NAME}",
+        ]  # fmt: skip
     for monitor_id, path in (("qmpshutdown-caller", rundir / CALLER_SOCKET),
                              ("qmpshutdown-ladder", rundir / LADDER_SOCKET)):  # fmt: skip
         line += [
@@ -90,6 +106,8 @@ class VM:
         commands (its ``events`` listener keeps only the latest 1,000 events).
     :ivar name: the name used in log lines.
     :ivar result: the :class:`ShutdownResult` of the stop, once QEMU was stopped.
+    :ivar agent_socket: the guest agent's chardev socket (``launch(agent=True)``),
+        else None; the teardown and ``vm.shutdown()`` use it.
     """
 
     def __init__(
@@ -99,6 +117,7 @@ class VM:
         name: str | None,
         startup_timeout: float,
         on_progress: ProgressCallback | None = None,
+        agent: bool = False,
     ) -> None:
         if isinstance(argv, (str, bytes)) or not argv:
             raise TypeError("argv is QEMU's command line as a sequence, binary first")
@@ -109,6 +128,7 @@ class VM:
         self.name = name or os.path.basename(self.argv[0])
         self.startup_timeout = startup_timeout
         self.on_progress = on_progress
+        self.agent = agent
         self.result: ShutdownResult | None = None
         self._dir: Path | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -126,6 +146,13 @@ class VM:
     def qmp_socket(self) -> Path:
         assert self._dir is not None, "the VM is not running"
         return self._dir / CALLER_SOCKET
+
+    @property
+    def agent_socket(self) -> Path | None:
+        if not self.agent:
+            return None
+        assert self._dir is not None, "the VM is not running"
+        return self._dir / AGENT_SOCKET
 
     @property
     def monitor(self) -> QMPClient:
@@ -164,6 +191,7 @@ class VM:
                 name=self.name,
                 on_progress=self.on_progress,
                 rungs=rungs,
+                agent=None if self.agent_socket is None else os.fspath(self.agent_socket),
             )
         except ShutdownFailed as err:
             self.result = err.result
@@ -190,7 +218,8 @@ class VM:
 
     async def _start(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpshutdown-"))
-        self._popen = _spawn(command_line(self.argv, self._dir), self._dir / "stderr", self.name)
+        line = command_line(self.argv, self._dir, agent=self.agent)
+        self._popen = _spawn(line, self._dir / "stderr", self.name)
         self._process = PidfdProcess(self._popen.pid, os.pidfd_open(self._popen.pid))
         logger.info("%s: started QEMU, pid %d", self.name, self._popen.pid)
         caller = os.fspath(self.qmp_socket)
@@ -279,6 +308,7 @@ def launch(
     *,
     startup_timeout: float = 30.0,
     on_progress: ProgressCallback | None = None,
+    agent: bool = False,
 ) -> VM:
     """Boot QEMU for the length of an ``async with`` block; always stop and reap it.
 
@@ -295,6 +325,10 @@ def launch(
     :param startup_timeout: seconds QEMU gets to greet on its monitor.
     :param on_progress: called with a :class:`Progress` as each step of the
         teardown (or of ``vm.shutdown()``) happens.
+    :param agent: add a virtio-serial device, the guest agent's port
+        (``org.qemu.guest_agent.0``) and its chardev socket in the private dir;
+        ``vm.agent_socket`` is its path, and the teardown uses it (the agent
+        rung, the freeze before force).
     :raises LaunchError: (on entering) QEMU exited early or did not greet in
         time; carries its exit status and stderr.
     :return: the :class:`VM`, an async context manager. On leaving the block —
@@ -303,4 +337,4 @@ def launch(
         step in the record), and it is reaped; no QEMU is ever left behind (the
         kernel kills it too if this process dies first).
     """
-    return VM(argv, policy, name, startup_timeout, on_progress)
+    return VM(argv, policy, name, startup_timeout, on_progress, agent)

@@ -412,3 +412,20 @@ async def test_guest_left_running_is_exit_3_wrong_pid_2_and_ctrl_c_130(guests, t
     assert err.decode().splitlines()[-1] == "interrupted"
     assert "Traceback" not in err.decode()
     assert guest.alive()
+
+
+def test_agent_options_reach_the_invocation_and_the_policy():
+    invocation = parse_command_line(
+        ["--agent", "/run/vm/qga.sock", "--no-freeze", "--agent-timeout", "7", "/run/vm/qmp.sock"]
+    )
+    assert invocation.agent == "/run/vm/qga.sock"
+    assert invocation.policy.freeze_before_force is False
+    assert invocation.policy.agent_timeout == 7.0
+    assert parse_command_line(["/run/vm/qmp.sock"]).agent is None
+
+
+def test_agent_names_one_target_only(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_command_line(["--agent", "/a", "/one.sock", "/two.sock"])
+    assert exit.value.code == 2
+    assert "--agent names one guest, but 2 targets were given" in capsys.readouterr().err
