@@ -328,9 +328,11 @@ async def test_several_targets_print_json_in_the_order_given_and_the_worst_wins(
         "quit", False, "host-qmp-quit", "ignored-power-button"
     )  # fmt: skip
     assert (forced["pid"], forced["presses"]) == (ignoring.pid, 2)
+    # The CLI's default ladder: no --agent, so the agent rung is skipped (recorded).
     assert [(s["stage"], s["outcome"]) for s in forced["steps"]] == [
-        ("powerdown", "timeout"), ("quit", "done")
+        ("powerdown", "timeout"), ("agent", "skipped"), ("quit", "done")
     ]  # fmt: skip
+    assert (forced["guest_os"], forced["guest_users"]) == (None, None)
     assert (graceful["stage"], graceful["graceful"], graceful["reason"], graceful["presses"]) == (
         "powerdown", True, "guest-shutdown", 1
     )  # fmt: skip
