@@ -37,6 +37,7 @@ _SECONDS_OPTIONS = (
     ("--connect-timeout", "connect_timeout", "seconds for connect, greeting and capabilities"),
     ("--command-timeout", "command_timeout", "seconds for any single QMP command"),
     ("--stages", "stages", "comma-separated rungs allowed"),
+    ("--agent-timeout", "agent_timeout", "seconds the guest gets to power off after the agent"),
 )
 #: (option, field, the value it sets, help), each exclusive with the option of its field.
 _FLAG_OPTIONS = (
@@ -44,6 +45,7 @@ _FLAG_OPTIONS = (
     ("--no-force", "stages", ("powerdown",), "same as --stages powerdown"),
     ("--no-wake", "wake_suspended", False, "do not wake an S3-suspended guest to press"),
     ("--resume-paused", "resume_paused", True, "resume a paused guest to press its button"),
+    ("--no-freeze", "freeze_before_force", False, "do not freeze the guest before force"),
 )
 
 _EPILOG = f"""\
@@ -56,7 +58,11 @@ targets:
 
 the ladder (--stages picks rungs, in this order): {", ".join(s.value for s in RUNGS)}
   The power button is pressed (again every --repress seconds) until the guest
-  powers off or --timeout runs out; then 'quit', SIGTERM, SIGKILL, each waited for.
+  powers off or --timeout runs out; with --agent PATH (the guest agent's chardev
+  socket) the agent is asked for guest-shutdown next (--agent-timeout), and the
+  guest's filesystems are frozen right before any force (not with --no-freeze);
+  then 'quit', SIGTERM, SIGKILL, each waited for. Windows' agent closes open
+  applications by force on guest-shutdown.
 
 causes (why a guest did not power itself off):
   ignored-power-button   pressed and delivered, but the guest did not react
@@ -66,6 +72,7 @@ causes (why a guest did not power itself off):
   migrating              a migration or snapshot is running
   rebooted               the guest rebooted instead of powering off
   monitor-unresponsive   QMP gave no greeting or no reply
+  no-logon               Windows (its agent said so) with nobody logged in
 
 exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
   0    every target powered off gracefully (or was already off)
@@ -87,7 +94,7 @@ fleets (the VMs of a group are stopped concurrently):
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
    "pid", "elapsed_s", "events", "steps", "saved_state", "screenshot",
-  "console_tail"}}, or
+  "console_tail", "guest_os", "guest_users"}}, or
   {{"target", "error"}} when it was not reached; a target still running has
   "error" and the record, with "stage": null.
   Progress and errors then stay off stderr (-v still logs there).
@@ -129,6 +136,7 @@ class Invocation:
     policy: ShutdownPolicy
     pid: int | None
     json: bool
+    agent: str | None = attrs.field(default=None, kw_only=True)  #: the guest agent's socket
     verbosity: int  #: -1 with -q, 1 with -v, else 0
     #: one per target, with its group (``--then``) or its fleet file entry
     jobs: tuple[Job, ...] = ()
@@ -203,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--then", action="store_true", default=argparse.SUPPRESS, help=then)
     vms = "the VMs (target, name, pid, group, policy) from a JSON file"
     fleet.add_argument("--fleet", metavar="FILE", help=vms)
+    parser.add_argument("--agent", metavar="PATH",
+                        help="the guest agent's chardev socket (one target only)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
     parser.add_argument(
         "--evidence-dir", metavar="DIR",
@@ -260,6 +270,11 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
             # The save rung goes where the ladder's order puts it: right before quit.
             stages = sorted((*policy.stages, Stage.SAVE), key=RUNGS.index)
             policy = attrs.evolve(policy, stages=stages)
+    named = [t for t in args.targets if t != _THEN]
+    if args.agent is not None and len(named) > 1:
+        parser.error(f"--agent names one guest, but {len(named)} targets were given")
+    if args.agent == "":
+        parser.error("--agent: a socket path must not be empty")
     if args.fleet is not None:
         return _fleet_invocation(parser, args, policy)
     targets = [target for target in args.targets if target != _THEN]
@@ -291,6 +306,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
         deadline=args.deadline,
         save_dir=args.save_dir,
         evidence_dir=args.evidence_dir,
+        agent=args.agent,
     )
 
 
@@ -389,7 +405,9 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
     quiet = invocation.json or invocation.verbosity != 0
     on_progress = None if quiet else print_progress
-    jobs = invocation.jobs or tuple(Job(a, pid=invocation.pid) for a in invocation.addresses)
+    jobs = invocation.jobs or tuple(
+        Job(a, pid=invocation.pid, agent=invocation.agent) for a in invocation.addresses
+    )
     return await shutdown_many(
         jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline,
         save_dir=invocation.save_dir, evidence_dir=invocation.evidence_dir,

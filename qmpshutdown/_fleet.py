@@ -37,16 +37,16 @@ FORCED_RESERVE = 2.0
 #: A ladder that starts with less than this left is given this much (so it may end
 #: up to this late): a VM is never left running for want of time.
 MIN_LEFT = 0.5
-#: Each timeout's share of the reserve when the policy's own ones do not fit in it.
-#: ``command_timeout`` counts eight times in :attr:`ShutdownPolicy.bound` (three
-#: around the rungs, two in the power button's budget, two for the screenshot
-#: before force, one for ``quit``): 0.16 + 8 x 0.08 + 0.1 + 0.05 + 0.05 = 1.
+#: Each timeout's share of the reserve when the policy's own ones do not fit in it;
+#: ``command_timeout`` shares what is left among the commands the bound counts
+#: (measured from the bound itself: the rungs and actions know how many they send).
 RESERVE_SHARES: dict[str, float] = {
-    "connect_timeout": 0.16,
-    "command_timeout": 0.08,
+    "connect_timeout": 0.15,
     "quit_timeout": 0.1,
     "terminate_timeout": 0.05,
     "kill_timeout": 0.05,
+    "freeze_timeout": 0.05,
+    "save_timeout": 0.05,
 }
 
 
@@ -136,33 +136,47 @@ def check_deadline(deadline: object) -> float | None:
     return float(deadline)
 
 
-def fit_policy(policy: ShutdownPolicy, left: float) -> ShutdownPolicy:
+def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> ShutdownPolicy:
     """Shorten *policy* so that its ladder ends within *left* seconds (``bound <= left``).
 
-    A policy that fits is returned as is. Otherwise everything but the
-    graceful wait is held to a reserve of ``min(FORCED_RESERVE, left / 4)``
-    seconds: if the policy's own timeouts take more, each is cut to its share
-    of the reserve (:data:`RESERVE_SHARES`; ``quit`` ends QEMU within
-    milliseconds, signals as fast). The graceful wait (``powerdown_timeout``)
-    then gets all the rest, never more than the policy's own: a cooperative
-    guest has nearly all of *left* to power itself off. *left* below
-    :data:`MIN_LEFT` counts as :data:`MIN_LEFT`.
+    A policy that fits is returned as is. Otherwise, without an agent socket
+    (*agent* False) the ``agent`` rung is left out (it would only be skipped),
+    and everything but the graceful waits is held to a reserve of
+    ``min(FORCED_RESERVE, left / 4)`` seconds: if the policy's own timeouts take
+    more, each is cut to its share of the reserve (:data:`RESERVE_SHARES`; the
+    commands share the rest; ``quit`` ends QEMU within milliseconds, signals as
+    fast). The graceful waits (``powerdown_timeout``, and ``agent_timeout`` when
+    the agent rung stays; halves each when both do) then get all the rest,
+    never more than the policy's own: a cooperative guest has nearly all of
+    *left* to power itself off. *left* below :data:`MIN_LEFT` counts as
+    :data:`MIN_LEFT`.
 
     :return: the policy, or a shortened copy (``attrs.evolve``, validated again).
     """
     if policy.bound <= left:
         return policy
+    if not agent and Stage.AGENT in policy.stages and len(policy.stages) > 1:
+        policy = attrs.evolve(policy, stages=[s for s in policy.stages if s is not Stage.AGENT])
+        if policy.bound <= left:
+            return policy
     left = max(left, MIN_LEFT)
     reserve = min(FORCED_RESERVE, left / 4)
-    graceful = policy.allows(Stage.POWERDOWN)
-    overhead = policy.bound - (policy.powerdown_timeout if graceful else 0.0)
-    if overhead > reserve:
+    graceful = (("powerdown_timeout", Stage.POWERDOWN), ("agent_timeout", Stage.AGENT))
+    waits = [field for field, stage in graceful if policy.allows(stage)]
+
+    def overhead(p: ShutdownPolicy) -> float:
+        return float(p.bound - sum(getattr(p, f) for f in waits))
+
+    if overhead(policy) > reserve:
+        commands = attrs.evolve(policy, command_timeout=policy.command_timeout + 1.0)
+        count = round(commands.bound - policy.bound)  # how many commands the bound counts
         cuts = {f: min(getattr(policy, f), share * reserve) for f, share in RESERVE_SHARES.items()}
+        spare = 1.0 - sum(RESERVE_SHARES.values())
+        cuts["command_timeout"] = min(policy.command_timeout, spare * reserve / max(count, 1))
         policy = attrs.evolve(policy, **cuts)
-        overhead = policy.bound - (policy.powerdown_timeout if graceful else 0.0)
-    if graceful:
-        wait = min(policy.powerdown_timeout, left - overhead)
-        policy = attrs.evolve(policy, powerdown_timeout=wait)
+    if waits:
+        share = (left - overhead(policy)) / len(waits)
+        policy = attrs.evolve(policy, **{f: min(getattr(policy, f), share) for f in waits})
     return policy
 
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import ShutdownFailed
 from ._evidence import console_tail, screenshot_of
@@ -49,6 +50,8 @@ async def ladder(qemu: Qemu, rungs: Sequence[Rung], actions: Sequence[Action]) -
             for action in actions:
                 if action.applies(qemu):
                     await take_step(qemu, action.stage, action.budget(qemu.policy), action.run)
+            # A caller who cancelled during the actions (after a freeze) gets no force.
+            await anyio.lowlevel.checkpoint()
         if skip is not None:
             qemu.recorder.skip(rung.stage, skip)
         else:
@@ -119,15 +122,18 @@ async def run_plan(
     save_dir: str | None = None,
     evidence_dir: str | None = None,
     console_log: str | None = None,
+    agent: str | None = None,
 ) -> ShutdownResult:
     """:func:`climb`, with the rungs and actions given instead of the policy's own plan.
 
     :param save_dir: where the ``save`` rung keeps the guest's state (None skips it).
     :param evidence_dir: where the screenshot action saves the guest's screen.
     :param console_log: the serial console's log, whose tail a forced record keeps.
+    :param agent: the unix socket of the guest agent's chardev (for the agent
+        rung and the freeze), or None.
     """
     recorder = Recorder(started, name, on_progress)
-    qemu = Qemu(monitor, process, policy, recorder,
+    qemu = Qemu(monitor, process, policy, recorder, agent=agent,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
     qemu.save_dir = save_dir
     qemu.evidence_dir, qemu.console_log = evidence_dir, console_log
@@ -143,6 +149,8 @@ async def run_plan(
         with anyio.CancelScope(shield=True):
             for action in actions:
                 await action.finish(qemu)
+            if qemu.agent is not None:
+                await qemu.agent.close()
     await qemu.settle()
     return record(qemu)
 
@@ -150,7 +158,10 @@ async def run_plan(
 def record(qemu: Qemu) -> ShutdownResult:
     """The ladder's record, with its verdict; raise ShutdownFailed when QEMU still runs."""
     steps, events = tuple(qemu.recorder.steps), tuple(qemu.watch.events)
-    verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone)
+    info = None if qemu.agent is None else qemu.agent.info
+    guest_os, guest_users = (None, None) if info is None else (info.os, info.users)
+    verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone,
+                     guest_os=guest_os, guest_users=guest_users)  # fmt: skip
     gone_at = qemu.watch.gone_at
     forced = not verdict.graceful and verdict.stage is not Stage.ALREADY_OFF
     result = ShutdownResult(
@@ -167,6 +178,8 @@ def record(qemu: Qemu) -> ShutdownResult:
         saved_state=saved_state(verdict.stage, qemu.saved_to),
         screenshot=screenshot_of(steps),
         console_tail=console_tail(qemu.console_log) if forced else None,
+        guest_os=guest_os,
+        guest_users=guest_users,
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

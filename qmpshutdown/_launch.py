@@ -45,6 +45,10 @@ _STDERR_LIMIT = 64 * 1024
 CALLER_SOCKET, LADDER_SOCKET = "qmp.sock", "ladder.sock"
 #: The serial console's log in the private dir (``console_log=True``).
 CONSOLE_LOG = "console.log"
+#: The guest agent's chardev socket in the private dir (``launch(agent=True)``).
+AGENT_SOCKET = "qga.sock"
+#: The virtio-serial port name qemu-ga looks for.
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 
 
 # Resolved once here: the child between fork and exec must not run ldconfig
@@ -104,14 +108,26 @@ def console_log_path(argv: Sequence[str], rundir: Path) -> tuple[Path, bool]:
     )
 
 
-def command_line(argv: Sequence[str], rundir: Path, *, console_log: bool = False) -> list[str]:
+def command_line(
+    argv: Sequence[str], rundir: Path, *, console_log: bool = False, agent: bool = False
+) -> list[str]:
     """QEMU's command line: the caller's, plus two QMP monitors on unix sockets in *rundir*.
 
     :param console_log: add the serial console's log file (see :func:`console_log_path`).
+    :param agent: also a virtio-serial device, the guest agent's port and its
+        chardev on a unix socket in *rundir*.
     """
     line = [*argv]
     if console_log and console_log_path(argv, rundir)[1]:
         line += ["-serial", f"file:{rundir / CONSOLE_LOG}"]
+    if agent:
+        line += [
+            "-chardev", f"socket,id=qmpshutdown-agent,path={rundir / AGENT_SOCKET},"
+            "server=on,wait=off",
+            "-device", "virtio-serial-pci,id=qmpshutdown-vser",
+            "-device", "virtserialport,bus=qmpshutdown-vser.0,chardev=qmpshutdown-agent,"
+            f"name={AGENT_PORT_NAME}",
+        ]  # fmt: skip
     for monitor_id, path in (("qmpshutdown-caller", rundir / CALLER_SOCKET),
                              ("qmpshutdown-ladder", rundir / LADDER_SOCKET)):  # fmt: skip
         line += [
@@ -133,6 +149,8 @@ class VM:
     :ivar console_log: the serial console's log file (``console_log=True``), else None;
         launch's own is removed with its private dir when the block ends.
     :ivar evidence_dir: where a forced stop saves the guest's screen, else None.
+    :ivar agent_socket: the guest agent's chardev socket (``launch(agent=True)``),
+        else None; the teardown and ``vm.shutdown()`` use it.
     """
 
     def __init__(
@@ -144,6 +162,7 @@ class VM:
         on_progress: ProgressCallback | None = None,
         evidence_dir: str | os.PathLike[str] | None = None,
         console_log: bool = False,
+        agent: bool = False,
         *,
         save_dir: str | os.PathLike[str] | None = None,
         restore: str | os.PathLike[str] | None = None,
@@ -167,6 +186,7 @@ class VM:
             console_log_path(self.argv, Path("."))  # a -serial it cannot use: refused now
         self._console_log = console_log
         self.evidence_dir = None if evidence_dir is None else os.path.abspath(evidence_dir)
+        self.agent = agent
         self.result: ShutdownResult | None = None
         self._dir: Path | None = None
         self._popen: subprocess.Popen[bytes] | None = None
@@ -184,6 +204,13 @@ class VM:
     def qmp_socket(self) -> Path:
         assert self._dir is not None, "the VM is not running"
         return self._dir / CALLER_SOCKET
+
+    @property
+    def agent_socket(self) -> Path | None:
+        if not self.agent:
+            return None
+        assert self._dir is not None, "the VM is not running"
+        return self._dir / AGENT_SOCKET
 
     @property
     def monitor(self) -> QMPClient:
@@ -231,6 +258,7 @@ class VM:
                 save_dir=self.save_dir,
                 evidence_dir=self.evidence_dir,
                 console_log=None if self.console_log is None else os.fspath(self.console_log),
+                agent=None if self.agent_socket is None else os.fspath(self.agent_socket),
             )
         except ShutdownFailed as err:
             self.result = err.result
@@ -266,7 +294,7 @@ class VM:
     async def _start_qemu(self, state_fd: int | None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpshutdown-"))
         argv = self.argv if state_fd is None else [*self.argv, *INCOMING_ARGS]
-        argv = command_line(argv, self._dir, console_log=self._console_log)
+        argv = command_line(argv, self._dir, console_log=self._console_log, agent=self.agent)
         self._popen = _spawn(argv, self._dir / "stderr", self.name)
         self._process = PidfdProcess(self._popen.pid, os.pidfd_open(self._popen.pid))
         logger.info("%s: started QEMU, pid %d", self.name, self._popen.pid)
@@ -386,6 +414,7 @@ def launch(
     console_log: bool = False,
     save_dir: str | os.PathLike[str] | None = None,
     restore: str | os.PathLike[str] | None = None,
+    agent: bool = False,
 ) -> VM:
     """Boot QEMU for the length of an ``async with`` block; always stop and reap it.
 
@@ -417,6 +446,10 @@ def launch(
         uses that file. When the stop has to force, its last 50 lines are
         ``vm.result.console_tail``.
     :raises ValueError: *console_log* with a first ``-serial`` that is not ``file:PATH``.
+    :param agent: add a virtio-serial device, the guest agent's port
+        (``org.qemu.guest_agent.0``) and its chardev socket in the private dir;
+        ``vm.agent_socket`` is its path, and the teardown uses it (the agent
+        rung, the freeze before force).
     :raises LaunchError: (on entering) QEMU exited early or did not greet in
         time, or the saved state did not load; carries its exit status and stderr.
     :return: the :class:`VM`, an async context manager. On leaving the block —
@@ -426,6 +459,6 @@ def launch(
         kernel kills it too if this process dies first).
     """
     return VM(
-        argv, policy, name, startup_timeout, on_progress, evidence_dir, console_log,
+        argv, policy, name, startup_timeout, on_progress, evidence_dir, console_log, agent,
         save_dir=save_dir, restore=restore,
     )  # fmt: skip

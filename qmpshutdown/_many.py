@@ -107,7 +107,9 @@ async def shutdown_many(
             async with limiter if limiter is not None else contextlib.nullcontext():
                 fitted = job_policy
                 if ends_at is not None:
-                    fitted = fit_policy(job_policy, ends_at - anyio.current_time())
+                    fitted = fit_policy(
+                        job_policy, ends_at - anyio.current_time(), agent=job.agent is not None
+                    )
                 turns.running += 1
                 try:
                     keep = job.save_dir or save_dir

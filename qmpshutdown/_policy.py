@@ -16,28 +16,33 @@ class Stage(str, enum.Enum):
     was already powered off (runstate ``shutdown``) when the monitor was reached.
     ``SCREENSHOT`` is a step, not a rung: the guest's screen saved as evidence
     right before the first forced rung (see ``evidence_dir``).
+    ``FREEZE`` and ``THAW`` are never rungs either: they are steps the ladder
+    records around force (a policy cannot list them).
     """
 
     ALREADY_OFF = "already-off"
     POWERDOWN = "powerdown"
+    AGENT = "agent"  #: ``guest-shutdown`` through the guest agent
     QUIT = "quit"
     SAVE = "save"
     TERMINATE = "terminate"
     KILL = "kill"
     SCREENSHOT = "screenshot"
+    FREEZE = "freeze"  #: a step, not a rung: the guest's filesystems frozen before force
+    THAW = "thaw"  #: a step, not a rung: the guest's filesystems thawed
 
     def __str__(self) -> str:
         return self.value
 
 
-#: The rungs a policy may list, in the only order they can be climbed.
+#: The rungs a policy may list, in the default order (the graceful two in either order).
 RUNGS: tuple[Stage, ...] = (
-    Stage.POWERDOWN, Stage.SAVE, Stage.QUIT, Stage.TERMINATE, Stage.KILL
+    Stage.POWERDOWN, Stage.AGENT, Stage.SAVE, Stage.QUIT, Stage.TERMINATE, Stage.KILL,
 )  # fmt: skip
 #: The rungs of the default policy: all but ``save`` (it writes as much as the guest's RAM).
 DEFAULT_STAGES: tuple[Stage, ...] = tuple(s for s in RUNGS if s is not Stage.SAVE)
 #: The rungs that ask the guest to power itself off (the others end QEMU).
-GRACEFUL_STAGES: frozenset[Stage] = frozenset({Stage.POWERDOWN})
+GRACEFUL_STAGES: frozenset[Stage] = frozenset({Stage.POWERDOWN, Stage.AGENT})
 
 
 def _convert_stages(value: Any) -> tuple[Stage, ...]:
@@ -68,11 +73,12 @@ def _validate_stages(instance: Any, attribute: Any, value: tuple[Stage, ...]) ->
             raise ValueError(f"{stage.value!r} is a step, not a rung; the rungs are {names}")
     if len(set(value)) != len(value):
         raise ValueError(f"stages must not repeat a rung: {[s.value for s in value]}")
-    order = [RUNGS.index(s) for s in value]
+    # The graceful rungs come first, in either order; the forced ones after them, in order.
+    order = [0 if s in GRACEFUL_STAGES else RUNGS.index(s) for s in value]
     if order != sorted(order):
-        order_names = ", ".join(s.value for s in RUNGS)
         raise ValueError(
-            f"stages must keep the ladder's order {order_names}; got {[s.value for s in value]}"
+            "stages must keep the ladder's order: powerdown and agent (either first), "
+            f"then save, quit, terminate, kill; got {[s.value for s in value]}"
         )
 
 
@@ -115,7 +121,9 @@ class ShutdownPolicy:
     :param connect_timeout: seconds for connect, greeting and capabilities.
     :param command_timeout: seconds for any single QMP command.
     :param stages: the rungs allowed, in ladder order; ``("powerdown",)``
-        never uses force.
+        never uses force. The graceful rungs ``powerdown`` and ``agent`` may
+        come in either order (``agent`` first asks the agent before pressing,
+        as Proxmox does); ``agent`` is skipped (recorded) without an agent socket.
     :param wake_suspended: wake an S3-suspended guest (``system_wakeup``)
         before pressing; otherwise the press is skipped.
     :param resume_paused: ``cont`` a paused guest before pressing; otherwise
@@ -123,6 +131,13 @@ class ShutdownPolicy:
         off by surprise when it is resumed later).
     :param save_timeout: seconds the ``save`` rung gives QEMU to write the
         guest's whole state to its file (the rung is cancelled after that).
+    :param agent_timeout: seconds the guest gets to power off after the
+        agent's ``guest-shutdown``.
+    :param freeze_before_force: when an agent answers, freeze the guest's
+        filesystems (``guest-fsfreeze-freeze``) right before the first forced
+        rung, so that they come back clean; a running guest is never left frozen.
+    :param freeze_timeout: the longest a freeze may take (Windows' VSS itself
+        gives up after 10 s).
     """
 
     powerdown_timeout: float = attrs.field(default=60.0, validator=_seconds)
@@ -138,6 +153,9 @@ class ShutdownPolicy:
     wake_suspended: bool = attrs.field(default=True, validator=_flag)
     resume_paused: bool = attrs.field(default=False, validator=_flag)
     save_timeout: float = attrs.field(default=120.0, validator=_seconds)
+    agent_timeout: float = attrs.field(default=60.0, validator=_seconds)
+    freeze_before_force: bool = attrs.field(default=True, validator=_flag)
+    freeze_timeout: float = attrs.field(default=10.0, validator=_seconds)
 
     def allows(self, stage: Stage) -> bool:
         """Tell whether the rung *stage* may be used."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from ._agent import AgentLink
 from ._errors import CommandError, MonitorClosedError
 from ._monitor import Monitor
 from ._policy import GRACEFUL_STAGES, RUNGS, ShutdownPolicy, Stage
@@ -48,6 +49,7 @@ class Qemu:
     :param recorder: where steps, log lines and progress go.
     :param no_monitor_why: why there is no monitor (for skipped steps).
     :param no_signal_why: why there is no process (for skipped steps).
+    :param agent: the unix socket of the guest agent's chardev, or None.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class Qemu:
         *,
         no_monitor_why: str = "",
         no_signal_why: str = "",
+        agent: str | None = None,
     ) -> None:
         self.monitor = monitor
         self.process = process
@@ -80,6 +83,9 @@ class Qemu:
         self.save_dir: str | None = None
         #: The state file once the ``save`` rung wrote it whole (see :mod:`._save`).
         self.saved_to: str | None = None
+        #: The way to the guest agent (the socket given per call), shared by the agent
+        #: rung and the freeze; None without an agent socket.
+        self.agent = None if agent is None else AgentLink(agent, policy.command_timeout)
 
     # ---- state -------------------------------------------------------------------
 

@@ -35,6 +35,8 @@ class Cause(str, enum.Enum):
     MIGRATING = "migrating"  #: an incoming or outgoing migration, or a snapshot
     REBOOTED = "rebooted"  #: the guest rebooted instead of powering off
     MONITOR_UNRESPONSIVE = "monitor-unresponsive"  #: QMP gave no greeting or reply
+    #: a Windows guest (its agent said so) with nobody logged in: it refuses the button
+    NO_LOGON = "no-logon"
 
     def __str__(self) -> str:
         return self.value
@@ -124,18 +126,24 @@ def _steps(value: Iterable[Step]) -> tuple[Step, ...]:
     return tuple(value)
 
 
+def _optional_users(value: Iterable[str] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(user) for user in value)
+
+
 @attrs.frozen(kw_only=True)
 class ShutdownResult:
     """What one shutdown did, and why it ended the way it did.
 
     :ivar stage: the rung that ended the VM (``already-off``, ``powerdown``,
-        ``quit``, ``terminate``, ``kill``), or None when nothing ended it (only
+        ``agent``, ``quit``, ``terminate``, ``kill``), or None when nothing ended it (only
         inside :class:`~qmpshutdown.ShutdownFailed`).
     :ivar graceful: True when the guest powered itself off (or was already off).
     :ivar reason: the ``reason`` of the first SHUTDOWN event seen, else None.
     :ivar presses: how many ``system_powerdown`` were sent.
     :ivar runstate: QEMU's runstate found on connecting (None if never read).
-    :ivar cause: when the guest did not power itself off, the likely why.
+    :ivar cause: when the guest did not power itself off, or did so only when
+        a later graceful rung asked (its agent after an ignored button), the
+        likely why the earlier one failed.
     :ivar pid: QEMU's pid, if known.
     :ivar elapsed: seconds from the call to the confirmed end.
     :ivar events: every QMP event seen, in order.
@@ -147,6 +155,11 @@ class ShutdownResult:
         forced (the last ``screenshot`` step's file; see ``evidence_dir``), else None.
     :ivar console_tail: the serial console's last lines when the VM had to be
         forced (``launch(console_log=True)``), else None.
+    :ivar steps: each rung tried, in order (with the ``freeze`` and ``thaw`` steps).
+    :ivar guest_os: the OS the guest agent named (``pretty-name``, else
+        ``name``); None when no agent answered or it named no OS.
+    :ivar guest_users: who was logged in, as the guest agent said; None when
+        no agent answered, ``()`` when nobody was.
     """
 
     stage: Stage | None = attrs.field(converter=_optional_stage)
@@ -162,6 +175,8 @@ class ShutdownResult:
     saved_state: str | None = None
     screenshot: str | None = None
     console_tail: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_lines)
+    guest_os: str | None = None
+    guest_users: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_users)
 
     @property
     def forced(self) -> bool:
@@ -179,9 +194,9 @@ class ShutdownResult:
         """Return a JSON-ready dict of the whole record.
 
         Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
-        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``, ``saved_state``.
-        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``,
-        ``screenshot``, ``console_tail`` (a list of lines, or None).
+        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``, ``saved_state``,
+        ``screenshot``, ``console_tail`` (a list of lines, or None), ``guest_os``,
+        ``guest_users``.
         """
         return {
             "stage": None if self.stage is None else self.stage.value,
@@ -197,6 +212,8 @@ class ShutdownResult:
             "saved_state": self.saved_state,
             "screenshot": self.screenshot,
             "console_tail": None if self.console_tail is None else list(self.console_tail),
+            "guest_os": self.guest_os,
+            "guest_users": None if self.guest_users is None else list(self.guest_users),
         }
 
     def summary(self) -> str:

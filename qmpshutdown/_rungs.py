@@ -19,8 +19,10 @@ from typing import Protocol
 
 import anyio
 
+from ._agent_rung import AGENT_SHUTDOWN
 from ._errors import CommandError, MonitorClosedError
 from ._evidence import Screenshot
+from ._freeze import FREEZE_BEFORE_FORCE
 from ._policy import ShutdownPolicy, Stage
 from ._qemu import Guest, Qemu
 from ._result import Cause, Outcome
@@ -248,14 +250,15 @@ class Signal:
 RUNG_FOR: dict[Stage, Rung] = {
     Stage.POWERDOWN: PowerButton(),
     Stage.SAVE: Save(),
+    Stage.AGENT: AGENT_SHUTDOWN,
     Stage.QUIT: Quit(),
     Stage.TERMINATE: Signal(Stage.TERMINATE, signal.SIGTERM, "terminate_timeout"),
     Stage.KILL: Signal(Stage.KILL, signal.SIGKILL, "kill_timeout"),
 }
 
 #: Actions run before the first forced rung, in order: the screenshot first, so that it
-#: shows the guest as it was (before a filesystem freeze).
-BEFORE_FORCE: tuple[Action, ...] = (Screenshot(),)
+#: shows the guest as it was (before anything is frozen); the freeze last.
+BEFORE_FORCE: tuple[Action, ...] = (Screenshot(), FREEZE_BEFORE_FORCE)
 
 #: ``launch()``'s last resort when its policy allows no SIGKILL: a recorded step like any other.
 LAST_RESORT_KILL = Signal(Stage.KILL, signal.SIGKILL, "kill_timeout", "launch() teardown: ")

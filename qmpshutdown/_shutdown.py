@@ -54,6 +54,7 @@ async def shutdown(
     on_progress: ProgressCallback | None = None,
     save_dir: str | os.PathLike[str] | None = None,
     evidence_dir: str | os.PathLike[str] | None = None,
+    agent: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Stop one VM with the least force that works, and say how it went.
 
@@ -81,6 +82,10 @@ async def shutdown(
         first forced rung and again if the ladder ends with QEMU still running;
         never on a graceful stop. Its path is ``result.screenshot``; the step
         ``screenshot`` says how it went (a failure never stops the ladder).
+    :param agent: the unix socket of QEMU's chardev for the guest agent's
+        virtio-serial port (``org.qemu.guest_agent.0``), or None. With it the
+        ``agent`` rung asks the agent for ``guest-shutdown``, and the guest's
+        filesystems are frozen before any forced rung (``freeze_before_force``).
     :raises ConnectError: no QMP monitor could be reached and there was no
         safe way to escalate (a peer that answers with anything but QMP, such
         as QEMU's human monitor, is never signalled).
@@ -97,15 +102,16 @@ async def shutdown(
     ):
         raise ValueError(f"pid must be a positive int (a Linux pid), not {pid!r}")
     save_dir = check_save_dir(save_dir)
+    agent_path = _agent_path(agent)
     started = anyio.current_time()
     evidence = _evidence_dir(evidence_dir)
     if isinstance(target, QMPClient):
         return await _shutdown_client(
-            target, policy, pid, started, on_progress, save_dir, evidence
+            target, policy, pid, started, on_progress, save_dir, evidence, agent_path
         )
     return await stop_at(
         _address(target), policy, pid=pid, started=started, on_progress=on_progress,
-        save_dir=save_dir, evidence_dir=evidence,
+        save_dir=save_dir, evidence_dir=evidence, agent=agent_path,
     )  # fmt: skip
 
 
@@ -122,6 +128,7 @@ async def stop_at(
     save_dir: str | None = None,
     evidence_dir: str | None = None,
     console_log: str | None = None,
+    agent: str | None = None,
 ) -> ShutdownResult:
     """Connect to *address* and climb the ladder (the body of :func:`shutdown`).
 
@@ -132,6 +139,7 @@ async def stop_at(
     :param save_dir: where the ``save`` rung keeps the state (None skips it).
     :param evidence_dir: see :func:`shutdown`.
     :param console_log: the serial console's log file (from :func:`launch`).
+    :param agent: the guest agent's socket (see :func:`shutdown`).
     """
     name = name or format_address(address)
     rungs = plan(policy) if rungs is None else list(rungs)
@@ -148,6 +156,7 @@ async def stop_at(
             rungs=rungs, no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
             save_dir=save_dir,
             evidence_dir=evidence_dir, console_log=console_log,
+            agent=agent,
         )  # fmt: skip
 
     deadline = started + policy.connect_timeout
@@ -224,6 +233,7 @@ def shutdown_sync(
     on_progress: ProgressCallback | None = None,
     save_dir: str | os.PathLike[str] | None = None,
     evidence_dir: str | os.PathLike[str] | None = None,
+    agent: str | os.PathLike[str] | None = None,
 ) -> ShutdownResult:
     """Like :func:`shutdown`, for synchronous callers (runs its own event loop).
 
@@ -234,6 +244,7 @@ def shutdown_sync(
     :param on_progress: see :func:`shutdown` (called in this thread).
     :param save_dir: see :func:`shutdown`.
     :param evidence_dir: see :func:`shutdown`.
+    :param agent: see :func:`shutdown`.
     :raises ConnectError, PidMismatchError, ShutdownFailed: see :func:`shutdown`.
     :return: see :func:`shutdown`.
     """
@@ -242,7 +253,7 @@ def shutdown_sync(
     return anyio.run(
         functools.partial(
             shutdown, target, policy, pid, on_progress=on_progress, save_dir=save_dir,
-            evidence_dir=evidence_dir,
+            evidence_dir=evidence_dir, agent=agent,
         ),
         backend="asyncio",
     )
@@ -273,6 +284,15 @@ def check_target(target: object) -> None:
     """Raise TypeError unless *target* is something :func:`shutdown` accepts."""
     if not isinstance(target, QMPClient):
         _address(target)
+
+
+def _agent_path(agent: object) -> str | None:
+    if agent is None:
+        return None
+    path = os.fspath(agent) if isinstance(agent, (str, os.PathLike)) else None
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"agent is the path of the guest agent's unix socket, not {agent!r}")
+    return path
 
 
 def _address(target: object) -> str | tuple[str, int]:
@@ -378,6 +398,7 @@ async def _shutdown_client(
     on_progress: ProgressCallback | None,
     save_dir: str | None = None,
     evidence_dir: str | None = None,
+    agent: str | None = None,
 ) -> ShutdownResult:
     monitor: QMPMonitor = wrap_client(client)
     process: Process | None = None
@@ -394,6 +415,7 @@ async def _shutdown_client(
             on_progress=on_progress,
             save_dir=save_dir,
             evidence_dir=evidence_dir,
+            agent=agent,
         )
     finally:
         with anyio.CancelScope(shield=True):

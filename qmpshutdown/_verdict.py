@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from ._policy import RUNGS, Stage
+from ._policy import GRACEFUL_STAGES, RUNGS, Stage
 from ._result import Cause, EventRecord, Outcome, Step
 
 #: SHUTDOWN reasons of a guest that ended itself without being forced.
@@ -76,10 +76,25 @@ def is_graceful(
     return stage is not None and guest_went_by_itself(events)
 
 
+def is_windows(guest_os: str | None) -> bool:
+    """True when the agent named a Windows OS (``Microsoft Windows``, ``Windows 10 Pro`` …)."""
+    return guest_os is not None and "windows" in guest_os.lower()
+
+
 def likely_cause(
-    steps: Sequence[Step], events: Sequence[EventRecord], *, runstate: str | None, presses: int
+    steps: Sequence[Step],
+    events: Sequence[EventRecord],
+    *,
+    runstate: str | None,
+    presses: int,
+    guest_os: str | None = None,
+    guest_users: tuple[str, ...] | None = None,
 ) -> Cause | None:
-    """Why the guest did not power itself off: the first cause a step named, else the events'."""
+    """Why the guest did not power itself off: the first cause a step named, else the events'.
+
+    A Windows guest (its agent said so) that ignored the button with nobody
+    logged in is ``no-logon``: Windows refuses a shutdown without a logon.
+    """
     named = next((step.cause for step in steps if step.cause is not None), None)
     if named is not None:
         return named
@@ -92,6 +107,8 @@ def likely_cause(
         return Cause.ASLEEP
     if any(e.event == "RESET" and e.data.get("guest", True) for e in events):
         return Cause.REBOOTED
+    if presses and is_windows(guest_os) and guest_users == ():
+        return Cause.NO_LOGON
     if presses:
         return Cause.IGNORED_POWER_BUTTON
     return None
@@ -104,9 +121,23 @@ def decide(
     runstate: str | None,
     presses: int,
     gone: bool,
+    guest_os: str | None = None,
+    guest_users: tuple[str, ...] | None = None,
 ) -> Verdict:
-    """The whole verdict of a ladder from its record."""
+    """The whole verdict of a ladder from its record.
+
+    ``cause`` is None when the guest went on the first graceful rung that ran;
+    when an earlier graceful rung failed (the button ignored, then the agent
+    worked) it says why that one failed.
+    """
     stage = ended_by(steps, runstate=runstate, gone=gone)
     graceful = is_graceful(stage, events, runstate=runstate)
-    cause = None if graceful else likely_cause(steps, events, runstate=runstate, presses=presses)
+    earlier_failed = any(
+        step.stage in GRACEFUL_STAGES and step.outcome in (Outcome.TIMEOUT, Outcome.FAILED)
+        for step in steps
+    )
+    cause = None
+    if not graceful or earlier_failed:
+        cause = likely_cause(steps, events, runstate=runstate, presses=presses,
+                             guest_os=guest_os, guest_users=guest_users)  # fmt: skip
     return Verdict(stage, graceful, cause)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from qmpshutdown import ShutdownPolicy
 
+#: The ladder before the agent rung: tests of the other rungs climb it, so that their exact
+#: step sequences hold no ``agent skipped`` step (the agent's own tests use the default).
+WITHOUT_AGENT = ("powerdown", "quit", "terminate", "kill")
+
 #: The ladder against fakes of the seams (tests/fakes.py): everything in tenths of a second.
 FAKE = ShutdownPolicy(
     powerdown_timeout=0.25,
@@ -12,6 +16,7 @@ FAKE = ShutdownPolicy(
     terminate_timeout=0.2,
     kill_timeout=0.2,
     command_timeout=0.2,
+    stages=WITHOUT_AGENT,
 )
 
 #: Random input through an in-process fake monitor (tests/test_fuzz.py): as short as it gets.
@@ -23,6 +28,7 @@ FUZZ = ShutdownPolicy(
     kill_timeout=0.1,
     connect_timeout=0.3,
     command_timeout=0.1,
+    stages=WITHOUT_AGENT,
 )
 
 #: Peers that are not QEMU (tests/peers.py): one second for everything, one press.
@@ -34,6 +40,7 @@ PEERS = ShutdownPolicy(
     kill_timeout=1.0,
     connect_timeout=1.0,
     command_timeout=1.0,
+    stages=WITHOUT_AGENT,
 )
 
 #: Faults on real guests: a short press, quick escalation (tests/test_faults.py, test_many.py).
@@ -45,6 +52,7 @@ FAULTS = ShutdownPolicy(
     kill_timeout=3.0,
     connect_timeout=1.0,
     command_timeout=1.0,
+    stages=WITHOUT_AGENT,
 )
 
 #: Real guests stopped the ordinary way: roomier timeouts for 2 busy cores under TCG.
@@ -56,4 +64,5 @@ GUEST = ShutdownPolicy(
     kill_timeout=5.0,
     connect_timeout=3.0,
     command_timeout=3.0,
+    stages=WITHOUT_AGENT,
 )

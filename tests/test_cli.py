@@ -328,9 +328,11 @@ async def test_several_targets_print_json_in_the_order_given_and_the_worst_wins(
         "quit", False, "host-qmp-quit", "ignored-power-button"
     )  # fmt: skip
     assert (forced["pid"], forced["presses"]) == (ignoring.pid, 2)
+    # The CLI's default ladder: no --agent, so the agent rung is skipped (recorded).
     assert [(s["stage"], s["outcome"]) for s in forced["steps"]] == [
-        ("powerdown", "timeout"), ("quit", "done")
+        ("powerdown", "timeout"), ("agent", "skipped"), ("quit", "done")
     ]  # fmt: skip
+    assert (forced["guest_os"], forced["guest_users"]) == (None, None)
     assert (graceful["stage"], graceful["graceful"], graceful["reason"], graceful["presses"]) == (
         "powerdown", True, "guest-shutdown", 1
     )  # fmt: skip
@@ -418,7 +420,7 @@ def test_save_dir_adds_the_save_rung_before_quit_unless_stages_is_given(tmp_path
     invocation = parse_command_line(["--save-dir", str(tmp_path), "qmp.sock"])
     assert invocation.save_dir == str(tmp_path)
     assert [s.value for s in invocation.policy.stages] == [
-        "powerdown", "save", "quit", "terminate", "kill"
+        "powerdown", "agent", "save", "quit", "terminate", "kill"
     ]  # fmt: skip
     chosen = parse_command_line(["--save-dir", str(tmp_path), "--stages", "save,kill", "x.sock"])
     assert [s.value for s in chosen.policy.stages] == ["save", "kill"]
@@ -454,3 +456,18 @@ async def test_evidence_dir_gives_the_screenshot_on_the_progress_line_and_in_jso
     assert os.path.dirname(record["screenshot"]) == str(tmp_path)
     assert [s["stage"] for s in record["steps"]] == ["powerdown", "screenshot", "quit"]
     assert record["steps"][1]["path"] == record["screenshot"]
+def test_agent_options_reach_the_invocation_and_the_policy():
+    invocation = parse_command_line(
+        ["--agent", "/run/vm/qga.sock", "--no-freeze", "--agent-timeout", "7", "/run/vm/qmp.sock"]
+    )
+    assert invocation.agent == "/run/vm/qga.sock"
+    assert invocation.policy.freeze_before_force is False
+    assert invocation.policy.agent_timeout == 7.0
+    assert parse_command_line(["/run/vm/qmp.sock"]).agent is None
+
+
+def test_agent_names_one_target_only(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_command_line(["--agent", "/a", "/one.sock", "/two.sock"])
+    assert exit.value.code == 2
+    assert "--agent names one guest, but 2 targets were given" in capsys.readouterr().err

@@ -165,7 +165,10 @@ async def test_suspended_guest_is_woken_before_the_press_or_skipped(wake):
         assert [e.event for e in result.events] == ["WAKEUP", "POWERDOWN", "SHUTDOWN"]
     else:
         assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.ASLEEP)
-        assert outcomes(result) == [("powerdown", "skipped"), ("quit", "done")]
+        # The default ladder: no agent socket given, so the agent rung is skipped (recorded).
+        assert outcomes(result) == [
+            ("powerdown", "skipped"), ("agent", "skipped"), ("quit", "done"),
+        ]  # fmt: skip
         assert result.presses == 0
         assert "system_powerdown" not in qemu.monitor.commands
 
@@ -217,7 +220,8 @@ async def test_guest_panicking_while_we_wait_stops_the_pressing_at_once():
     qemu = FakeQemu(guest="panics")
     result = await run(qemu, ShutdownPolicy(powerdown_timeout=30, quit_timeout=1))
     assert (result.stage, result.cause, result.presses) == (Stage.QUIT, Cause.PANICKED, 1)
-    assert outcomes(result) == [("powerdown", "failed"), ("quit", "done")]
+    assert outcomes(result) == [("powerdown", "failed"), ("agent", "skipped"), ("quit", "done")]
+    assert result.steps[1].detail == "no agent socket given"
     assert result.steps[0].ended < 1.0  # did not wait out the 30 s
 
 

@@ -224,3 +224,27 @@ async def test_a_program_that_never_greets_is_a_launch_error_and_is_reaped():
             pytest.fail("the block must not run")
     assert anyio.current_time() - started < 1.0 + POLICY.terminate_timeout + 2.0
     assert our_qemus(marker, zombies=False) == []
+
+
+async def test_launch_with_agent_gives_the_port_and_the_teardown_uses_it(guests, tmp_path):
+    # The fixture's agent-mode argv, minus its own agent port: launch(agent=True) adds one.
+    line = guest_argv("ignores", workdir=tmp_path, qmp=False, agent=True)
+    port = ("id=qga", "virtio-serial", "virtserialport")
+    drop = {i for i, arg in enumerate(line[:-1])
+            if arg in ("-chardev", "-device") and any(p in line[i + 1] for p in port)}  # fmt: skip
+    line = [arg for i, arg in enumerate(line) if i not in drop and i - 1 not in drop]
+    assert not any("qga" in arg or "virtserial" in arg for arg in line)
+    policy = attrs.evolve(POLICY, stages=("powerdown", "agent", "quit"), agent_timeout=20.0)
+    async with qmpshutdown.launch(line, policy, agent=True) as vm:
+        assert vm.agent_socket is not None and vm.agent_socket.name == "qga.sock"
+        await wait_ready(line)
+    assert vm.result is not None
+    assert (vm.result.stage, vm.result.graceful) == (Stage.AGENT, True)
+    assert [(s.stage.value, s.outcome.value) for s in vm.result.steps] == [
+        ("powerdown", "timeout"), ("agent", "done"),
+    ]  # fmt: skip
+
+
+async def test_launch_without_agent_has_no_agent_socket(argv):
+    async with qmpshutdown.launch(argv("cooperative"), POLICY) as vm:
+        assert vm.agent_socket is None

@@ -61,17 +61,20 @@ def test_documented_defaults() -> None:
     assert policy.kill_timeout == 10.0
     assert policy.connect_timeout == 5.0
     assert policy.command_timeout == 5.0
-    assert policy.stages == ("powerdown", "quit", "terminate", "kill")
+    assert policy.stages == ("powerdown", "agent", "quit", "terminate", "kill")
     assert policy.wake_suspended is True
     assert policy.resume_paused is False
     assert policy.save_timeout == 120.0
+    assert policy.agent_timeout == 60.0
+    assert policy.freeze_before_force is True
+    assert policy.freeze_timeout == 10.0
 
 
 def test_default_stages_are_stage_members() -> None:
     stages = ShutdownPolicy().stages
     assert type(stages) is tuple
-    assert [type(s) for s in stages] == [Stage] * 4
-    assert stages == (Stage.POWERDOWN, Stage.QUIT, Stage.TERMINATE, Stage.KILL)
+    assert [type(s) for s in stages] == [Stage] * 5
+    assert stages == (Stage.POWERDOWN, Stage.AGENT, Stage.QUIT, Stage.TERMINATE, Stage.KILL)
 
 
 def test_default_policies_are_equal() -> None:
@@ -225,9 +228,10 @@ def test_may_signal(stages: tuple[str, ...], expected: bool) -> None:
 
 
 def test_default_bound() -> None:
-    # connect 5 + 3 commands 15; powerdown 60 + 2 commands 10; quit command 5 + 30;
-    # terminate 10; kill 10; the screenshot before force and at the end, 2 commands 10.
-    assert ShutdownPolicy().bound == 155.0
+    # connect 5 + 3 commands 15; powerdown 60 + 2 commands 10; agent 60 + 9 commands 45;
+    # before force: the screenshot (and at the end) 2 commands 10, the freeze 10 + a command 5;
+    # quit command 5 + 30; terminate 10; kill 10.
+    assert ShutdownPolicy().bound == 275.0
 
 
 # Distinct values so that a term counted twice or left out changes the sum.
@@ -239,6 +243,8 @@ DISTINCT = {
     "terminate_timeout": 13.0,
     "kill_timeout": 17.0,
     "save_timeout": 19.0,
+    "agent_timeout": 19.0,
+    "freeze_timeout": 23.0,
 }
 
 
@@ -247,15 +253,17 @@ DISTINCT = {
     [
         # Always: connect 2 + 3 commands 9 = 11.
         # powerdown: 7 + 2 commands 6 = 13; quit: command 3 + 11 = 14.
-        # With force, the screenshot's 2 commands: 6.
-        (("powerdown", "quit", "terminate", "kill"), 11 + 13 + 14 + 13 + 17 + 6),
+        # agent: 19 + 9 commands 27 = 46; with a forced rung, the screenshot's 2 commands 6
+        # and the freeze: 23 + a command 3 = 26. save: 7 commands 21 + 19 + quit_timeout 11 = 51.
+        (("powerdown", "quit", "terminate", "kill"), 11 + 13 + 6 + 26 + 14 + 13 + 17),
+        (("powerdown", "agent", "quit"), 11 + 13 + 46 + 6 + 26 + 14),
+        (("agent", "powerdown"), 11 + 46 + 13),
         (("powerdown",), 11 + 13),
-        (("quit",), 11 + 14 + 6),
-        (("terminate", "kill"), 11 + 13 + 17 + 6),
-        (("powerdown", "kill"), 11 + 13 + 17 + 6),
-        # save: 7 commands 21 + save_timeout 19 + quit_timeout 11 = 51.
-        (("powerdown", "save", "quit"), 11 + 13 + 51 + 14 + 6),
-        (("save",), 11 + 51 + 6),
+        (("quit",), 11 + 6 + 26 + 14),
+        (("terminate", "kill"), 11 + 6 + 26 + 13 + 17),
+        (("powerdown", "kill"), 11 + 13 + 6 + 26 + 17),
+        (("powerdown", "save", "quit"), 11 + 13 + 51 + 6 + 26 + 14),
+        (("save",), 11 + 51 + 6 + 26),
     ],
 )
 def test_bound_sums_the_allowed_waits(stages: tuple[str, ...], expected: float) -> None:
@@ -319,7 +327,7 @@ def test_save_is_allowed_between_powerdown_and_quit_and_not_by_default() -> None
     assert Stage.SAVE not in ShutdownPolicy().stages
     policy = ShutdownPolicy(stages=("powerdown", "save", "quit", "terminate", "kill"))
     assert policy.stages == LADDER
-    with pytest.raises(ValueError, match="order powerdown, save, quit, terminate, kill"):
+    with pytest.raises(ValueError, match="then save, quit, terminate, kill"):
         ShutdownPolicy(stages=("quit", "save"))
     with pytest.raises(ValueError, match="order"):
         ShutdownPolicy(stages=("save", "powerdown"))

@@ -25,6 +25,8 @@ RESULT_KEYS = {
     "saved_state",
     "screenshot",
     "console_tail",
+    "guest_os",
+    "guest_users",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
 STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause", "path"}
@@ -62,7 +64,11 @@ def make_result(**changes: Any) -> ShutdownResult:
 @pytest.mark.parametrize(
     ("enum_type", "values"),
     [
-        (Stage, ["already-off", "powerdown", "quit", "save", "terminate", "kill", "screenshot"]),
+        (
+            Stage,
+            ["already-off", "powerdown", "agent", "quit", "save", "terminate", "kill",
+             "screenshot", "freeze", "thaw"],
+        ),
         (Outcome, ["done", "timeout", "skipped", "failed"]),
         (
             Cause,
@@ -74,6 +80,7 @@ def make_result(**changes: Any) -> ShutdownResult:
                 "migrating",
                 "rebooted",
                 "monitor-unresponsive",
+                "no-logon",
             ],
         ),
     ],

@@ -18,7 +18,7 @@ from policies import FAKE
 from qmpshutdown import Outcome, ShutdownPolicy, Stage
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._policy import RUNGS
-from qmpshutdown._rungs import RUNG_FOR, PowerButton, plan, plan_budget
+from qmpshutdown._rungs import BEFORE_FORCE, RUNG_FOR, PowerButton, plan, plan_budget
 from qmpshutdown._steps import Ended
 
 
@@ -97,14 +97,15 @@ def test_the_plan_is_the_policys_stages_in_order():
     assert [rung.stage for rung in plan(policy)] == [Stage.POWERDOWN, Stage.TERMINATE]
     assert [rung.stage for rung in plan(ShutdownPolicy())] == list(ShutdownPolicy().stages)
     assert set(RUNG_FOR) == set(RUNGS)
-    assert [rung.forced for rung in plan(ShutdownPolicy())] == [False, True, True, True]
+    assert [rung.forced for rung in plan(ShutdownPolicy())] == [False, False, True, True, True]
 
 
 def test_the_bound_is_connecting_three_commands_and_the_budgets():
     policy = FAKE
     expected = policy.connect_timeout + 3 * policy.command_timeout
     expected += sum(rung.budget(policy) for rung in plan(policy))
-    expected += 2 * policy.command_timeout  # the screenshot: before force, and at the end
+    # With a forced rung allowed, the actions before force: the screenshot, the freeze.
+    expected += sum(action.budget(policy) for action in BEFORE_FORCE)
     assert policy.bound == pytest.approx(expected)
     assert plan_budget(policy, [PowerButton()]) == policy.powerdown_timeout + 2 * 0.2
 
