@@ -71,8 +71,6 @@ def _agent(instance: Any, attribute: Any, value: Any) -> None:
         return
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
         raise TypeError(f"agent must be a guest agent socket path or None, not {value!r}")
-    # shutdown() has no agent rung yet (issue 8): refuse rather than silently not use it.
-    raise ValueError("agent= is not supported yet: shutdown() has no guest agent rung")
 
 
 def _name(instance: Any, attribute: Any, value: Any) -> None:
@@ -97,9 +95,8 @@ class Job:
     :param target: what :func:`~qmpshutdown.shutdown` accepts.
     :param policy: this VM's policy; None uses the one given to ``shutdown_many()``.
     :param pid: QEMU's pid (see :func:`~qmpshutdown.shutdown`), e.g. for a TCP monitor.
-    :param agent: the guest agent's socket, for the agent rung of issue 8; until
-        :func:`~qmpshutdown.shutdown` takes ``agent=``, anything but None raises
-        ``ValueError``.
+    :param agent: the guest agent's socket, for the ``agent`` rung and the
+        freeze before force (see :func:`~qmpshutdown.shutdown`).
     :param name: how progress, log lines and errors name the VM (default: the
         address; a QMPClient keeps its own name).
     :param save_dir: where this VM's ``save`` rung keeps its state (None: the

@@ -178,4 +178,5 @@ async def _stop_job(
         _address(job.target), policy, pid=job.pid, started=anyio.current_time(),
         name=job.label, on_progress=on_progress, save_dir=check_save_dir(save_dir),
         evidence_dir=_evidence_dir(evidence_dir),
+        agent=None if job.agent is None else os.fspath(job.agent),
     )  # fmt: skip

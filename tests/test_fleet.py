@@ -65,9 +65,10 @@ def test_job_refuses_a_bad_target():
         Job(("127.0.0.1", 0))
 
 
-def test_job_with_an_agent_is_refused_until_shutdown_takes_one(tmp_path):
-    with pytest.raises(ValueError, match="agent= is not supported yet"):
-        Job(tmp_path / "a.sock", agent=tmp_path / "qga.sock")
+def test_job_takes_an_agent_socket_path(tmp_path):
+    assert Job(tmp_path / "a.sock", agent=tmp_path / "qga.sock").agent == tmp_path / "qga.sock"
+    with pytest.raises(TypeError):
+        Job(tmp_path / "a.sock", agent=42)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- the deadline
