@@ -270,9 +270,9 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
             # The save rung goes where the ladder's order puts it: right before quit.
             stages = sorted((*policy.stages, Stage.SAVE), key=RUNGS.index)
             policy = attrs.evolve(policy, stages=stages)
-    named = [t for t in args.targets if t != _THEN]
-    if args.agent is not None and len(named) > 1:
-        parser.error(f"--agent names one guest, but {len(named)} targets were given")
+    given_targets = [t for t in args.targets if t != _THEN]
+    if args.agent is not None and len(given_targets) > 1:
+        parser.error(f"--agent names one guest, but {len(given_targets)} targets were given")
     if args.agent == "":
         parser.error("--agent: a socket path must not be empty")
     if args.fleet is not None:
