@@ -138,7 +138,9 @@ async def run_plan(
 def record(qemu: Qemu) -> ShutdownResult:
     """The ladder's record, with its verdict; raise ShutdownFailed when QEMU still runs."""
     steps, events = tuple(qemu.recorder.steps), tuple(qemu.watch.events)
-    verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone)
+    activity = qemu.patience.activity(powered_off=qemu.watch.guest_shut_down)
+    verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses,
+                     gone=qemu.gone, activity=activity)  # fmt: skip
     gone_at = qemu.watch.gone_at
     result = ShutdownResult(
         stage=verdict.stage,
@@ -151,6 +153,7 @@ def record(qemu: Qemu) -> ShutdownResult:
         elapsed=gone_at if gone_at is not None else qemu.recorder.now(),
         events=events,
         steps=steps,
+        activity=activity,
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

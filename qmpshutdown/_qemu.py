@@ -17,6 +17,7 @@ import anyio
 
 from ._errors import CommandError, MonitorClosedError
 from ._monitor import Monitor
+from ._patience import Patience
 from ._policy import GRACEFUL_STAGES, RUNGS, ShutdownPolicy, Stage
 from ._process import Process
 from ._result import Cause, EventRecord, Outcome
@@ -69,8 +70,12 @@ class Qemu:
         self.watch = Watch()
         self.runstate: str | None = None  #: as found on arrival
         self.presses = 0
-        #: Tasks that watch the guest while a graceful rung waits (none yet: room for samplers).
-        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = []
+        #: What the guest does while graceful rungs wait, and their deadlines.
+        self.patience = Patience(policy, None if process is None else process.pid)
+        #: Tasks that watch the guest while a graceful rung waits.
+        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = [
+            self.patience.sample_forever
+        ]
 
     # ---- state -------------------------------------------------------------------
 

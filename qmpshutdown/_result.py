@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from ._patience import Activity
 from ._policy import Stage
 
 
@@ -35,6 +36,8 @@ class Cause(str, enum.Enum):
     MIGRATING = "migrating"  #: an incoming or outgoing migration, or a snapshot
     REBOOTED = "rebooted"  #: the guest rebooted instead of powering off
     MONITOR_UNRESPONSIVE = "monitor-unresponsive"  #: QMP gave no greeting or reply
+    BUSY = "busy"  #: still working (CPU or disk) when it had to be forced
+    STALLED = "stalled"  #: worked after the press, then idled without powering off
 
     def __str__(self) -> str:
         return self.value
@@ -132,6 +135,8 @@ class ShutdownResult:
     :ivar elapsed: seconds from the call to the confirmed end.
     :ivar events: every QMP event seen, in order.
     :ivar steps: each rung tried, in order.
+    :ivar activity: what the guest did while the graceful rungs waited (sampled
+        when QEMU's pid is known), else None.
     """
 
     stage: Stage | None = attrs.field(converter=_optional_stage)
@@ -144,6 +149,7 @@ class ShutdownResult:
     elapsed: float
     events: tuple[EventRecord, ...] = attrs.field(converter=_events)
     steps: tuple[Step, ...] = attrs.field(converter=_steps)
+    activity: Activity | None = None
 
     @property
     def forced(self) -> bool:
@@ -161,7 +167,7 @@ class ShutdownResult:
         """Return a JSON-ready dict of the whole record.
 
         Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
-        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``.
+        ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``, ``activity``.
         """
         return {
             "stage": None if self.stage is None else self.stage.value,
@@ -174,6 +180,7 @@ class ShutdownResult:
             "elapsed_s": round(self.elapsed, 6),
             "events": [event.to_dict() for event in self.events],
             "steps": [step.to_dict() for step in self.steps],
+            "activity": None if self.activity is None else self.activity.to_dict(),
         }
 
     def summary(self) -> str:

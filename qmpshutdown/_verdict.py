@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from ._patience import Activity
 from ._policy import RUNGS, Stage
 from ._result import Cause, EventRecord, Outcome, Step
 
@@ -76,10 +77,34 @@ def is_graceful(
     return stage is not None and guest_went_by_itself(events)
 
 
+def press_cause(activity: Activity | None) -> Cause:
+    """Why a pressed guest did not go, from what it did while it was waited for.
+
+    Still working at the end: ``busy``; worked after the press, then idled:
+    ``stalled``; no work at all (or nothing read): ``ignored-power-button``.
+    """
+    if activity is None:
+        return Cause.IGNORED_POWER_BUTTON
+    if activity.busy_at_end:
+        return Cause.BUSY
+    if activity.reacted:
+        return Cause.STALLED
+    return Cause.IGNORED_POWER_BUTTON
+
+
 def likely_cause(
-    steps: Sequence[Step], events: Sequence[EventRecord], *, runstate: str | None, presses: int
+    steps: Sequence[Step],
+    events: Sequence[EventRecord],
+    *,
+    runstate: str | None,
+    presses: int,
+    activity: Activity | None = None,
 ) -> Cause | None:
-    """Why the guest did not power itself off: the first cause a step named, else the events'."""
+    """Why the guest did not power itself off: the first cause a step named, else the events'.
+
+    A pressed guest with nothing else to show is told apart by its *activity*
+    (:func:`press_cause`).
+    """
     named = next((step.cause for step in steps if step.cause is not None), None)
     if named is not None:
         return named
@@ -93,7 +118,7 @@ def likely_cause(
     if any(e.event == "RESET" and e.data.get("guest", True) for e in events):
         return Cause.REBOOTED
     if presses:
-        return Cause.IGNORED_POWER_BUTTON
+        return press_cause(activity)
     return None
 
 
@@ -104,9 +129,12 @@ def decide(
     runstate: str | None,
     presses: int,
     gone: bool,
+    activity: Activity | None = None,
 ) -> Verdict:
     """The whole verdict of a ladder from its record."""
     stage = ended_by(steps, runstate=runstate, gone=gone)
     graceful = is_graceful(stage, events, runstate=runstate)
-    cause = None if graceful else likely_cause(steps, events, runstate=runstate, presses=presses)
+    cause = None if graceful else likely_cause(
+        steps, events, runstate=runstate, presses=presses, activity=activity
+    )
     return Verdict(stage, graceful, cause)

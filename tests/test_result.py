@@ -22,6 +22,7 @@ RESULT_KEYS = {
     "elapsed_s",
     "events",
     "steps",
+    "activity",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
 STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause"}
@@ -71,6 +72,8 @@ def make_result(**changes: Any) -> ShutdownResult:
                 "migrating",
                 "rebooted",
                 "monitor-unresponsive",
+                "busy",
+                "stalled",
             ],
         ),
     ],
