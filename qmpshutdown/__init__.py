@@ -26,6 +26,7 @@ from ._ladder import climb
 from ._launch import VM, launch
 from ._many import shutdown_many
 from ._monitor import Monitor
+from ._patience import Activity
 from ._policy import ShutdownPolicy, Stage
 from ._process import Process
 from ._progress import Progress, ProgressKind
@@ -52,6 +53,7 @@ __all__ = (
     "Cause",
     "Outcome",
     "Step",
+    "Activity",
     "EventRecord",
     "Progress",
     "ProgressKind",

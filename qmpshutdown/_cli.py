@@ -20,7 +20,7 @@ from ._errors import ConnectError, Error, PidMismatchError, ShutdownFailed
 from ._fleet import Job, check_deadline
 from ._fleetfile import FleetFileError, load_fleet
 from ._many import shutdown_many
-from ._policy import RUNGS, ShutdownPolicy, Stage
+from ._policy import PATIENCES, RUNGS, ShutdownPolicy, Stage
 from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
 from ._version import __version__
@@ -47,6 +47,17 @@ _FLAG_OPTIONS = (
     ("--resume-paused", "resume_paused", True, "resume a paused guest to press its button"),
     ("--no-freeze", "freeze_before_force", False, "do not freeze the guest before force"),
 )
+#: Patience that reads the guest: (option, field, type, help); the cap before the patience,
+#: so that ``--timeout 900 --max-timeout 1200 --patience adaptive`` validates in order.
+_PATIENCE_OPTIONS = (
+    ("--max-timeout", "max_powerdown_timeout", float,
+     "adaptive: the cap on waiting for the guest, from the first press"),
+    ("--idle-cutoff", "idle_cutoff", float,
+     "adaptive: escalate once the guest has been idle this long after a press"),
+    ("--patience", "patience", str,
+     "fixed: wait --timeout; adaptive: read the guest's CPU and disk, wait on while it works "
+     "(up to --max-timeout), escalate once it is idle for --idle-cutoff"),
+)  # fmt: skip
 
 _EPILOG = f"""\
 targets:
@@ -65,7 +76,9 @@ the ladder (--stages picks rungs, in this order): {", ".join(s.value for s in RU
   applications by force on guest-shutdown.
 
 causes (why a guest did not power itself off):
-  ignored-power-button   pressed and delivered, but the guest did not react
+  ignored-power-button   pressed and delivered, but the guest did not react at all
+  busy                   the guest was still working (CPU or disk) when it was forced
+  stalled                it worked after the press, then idled without powering off
   asleep                 suspended to RAM (S3)
   paused                 paused (or prelaunch, debug, io-error, watchdog)
   panicked               the guest panicked
@@ -94,7 +107,7 @@ fleets (the VMs of a group are stopped concurrently):
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
    "pid", "elapsed_s", "events", "steps", "saved_state", "screenshot",
-  "console_tail", "guest_os", "guest_users"}}, or
+  "console_tail", "guest_os", "guest_users", "activity"}}, or
   {{"target", "error"}} when it was not reached; a target still running has
   "error" and the record, with "stage": null.
   Progress and errors then stay off stderr (-v still logs there).
@@ -196,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     for field, (flag, value, text) in flags.items():
         policy.add_argument(flag, dest=field, action="store_const", const=value,
                             default=argparse.SUPPRESS, help=text)  # fmt: skip
+    for option, field, kind_, text in _PATIENCE_OPTIONS:
+        default = getattr(_DEFAULT, field)
+        shown = default if isinstance(default, str) else f"{default:g}"
+        extra: dict[str, Any] = {"choices": PATIENCES} if field == "patience" else {}
+        metavar_ = "S" if kind_ is float else None
+        policy.add_argument(option, dest=field, type=kind_, metavar=metavar_, **extra,
+                            default=argparse.SUPPRESS, help=f"{text} ({shown})")  # fmt: skip
     saving = parser.add_argument_group("saving")
     saving.add_argument(
         "--save-dir",
@@ -257,6 +277,7 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
     policy = _DEFAULT
     # A flag's constant is always valid: an error names the option that takes a value.
     named = {f: o for o, f, _, _ in _FLAG_OPTIONS} | {f: o for o, f, _ in _SECONDS_OPTIONS}
+    named |= {f: o for o, f, _, _ in _PATIENCE_OPTIONS}
     for field, option in named.items():
         if field in given:  # one at a time, so that an error names its option
             try:

@@ -158,10 +158,11 @@ async def run_plan(
 def record(qemu: Qemu) -> ShutdownResult:
     """The ladder's record, with its verdict; raise ShutdownFailed when QEMU still runs."""
     steps, events = tuple(qemu.recorder.steps), tuple(qemu.watch.events)
+    activity = qemu.patience.activity(powered_off=qemu.watch.guest_shut_down)
     info = None if qemu.agent is None else qemu.agent.info
     guest_os, guest_users = (None, None) if info is None else (info.os, info.users)
     verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone,
-                     guest_os=guest_os, guest_users=guest_users)  # fmt: skip
+                     guest_os=guest_os, guest_users=guest_users, activity=activity)  # fmt: skip
     gone_at = qemu.watch.gone_at
     forced = not verdict.graceful and verdict.stage is not Stage.ALREADY_OFF
     result = ShutdownResult(
@@ -180,6 +181,7 @@ def record(qemu: Qemu) -> ShutdownResult:
         console_tail=console_tail(qemu.console_log) if forced else None,
         guest_os=guest_os,
         guest_users=guest_users,
+        activity=activity,
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

@@ -18,6 +18,7 @@ import anyio
 from ._agent import AgentLink
 from ._errors import CommandError, MonitorClosedError
 from ._monitor import Monitor
+from ._patience import Patience
 from ._policy import GRACEFUL_STAGES, RUNGS, ShutdownPolicy, Stage
 from ._process import Process
 from ._result import Cause, EventRecord, Outcome
@@ -76,8 +77,12 @@ class Qemu:
         self.evidence_dir: str | None = None
         #: The serial console's log file (``launch(console_log=True)``), or None.
         self.console_log: str | None = None
-        #: Tasks that watch the guest while a graceful rung waits (none yet: room for samplers).
-        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = []
+        #: What the guest does while graceful rungs wait, and their deadlines.
+        self.patience = Patience(policy, None if process is None else process.pid)
+        #: Tasks that watch the guest while a graceful rung waits.
+        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = [
+            self.patience.sample_forever
+        ]
         #: Where the ``save`` rung puts the guest's state file (the caller's ``save_dir``);
         #: None skips that rung.
         self.save_dir: str | None = None

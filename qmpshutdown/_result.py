@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from ._patience import Activity
 from ._policy import Stage
 
 
@@ -37,6 +38,8 @@ class Cause(str, enum.Enum):
     MONITOR_UNRESPONSIVE = "monitor-unresponsive"  #: QMP gave no greeting or reply
     #: a Windows guest (its agent said so) with nobody logged in: it refuses the button
     NO_LOGON = "no-logon"
+    BUSY = "busy"  #: still working (CPU or disk) when it had to be forced
+    STALLED = "stalled"  #: worked after the press, then idled without powering off
 
     def __str__(self) -> str:
         return self.value
@@ -160,6 +163,8 @@ class ShutdownResult:
         ``name``); None when no agent answered or it named no OS.
     :ivar guest_users: who was logged in, as the guest agent said; None when
         no agent answered, ``()`` when nobody was.
+    :ivar activity: what the guest did while the graceful rungs waited (sampled
+        when QEMU's pid is known), else None.
     """
 
     stage: Stage | None = attrs.field(converter=_optional_stage)
@@ -177,6 +182,7 @@ class ShutdownResult:
     console_tail: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_lines)
     guest_os: str | None = None
     guest_users: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_users)
+    activity: Activity | None = None
 
     @property
     def forced(self) -> bool:
@@ -196,7 +202,7 @@ class ShutdownResult:
         Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
         ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``, ``saved_state``,
         ``screenshot``, ``console_tail`` (a list of lines, or None), ``guest_os``,
-        ``guest_users``.
+        ``guest_users``, ``activity``.
         """
         return {
             "stage": None if self.stage is None else self.stage.value,
@@ -214,6 +220,7 @@ class ShutdownResult:
             "console_tail": None if self.console_tail is None else list(self.console_tail),
             "guest_os": self.guest_os,
             "guest_users": None if self.guest_users is None else list(self.guest_users),
+            "activity": None if self.activity is None else self.activity.to_dict(),
         }
 
     def summary(self) -> str:

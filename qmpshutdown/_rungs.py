@@ -13,6 +13,7 @@ in the policy's list (:data:`qmpshutdown._policy.RUNGS`).
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Sequence
 from typing import Protocol
@@ -23,6 +24,7 @@ from ._agent_rung import AGENT_SHUTDOWN
 from ._errors import CommandError, MonitorClosedError
 from ._evidence import Screenshot
 from ._freeze import FREEZE_BEFORE_FORCE
+from ._patience import wait_budget
 from ._policy import ShutdownPolicy, Stage
 from ._qemu import Guest, Qemu
 from ._result import Cause, Outcome
@@ -94,7 +96,7 @@ class PowerButton:
 
     def budget(self, policy: ShutdownPolicy) -> float:
         # A press sent at the deadline, then confirming the guest's power-off.
-        return policy.powerdown_timeout + 2 * policy.command_timeout
+        return wait_budget(policy, policy.powerdown_timeout) + 2 * policy.command_timeout
 
     def why_not(self, qemu: Qemu) -> Ended | None:
         return _no_monitor(qemu)
@@ -132,7 +134,7 @@ class PowerButton:
 
     async def press_until_off(self, qemu: Qemu, step: OpenStep, cause: Cause | None) -> Ended:
         policy = qemu.policy
-        deadline = anyio.current_time() + policy.powerdown_timeout
+        wait = qemu.patience.wait(qemu, policy.powerdown_timeout)
         while True:
             if qemu.watch.suspended and policy.wake_suspended:
                 cause = Cause.ASLEEP  # it went to sleep while we waited
@@ -146,16 +148,14 @@ class PowerButton:
             again = f" again (press {qemu.presses})" if qemu.presses > 1 else ""
             qemu.recorder.say(f"pressed the power button{again}", stage=self.stage)
             step.note(_pressed(qemu), say=False)
+            wait.pressed()
             interval = policy.repress_interval
-            now = anyio.current_time()
-            seen = await qemu.wait_for_guest(
-                deadline if interval is None else min(deadline, now + interval)
-            )
+            next_press = anyio.current_time() + (math.inf if interval is None else interval)
+            seen = await wait.for_guest(next_press)
             if seen is not Guest.WAITING:
                 return qemu.guest_ended(seen, step, cause)
-            if anyio.current_time() >= deadline:
-                waited = f"no power-off in {policy.powerdown_timeout:g} s"
-                return Ended(Outcome.TIMEOUT, _pressed(qemu, waited), cause)
+            if wait.over is not None:
+                return Ended(Outcome.TIMEOUT, _pressed(qemu, wait.why_over()), cause)
 
 
 async def wake(qemu: Qemu) -> bool:

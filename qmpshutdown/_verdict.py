@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 
+from ._patience import Activity
 from ._policy import GRACEFUL_STAGES, RUNGS, Stage
 from ._result import Cause, EventRecord, Outcome, Step
 
@@ -79,6 +80,19 @@ def is_graceful(
 def is_windows(guest_os: str | None) -> bool:
     """True when the agent named a Windows OS (``Microsoft Windows``, ``Windows 10 Pro`` …)."""
     return guest_os is not None and "windows" in guest_os.lower()
+def press_cause(activity: Activity | None) -> Cause:
+    """Why a pressed guest did not go, from what it did while it was waited for.
+
+    Still working at the end: ``busy``; worked after the press, then idled:
+    ``stalled``; no work at all (or nothing read): ``ignored-power-button``.
+    """
+    if activity is None:
+        return Cause.IGNORED_POWER_BUTTON
+    if activity.busy_at_end:
+        return Cause.BUSY
+    if activity.reacted:
+        return Cause.STALLED
+    return Cause.IGNORED_POWER_BUTTON
 
 
 def likely_cause(
@@ -89,11 +103,14 @@ def likely_cause(
     presses: int,
     guest_os: str | None = None,
     guest_users: tuple[str, ...] | None = None,
+    activity: Activity | None = None,
 ) -> Cause | None:
     """Why the guest did not power itself off: the first cause a step named, else the events'.
 
     A Windows guest (its agent said so) that ignored the button with nobody
     logged in is ``no-logon``: Windows refuses a shutdown without a logon.
+    A pressed guest with nothing else to show is told apart by its *activity*
+    (:func:`press_cause`).
     """
     named = next((step.cause for step in steps if step.cause is not None), None)
     if named is not None:
@@ -110,7 +127,7 @@ def likely_cause(
     if presses and is_windows(guest_os) and guest_users == ():
         return Cause.NO_LOGON
     if presses:
-        return Cause.IGNORED_POWER_BUTTON
+        return press_cause(activity)
     return None
 
 
@@ -123,6 +140,7 @@ def decide(
     gone: bool,
     guest_os: str | None = None,
     guest_users: tuple[str, ...] | None = None,
+    activity: Activity | None = None,
 ) -> Verdict:
     """The whole verdict of a ladder from its record.
 
@@ -138,6 +156,8 @@ def decide(
     )
     cause = None
     if not graceful or earlier_failed:
-        cause = likely_cause(steps, events, runstate=runstate, presses=presses,
-                             guest_os=guest_os, guest_users=guest_users)  # fmt: skip
+        cause = likely_cause(
+            steps, events, runstate=runstate, presses=presses, guest_os=guest_os,
+            guest_users=guest_users, activity=activity,
+        )  # fmt: skip
     return Verdict(stage, graceful, cause)

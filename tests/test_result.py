@@ -27,6 +27,7 @@ RESULT_KEYS = {
     "console_tail",
     "guest_os",
     "guest_users",
+    "activity",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
 STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause", "path"}
@@ -81,6 +82,8 @@ def make_result(**changes: Any) -> ShutdownResult:
                 "rebooted",
                 "monitor-unresponsive",
                 "no-logon",
+                "busy",
+                "stalled",
             ],
         ),
     ],
