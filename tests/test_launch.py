@@ -89,7 +89,9 @@ async def test_teardown_works_while_the_caller_holds_its_monitor_busy(argv):
         # the caller's client is mid-way through its own use of the monitor
         events = vm.monitor.events
         assert events.empty()
-    assert (vm.result.stage, vm.result.cause) == (Stage.QUIT, Cause.IGNORED_POWER_BUTTON)
+    assert vm.result.stage is Stage.QUIT
+    # Pressed at once, perhaps while the guest still boots: the sampler may see it working.
+    assert vm.result.cause in (Cause.IGNORED_POWER_BUTTON, Cause.BUSY)
 
 
 async def test_exception_in_the_block_propagates_and_qemu_is_still_stopped(argv):
