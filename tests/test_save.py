@@ -184,4 +184,5 @@ async def test_cli_save_dir_prints_the_state_file_and_its_size(
     assert record["stage"] == "save"
     assert os.listdir(states) == [Path(record["saved_state"]).name]
     assert record["saved_state_bytes"] == os.stat(record["saved_state"]).st_size > 1 << 20
-    assert [s["stage"] for s in record["steps"]] == ["powerdown", "save"]
+    assert [s["stage"] for s in record["steps"]] == ["powerdown", "agent", "save"]
+    assert record["steps"][1]["outcome"] == "skipped"  # no agent socket given

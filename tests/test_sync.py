@@ -107,7 +107,9 @@ def test_keyboard_interrupt_in_the_block_stops_qemu_then_is_raised_again(argv):
         qmpshutdown.launch_sync([*argv("ignores"), "-name", marker], POLICY) as vm,
     ):
         raise KeyboardInterrupt
-    assert (vm.result.stage, vm.result.cause) == (Stage.QUIT, Cause.IGNORED_POWER_BUTTON)
+    assert vm.result.stage is Stage.QUIT
+    # Pressed at once, perhaps while the guest still boots: the sampler may see it working.
+    assert vm.result.cause in (Cause.IGNORED_POWER_BUTTON, Cause.BUSY)
     assert our_qemus(marker) == []
 
 
