@@ -454,8 +454,8 @@ async def test_evidence_dir_gives_the_screenshot_on_the_progress_line_and_in_jso
     (record,) = run.records()
     assert record["screenshot"] is not None and record["screenshot"] != saved
     assert os.path.dirname(record["screenshot"]) == str(tmp_path)
-    assert [s["stage"] for s in record["steps"]] == ["powerdown", "screenshot", "quit"]
-    assert record["steps"][1]["path"] == record["screenshot"]
+    assert [s["stage"] for s in record["steps"]] == ["powerdown", "agent", "screenshot", "quit"]
+    assert record["steps"][2]["path"] == record["screenshot"]
 def test_agent_options_reach_the_invocation_and_the_policy():
     invocation = parse_command_line(
         ["--agent", "/run/vm/qga.sock", "--no-freeze", "--agent-timeout", "7", "/run/vm/qmp.sock"]
