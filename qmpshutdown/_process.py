@@ -114,15 +114,9 @@ def holds_socket(pid: int, sock: socket.socket) -> bool | None:
             return None
         if server is None:
             continue
-        target = f"socket:[{server}]"
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            return None
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return True
+        holds = holds_inode(pid, server)
+        if holds is not False:
+            return holds
     return None if server is None else False
 
 
@@ -303,6 +297,14 @@ def tcp_peer_is(sock: socket.socket, pid: int) -> bool | None:
     inode = _tcp_inode(local=remote, remote=local, family=sock.family)
     if inode is None:
         return None
+    return holds_inode(pid, inode)
+
+
+def holds_inode(pid: int, inode: int | str) -> bool | None:
+    """Tell whether *pid* has the socket *inode* among its descriptors (``/proc/PID/fd``).
+
+    :return: True or False; None when ``/proc/PID/fd`` cannot be read.
+    """
     target = f"socket:[{inode}]"
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
