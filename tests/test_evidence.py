@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import struct
 import subprocess
-import zlib
 from pathlib import Path
 
 import anyio
@@ -15,6 +13,7 @@ import attrs
 import pytest
 
 import qmpshutdown
+from guests import decode_png
 from policies import FAULTS
 from qmpshutdown import Outcome, ShutdownFailed, Stage
 from qmpshutdown._evidence import console_tail, reserve, screenshot_name
@@ -33,42 +32,10 @@ async def stop(target, policy=POLICY, **kwargs):
 
 
 def read_png(path: str | Path) -> tuple[int, int, set[bytes]]:
-    """Width, height and the set of distinct pixels of an 8-bit RGB PNG (zlib only)."""
-    data = Path(path).read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    pos, ihdr, idat = 8, b"", b""
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        body = data[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR":
-            ihdr = body
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    width, height, depth, colour = struct.unpack(">IIBB", ihdr[:10])
-    assert (depth, colour) == (8, 2), "8-bit RGB"
-    raw, stride, bpp = zlib.decompress(idat), width * 3, 3
-    previous, pixels = bytearray(stride), set()
-    for row in range(height):
-        start = row * (stride + 1)
-        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
-        for i in range(stride):
-            left = line[i - bpp] if i >= bpp else 0
-            up, corner = previous[i], previous[i - bpp] if i >= bpp else 0
-            if kind == 1:
-                line[i] = (line[i] + left) & 0xFF
-            elif kind == 2:
-                line[i] = (line[i] + up) & 0xFF
-            elif kind == 3:
-                line[i] = (line[i] + (left + up) // 2) & 0xFF
-            elif kind == 4:
-                p = left + up - corner
-                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
-                pred = left if pa <= pb and pa <= pc else up if pb <= pc else corner
-                line[i] = (line[i] + pred) & 0xFF
-        pixels.update(bytes(line[i : i + 3]) for i in range(0, stride, 3))
-        previous = line
-    return width, height, pixels
+    """Width, height and the set of colours of an 8-bit RGB PNG (decoded with zlib)."""
+    width, height, rows = decode_png(Path(path).read_bytes())
+    assert all(len(row) == width * 3 for row in rows), "8-bit RGB"
+    return width, height, {row[i : i + 3] for row in rows for i in range(0, len(row), 3)}
 
 
 def pngs(directory: Path) -> list[Path]:

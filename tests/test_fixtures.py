@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import struct
-import zlib
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from guests import MODES, Guest, GuestFactory, RawAgent, inspect_disk
+from guests import MODES, Guest, GuestFactory, RawAgent, decode_png, inspect_disk
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -653,48 +651,6 @@ async def test_stalls_works_a_second_then_waits_forever(guests: GuestFactory) ->
 
 
 # --------------------------------------------------------------------------- helpers: display
-
-
-def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
-    """Width, height and unfiltered rows of an 8-bit RGB/RGBA PNG (no interlace)."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    offset, idat = 8, b""
-    width = height = bpp = 0
-    while offset < len(data):
-        (length,) = struct.unpack_from(">I", data, offset)
-        kind = data[offset + 4 : offset + 8]
-        body = data[offset + 8 : offset + 8 + length]
-        offset += 12 + length
-        if kind == b"IHDR":
-            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
-            assert (depth, interlace) == (8, 0) and colour in (2, 6), body
-            bpp = 3 if colour == 2 else 4
-        elif kind == b"IDAT":
-            idat += body
-    raw = zlib.decompress(idat)
-    stride = width * bpp
-    rows: list[bytes] = []
-    prior = bytearray(stride)
-    for y in range(height):
-        start = y * (stride + 1)
-        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
-        for x in range(stride):
-            left = line[x - bpp] if x >= bpp else 0
-            up, up_left = prior[x], prior[x - bpp] if x >= bpp else 0
-            if kind == 1:
-                line[x] = (line[x] + left) & 0xFF
-            elif kind == 2:
-                line[x] = (line[x] + up) & 0xFF
-            elif kind == 3:
-                line[x] = (line[x] + (left + up) // 2) & 0xFF
-            elif kind == 4:
-                p = left + up - up_left
-                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
-                pred = left if pa <= pb and pa <= pc else up if pb <= pc else up_left
-                line[x] = (line[x] + pred) & 0xFF
-        rows.append(bytes(line))
-        prior = line
-    return width, height, rows
 
 
 async def screen_of(guest: Guest, qmp: RawQMP, name: str) -> list[bytes]:
