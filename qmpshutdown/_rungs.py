@@ -140,6 +140,15 @@ class PowerButton:
                 cause = Cause.ASLEEP  # it went to sleep while we waited
                 await wake(qemu)
             failure = await qemu.try_command("system_powerdown")
+            if isinstance(failure, MonitorClosedError):
+                # QEMU closing its monitor is how an exit begins (a panic's poweroff, a guest
+                # that just powered off): its process ends a moment later.
+                ended = await qemu.wait_gone_or(
+                    policy.command_timeout, step, _pressed(qemu, "system_powerdown failed")
+                )
+                if ended.outcome is Outcome.DONE:
+                    return ended
+                return Ended(Outcome.FAILED, ended.detail, cause)
             if failure is not None:
                 if isinstance(failure, TimeoutError):
                     cause = Cause.MONITOR_UNRESPONSIVE

@@ -174,6 +174,17 @@ class FakeQemu:
             self.monitor.emit("GUEST_PANICKED", action="poweroff")
             await anyio.sleep(0.05)
             self.power_off("guest-panic")
+        elif self.guest == "exits-on-the-second-press":
+            # The race a real panic's poweroff gives: the monitor closes while a press is on
+            # its way, and the process ends a moment after.
+            if self.presses == 2:
+                self.monitor.emit("GUEST_PANICKED", action="poweroff")
+                self.monitor.emit("SHUTDOWN", guest=True, reason="guest-panic")
+                self.monitor.closed.set()
+                await anyio.sleep(0.1)
+                self.runstate = "exited"
+                self.process.exit()
+                raise MonitorClosedError("system_powerdown: EOFError")
         elif self.guest == "sleeps":
             self.runstate = "suspended"
             self.monitor.emit("SUSPEND")

@@ -238,6 +238,30 @@ async def test_guest_panicking_with_the_poweroff_action_ends_qemu_itself():
     assert "quit" not in qemu.monitor.commands
 
 
+async def test_press_met_by_a_closing_monitor_waits_for_the_exit_that_follows():
+    # QEMU 10.0, a panic while repressing: EPIPE on the press, the pidfd a moment later
+    qemu = FakeQemu(guest="exits-on-the-second-press")
+    policy = ShutdownPolicy(powerdown_timeout=5, repress_interval=0.05, command_timeout=1)
+    result = await run(qemu, policy)
+    assert (result.stage, result.graceful, result.reason, result.cause) == (
+        Stage.POWERDOWN,
+        False,
+        "guest-panic",
+        Cause.PANICKED,
+    )
+    assert outcomes(result) == [("powerdown", "done")]
+    assert qemu.process.signals == []
+
+
+async def test_press_met_by_a_closed_monitor_of_a_qemu_that_stays_fails_and_forces():
+    qemu = FakeQemu(guest="ignores")
+    qemu.monitor.closed.set()  # our side of the socket is gone; QEMU is not
+    policy = ShutdownPolicy(powerdown_timeout=5, command_timeout=0.2)
+    result = await run(qemu, policy)
+    assert outcomes(result)[0] == ("powerdown", "failed")
+    assert result.stage is Stage.TERMINATE
+
+
 async def test_guest_that_reboots_on_every_press_is_forced_with_cause_rebooted():
     qemu = FakeQemu(guest="reboots")
     result = await run(qemu)
