@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import logging
 import os
-import re
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import anyio
 import attrs
 
-from ._errors import ConnectError, Error, PidMismatchError, ShutdownFailed
+from ._cli_output import (
+    EXIT_INTERRUPTED,
+    EXIT_RUNNING,
+    EXIT_UNREACHED,
+    exit_status,
+    logging_to_stderr,
+    print_progress,
+    report,
+)
+from ._errors import Error
 from ._fleet import Job, check_deadline
 from ._fleetfile import FleetFileError, load_fleet
 from ._many import shutdown_many
 from ._policy import PATIENCES, RUNGS, ShutdownPolicy, Stage
-from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
 from ._version import __version__
 
@@ -126,8 +130,6 @@ saving (--save-dir DIR):
   restore=FILE)), with the same QEMU version and the disk images untouched.
 """
 
-_EXIT_OK, _EXIT_FORCED, _EXIT_UNREACHED, _EXIT_RUNNING = 0, 1, 2, 3
-_EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -357,71 +359,6 @@ def _fleet_invocation(
     )
 
 
-class _LineFormatter(logging.Formatter):
-    """Format the library's step records as ``TARGET  +1.00s  what happened``."""
-
-    def __init__(self, tracebacks: bool) -> None:
-        super().__init__()
-        self.tracebacks = tracebacks
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Return one line (plus the traceback only when asked for with -v)."""
-        line = record.getMessage()
-        target = getattr(record, "qmpshutdown_target", None)
-        elapsed = getattr(record, "qmpshutdown_elapsed", None)
-        if isinstance(target, str) and isinstance(elapsed, (int, float)):
-            # The message repeats "<target>: [  1.00s] " for plain log files; drop it.
-            line = re.sub(rf"^{re.escape(target)}: \[\s*-?[\d.]+s\] ", "", line)
-            line = f"{target}  +{elapsed:.2f}s  {line}"
-        elif not record.name.startswith("qmpshutdown"):
-            line = f"{record.name}: {line}"
-        if record.levelno >= logging.WARNING:
-            line = f"{record.levelname.lower()}: {line}"
-        if self.tracebacks and record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-@contextlib.contextmanager
-def _logging_to_stderr(verbosity: int) -> Iterator[None]:
-    """Send the library's warnings (everything with -v) to stderr, silence qemu.qmp unless -v.
-
-    Progress lines do not come from here but from ``on_progress``; with -v the
-    log's own step lines stand in for them. Undone on exit.
-    """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LineFormatter(tracebacks=verbosity > 0))
-    # qemu.qmp logs ERRORs of its own ("Failed to establish session") for what our
-    # one error line says; asyncio's go through our handler so they stay one line.
-    levels = {
-        "qmpshutdown": logging.DEBUG if verbosity > 0 else logging.WARNING,
-        "qemu.qmp": logging.DEBUG if verbosity > 0 else logging.CRITICAL + 1,
-        "asyncio": logging.WARNING,
-    }
-    saved = [(log, log.level, log.propagate) for log in map(logging.getLogger, levels)]
-    for log, _, _ in saved:
-        log.setLevel(levels[log.name])
-        log.propagate = False
-        log.addHandler(handler)
-    try:
-        yield
-    finally:
-        for log, level, propagate in saved:
-            log.removeHandler(handler)
-            log.setLevel(level)
-            log.propagate = propagate
-
-
-#: The updates printed as progress lines (a step's begin and QMP events are not).
-_SHOWN = frozenset({ProgressKind.NOTE, ProgressKind.END, ProgressKind.GONE})
-
-
-def print_progress(update: Progress) -> None:
-    """Print one progress line on stderr: ``TARGET  +1.00s  what happened``."""
-    if update.kind in _SHOWN:
-        print(f"{update.target}  +{update.elapsed:.2f}s  {update.message}", file=sys.stderr)
-
-
 async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
     quiet = invocation.json or invocation.verbosity != 0
@@ -435,54 +372,6 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     )  # fmt: skip
 
 
-def _exit_status(outcome: ShutdownResult | Error) -> int:
-    if isinstance(outcome, ShutdownResult):
-        return _EXIT_OK if outcome.graceful else _EXIT_FORCED
-    if isinstance(outcome, (ConnectError, PidMismatchError)):
-        return _EXIT_UNREACHED
-    return _EXIT_RUNNING  # ShutdownFailed, or a bug: the VM's state is unknown
-
-
-def _error_line(target: str, err: Error) -> str:
-    message = str(err)
-    if not message.startswith(f"{target}: "):
-        message = f"{target}: {message}"
-    if isinstance(err, (ConnectError, PidMismatchError, ShutdownFailed)):
-        return f"error: {message}"
-    return f"internal error: {message}"  # shutdown_many() wraps a bug in a bare Error
-
-
-def _report(invocation: Invocation, outcomes: Sequence[ShutdownResult | Error]) -> None:
-    for target, outcome in zip(invocation.targets, outcomes, strict=True):
-        if invocation.json:
-            record: dict[str, Any] = {"target": target}
-            if isinstance(outcome, Error):
-                record["error"] = str(outcome)
-            if isinstance(outcome, (ShutdownResult, ShutdownFailed)):
-                result = outcome if isinstance(outcome, ShutdownResult) else outcome.result
-                record.update(result.to_dict())
-                if result.saved_state is not None:
-                    record["saved_state_bytes"] = _size(result.saved_state)
-            print(json.dumps(record), flush=True)
-            continue
-        if isinstance(outcome, ShutdownFailed) and invocation.verbosity >= 0:
-            print(f"{target}  {outcome.result.summary()}", file=sys.stderr)
-        if isinstance(outcome, Error):
-            print(_error_line(target, outcome), file=sys.stderr)
-        elif invocation.verbosity >= 0:
-            print(f"{target}  {outcome.summary()}", file=sys.stderr)
-        if isinstance(outcome, ShutdownResult) and outcome.saved_state is not None:
-            size = _size(outcome.saved_state)
-            print(f"{target}  saved state: {outcome.saved_state} ({size} bytes)", file=sys.stderr)
-
-
-def _size(path: str) -> int | None:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``qmpshutdown``: stop every target and return the exit status.
 
@@ -493,18 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         invocation = parse_command_line(argv)
     except SystemExit as exit:  # --help, --version, or a usage error already printed
-        return exit.code if isinstance(exit.code, int) else _EXIT_UNREACHED
+        return exit.code if isinstance(exit.code, int) else EXIT_UNREACHED
     verbose = invocation.verbosity > 0
-    with _logging_to_stderr(invocation.verbosity):
+    with logging_to_stderr(invocation.verbosity):
         try:
             outcomes = anyio.run(_stop_all, invocation, backend="asyncio")
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
-            return _EXIT_INTERRUPTED
+            return EXIT_INTERRUPTED
         except Exception as err:
             if verbose:
                 traceback.print_exc()
             print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
-            return _EXIT_RUNNING
-        _report(invocation, outcomes)
-    return max(_exit_status(outcome) for outcome in outcomes)
+            return EXIT_RUNNING
+        report(invocation.targets, outcomes, json=invocation.json, verbosity=invocation.verbosity)
+    return max(exit_status(outcome) for outcome in outcomes)

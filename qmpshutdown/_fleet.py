@@ -20,8 +20,9 @@ from typing import Any
 import attrs
 from qemu.qmp import QMPClient
 
+from ._arguments import check_target
 from ._policy import ShutdownPolicy, Stage
-from ._shutdown import Target, check_target
+from ._shutdown import Target
 
 logger = logging.getLogger(__name__)
 

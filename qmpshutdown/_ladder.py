@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import anyio.lowlevel
+import attrs
 
 from ._errors import ShutdownFailed
 from ._evidence import console_tail, screenshot_of
 from ._monitor import Monitor
-from ._policy import ShutdownPolicy, Stage
+from ._policy import RUNGS, ShutdownPolicy, Stage
 from ._process import Process
 from ._progress import ProgressCallback
 from ._qemu import Qemu
@@ -70,6 +71,11 @@ async def take_step(
         if scope.cancelled_caught:
             over = f"over its budget of {budget:g} s"
             ended = Ended(Outcome.TIMEOUT, f"{step.so_far}; {over}" if step.so_far else over)
+        if stage in RUNGS and ended.outcome is not Outcome.DONE and qemu.exited_now():
+            # QEMU went while the rung ended some other way (an agent probe met its closing
+            # socket): the rung in progress when it went is the one that ended it.
+            gone = qemu.gone_ended(step, ended.detail)
+            ended = attrs.evolve(gone, cause=ended.cause)
         step.end(ended)
 
 

@@ -24,6 +24,7 @@ from types import TracebackType
 import anyio
 from qemu.qmp import QMPClient
 
+from ._arguments import check_save_dir
 from ._connect import open_client
 from ._errors import ConnectError, Error, LaunchError, ShutdownFailed
 from ._monitor import close_client
@@ -33,7 +34,7 @@ from ._progress import ProgressCallback
 from ._restore import INCOMING_ARGS, load_state, open_state
 from ._result import ShutdownResult
 from ._rungs import LAST_RESORT_KILL, plan
-from ._shutdown import check_save_dir, stop_at
+from ._shutdown import stop_at
 from ._watch import race
 
 logger = logging.getLogger("qmpshutdown")

@@ -11,13 +11,14 @@ from typing import Any
 
 import anyio
 
+from ._arguments import check_address, check_evidence_dir, check_save_dir
 from ._errors import ConnectError, Error, PidMismatchError
 from ._fleet import Job, check_deadline, fit_policy, ladder_capacity
 from ._policy import ShutdownPolicy
 from ._process import out_of_descriptors
 from ._progress import ProgressCallback
 from ._result import ShutdownResult
-from ._shutdown import Target, _address, _evidence_dir, check_save_dir, shutdown, stop_at
+from ._shutdown import Target, shutdown, stop_at
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -175,8 +176,8 @@ async def _stop_job(
         )  # fmt: skip
     # A name is the ladder's own (stop_at); shutdown() names a VM by its address.
     return await stop_at(
-        _address(job.target), policy, pid=job.pid, started=anyio.current_time(),
+        check_address(job.target), policy, pid=job.pid, started=anyio.current_time(),
         name=job.label, on_progress=on_progress, save_dir=check_save_dir(save_dir),
-        evidence_dir=_evidence_dir(evidence_dir),
+        evidence_dir=check_evidence_dir(evidence_dir),
         agent=None if job.agent is None else os.fspath(job.agent),
     )  # fmt: skip

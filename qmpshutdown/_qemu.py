@@ -196,8 +196,14 @@ class Qemu:
             await self.watch.gone.wait()
         return self.gone_ended(step) if self.gone else Ended(Outcome.TIMEOUT, still_running)
 
-    def gone_ended(self, step: OpenStep) -> Ended:
-        """The step in progress when QEMU went: done, saying how it went."""
+    def exited_now(self) -> bool:
+        """True once QEMU is gone, also when its process exited but the watcher has not said so."""
+        if not self.gone and self.process is not None and self.process.has_exited():
+            self.mark_gone()
+        return self.gone
+
+    def gone_ended(self, step: OpenStep, so_far: str | None = None) -> Ended:
+        """The step in progress when QEMU went: done, saying how it went (after *so_far*)."""
         reason = self.watch.reason
         said = f" (SHUTDOWN {reason})" if reason else ""
         if not reason and step.stage not in _SIGNAL_STAGES:
@@ -206,7 +212,8 @@ class Qemu:
         what = "QEMU exited"
         if graceful_rung and self.watch.guest_shut_down:
             what = "guest powered off"
-        return Ended(Outcome.DONE, _join(step.so_far, what + said), at=self.watch.gone_at)
+        so_far = step.so_far if so_far is None else so_far
+        return Ended(Outcome.DONE, _join(so_far, what + said), at=self.watch.gone_at)
 
     def ended_by_cancel(self, step: OpenStep) -> Ended:
         """How a step cut short by cancellation ended: done if QEMU went, else cancelled."""

@@ -12,6 +12,7 @@ from typing import Union
 import anyio
 from qemu.qmp import QMPClient
 
+from ._arguments import check_address, check_agent, check_evidence_dir, check_save_dir
 from ._connect import connect_socket, format_address, handshake
 from ._errors import ConnectError, PidMismatchError
 from ._ladder import run_plan
@@ -102,15 +103,15 @@ async def shutdown(
     ):
         raise ValueError(f"pid must be a positive int (a Linux pid), not {pid!r}")
     save_dir = check_save_dir(save_dir)
-    agent_path = _agent_path(agent)
+    agent_path = check_agent(agent)
     started = anyio.current_time()
-    evidence = _evidence_dir(evidence_dir)
+    evidence = check_evidence_dir(evidence_dir)
     if isinstance(target, QMPClient):
         return await _shutdown_client(
             target, policy, pid, started, on_progress, save_dir, evidence, agent_path
         )
     return await stop_at(
-        _address(target), policy, pid=pid, started=started, on_progress=on_progress,
+        check_address(target), policy, pid=pid, started=started, on_progress=on_progress,
         save_dir=save_dir, evidence_dir=evidence, agent=agent_path,
     )  # fmt: skip
 
@@ -252,69 +253,16 @@ def shutdown_sync(
         raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
     return anyio.run(
         functools.partial(
-            shutdown, target, policy, pid, on_progress=on_progress, save_dir=save_dir,
-            evidence_dir=evidence_dir, agent=agent,
+            shutdown,
+            target,
+            policy,
+            pid,
+            on_progress=on_progress,
+            save_dir=save_dir,
+            evidence_dir=evidence_dir,
+            agent=agent,
         ),
         backend="asyncio",
-    )
-
-
-def check_save_dir(save_dir: object) -> str | None:
-    """*save_dir* as a path string, or None; TypeError for anything else."""
-    if save_dir is None:
-        return None
-    if isinstance(save_dir, (str, os.PathLike)):
-        path = os.fspath(save_dir)
-        if isinstance(path, str) and path:
-            return os.path.abspath(path)
-    raise TypeError(f"save_dir must be a directory path or None, not {save_dir!r}")
-def _evidence_dir(directory: object) -> str | None:
-    """*directory* as a path string (None stays None); a missing one is the step's failure."""
-    if directory is None:
-        return None
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"evidence_dir must be a path or None, not {type(directory).__name__}")
-    path = os.fspath(directory)
-    if not isinstance(path, str) or not path:
-        raise TypeError(f"evidence_dir must be a non-empty str path, not {directory!r}")
-    return os.path.abspath(path)  # QEMU resolves relative names against its own cwd
-
-
-def check_target(target: object) -> None:
-    """Raise TypeError unless *target* is something :func:`shutdown` accepts."""
-    if not isinstance(target, QMPClient):
-        _address(target)
-
-
-def _agent_path(agent: object) -> str | None:
-    if agent is None:
-        return None
-    path = os.fspath(agent) if isinstance(agent, (str, os.PathLike)) else None
-    if not isinstance(path, str) or not path:
-        raise TypeError(f"agent is the path of the guest agent's unix socket, not {agent!r}")
-    return path
-
-
-def _address(target: object) -> str | tuple[str, int]:
-    if isinstance(target, tuple):
-        if (
-            len(target) != 2
-            or not isinstance(target[0], str)
-            or isinstance(target[1], bool)
-            or not isinstance(target[1], int)
-        ):
-            raise TypeError(f"a TCP target is a (host, port) tuple, not {target!r}")
-        if not 0 < target[1] < 65536:
-            raise ValueError(f"a TCP port is 1 to 65535, not {target[1]}")
-        return target[0], target[1]
-    if isinstance(target, (str, os.PathLike)):
-        path = os.fspath(target)
-        if not isinstance(path, str) or not path:
-            raise TypeError(f"a unix socket target is a non-empty path, not {target!r}")
-        return path
-    raise TypeError(
-        "target must be a unix socket path, a (host, port) tuple or a QMPClient, "
-        f"not {type(target).__name__}"
     )
 
 

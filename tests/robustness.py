@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ import attrs
 #: The test modules whose ``CASES`` make up the table, in the table's order.
 MODULES = ("test_bad_input", "test_faults")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "robustness.md"
+#: The full chaos soak's figures (``python tests/chaos.py --ladders 500 --write``).
+SOAK = Path(__file__).resolve().parent / "chaos-soak.json"
 
 
 @attrs.frozen
@@ -94,7 +97,65 @@ def render(cases: Sequence[Case]) -> str:
             cells = (case.name, case.handling, case.expect_text(), case.bound_text())
             lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         lines.append("")
+    lines += render_soak(json.loads(SOAK.read_text()) if SOAK.exists() else None)
     return "\n".join(lines)
+
+
+def render_soak(soak: dict[str, Any] | None) -> list[str]:
+    """The chaos soak's section: what it does, and the figures of its last full run."""
+    lines = [
+        "## Chaos soak",
+        "",
+        "Faults at moments nobody chose (`tests/chaos.py`): each trial, drawn from one",
+        "seed, boots two or three fixture guests of random behaviours (cooperative,",
+        "slow, needing presses, ignoring the button, stalling, updating, rebooting,",
+        "asleep, panicking with either panic action; some with `-no-shutdown`, about",
+        "a third with the guest agent), stops them concurrently (one `shutdown()` each,",
+        "or one `shutdown_many()`) under random short policies (random rungs, none",
+        "forced in some, fixed or adaptive patience) and injects random faults at",
+        "random moments: SIGSTOP (with or without a SIGCONT) and SIGKILL of QEMU, its",
+        "socket unlinked or replaced by an impostor, a second client holding the",
+        "monitor, the caller cancelled, the agent killed or frozen (SIGKILL or",
+        "SIGSTOP of qemu-ga, sent from the guest through its own `guest-exec`).",
+        "Every trial checks:",
+        "",
+        "- the call returns a record or raises a `qmpshutdown.Error` (or is cancelled)",
+        "  within `policy.bound` + 3 s;",
+        "- the record is consistent: steps in time order without overlap, `stage` a",
+        "  step that ended `done` (or `already-off`), `graceful` only with a guest's",
+        "  reason;",
+        "- afterwards no QEMU of the trial runs, unless the call was cancelled (a",
+        "  cancelled `shutdown()` leaves QEMU as it was), the monitor was never",
+        "  reached (`ConnectError`: nothing to act on, and no signal to a pid it",
+        "  cannot confirm), or no signal was allowed and the record says it still",
+        "  runs (`ShutdownFailed`, or a guest off under `-no-shutdown` with no force);",
+        "- a QEMU that died of SIGKILL was killed by its record's `kill` rung or by",
+        "  the fault itself; the decoy processes around the trial (a silent peer, the",
+        "  impostors) got no signal, are alive and not stopped;",
+        "- the test process holds no more file descriptors and tasks than before, and",
+        "  asyncio reported no unclosed transport or never-retrieved exception.",
+        "",
+        "A failing trial prints its seed and fault schedule; `python tests/chaos.py",
+        "--seed N` (or `pytest tests/test_chaos.py -k seed-N`) replays it. CI runs",
+        "eight trials (`tests/test_chaos.py`, on both QEMU versions).",
+        "",
+    ]
+    if soak is None:
+        return [*lines, "No full soak has been recorded yet.", ""]
+    faults = ", ".join(f"{kind} {n}" for kind, n in soak["faults"].items())
+    endings = ", ".join(f"{kind} {n}" for kind, n in soak["endings"].items())
+    return [
+        *lines,
+        f"The last full soak ({soak['date']}, {soak['qemu']}, `{soak['command']}`,",
+        f"{soak['seconds'] / 60:.0f} min): **{soak['trials']} trials, {soak['ladders']} ladders,",
+        f"{soak['violations']} invariant violations.**",
+        "",
+        "| figure | count |",
+        "|---|---|",
+        f"| faults delivered, by kind | {faults} |",
+        f"| how the calls ended | {endings} |",
+        "",
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

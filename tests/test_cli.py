@@ -21,7 +21,8 @@ import attrs
 import pytest
 
 from qmpshutdown import Cause, ShutdownPolicy, ShutdownResult, Stage, __version__
-from qmpshutdown._cli import _LineFormatter, main, parse_command_line, parse_target
+from qmpshutdown._cli import main, parse_command_line, parse_target
+from qmpshutdown._cli_output import _LineFormatter
 
 #: The keys of ShutdownResult.to_dict(), in its order.
 RESULT_KEYS = list(

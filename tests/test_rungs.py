@@ -44,6 +44,26 @@ class Knock:
         return await qemu.wait_gone_or(1.0, step, "nobody came")
 
 
+class Vanishing:
+    """A graceful rung whose probe meets QEMU's exit: it ends skipped before the watcher fires."""
+
+    stage = Stage.AGENT
+    forced = False
+
+    def __init__(self, fake: FakeQemu) -> None:
+        self.fake = fake
+
+    def budget(self, policy: ShutdownPolicy) -> float:
+        return 1.0
+
+    def why_not(self, qemu):
+        return None
+
+    async def run(self, qemu, step):
+        self.fake.process.exit()  # the pidfd watcher has not run yet when this returns
+        return Ended(Outcome.SKIPPED, "no agent answered (connection refused)")
+
+
 class Slowpoke:
     """A rung that would run for ever: the ladder holds it to its budget."""
 
@@ -124,6 +144,20 @@ async def test_a_new_rung_plugs_into_the_ladder_as_one_value():
     assert marker.ran_at == ["powerdown"] and marker.finished
     assert (result.stage, result.graceful, result.reason) == (Stage.QUIT, False, "host-qmp-quit")
     assert "quit" not in fake.monitor.commands  # the fake rung, not the library's Quit
+
+
+@pytest.mark.asyncio
+async def test_a_rung_that_ends_otherwise_as_qemu_exits_is_the_one_that_ended_it():
+    # chaos seed 4: QEMU killed while the agent probe ran; the record named a skipped step
+    fake = FakeQemu(guest="ignores")
+    result = await climb_with(fake, rungs=[Vanishing(fake), RUNG_FOR[Stage.KILL]])
+    assert [(s.stage.value, s.outcome.value) for s in result.steps] == [("agent", "done")]
+    assert result.steps[0].detail == (
+        "no agent answered (connection refused); QEMU exited without a SHUTDOWN event"
+        " (ended from outside?)"
+    )
+    assert result.stage is Stage.AGENT
+    assert fake.process.signals == []
 
 
 @pytest.mark.asyncio
