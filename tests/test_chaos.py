@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from chaos import Trial, run_trial
 from conftest import require_qemu
 
