@@ -570,6 +570,7 @@ async def soak(seeds: Sequence[int], ladders: int | None = None) -> dict[str, An
     """Run trials for *seeds* (or until *ladders* ladders ran); return the figures."""
     figures: Counter[str] = Counter()
     faults: Counter[str] = Counter()
+    behaviours: Counter[str] = Counter()
     endings: Counter[str] = Counter()
     violations: list[str] = []
     started = time.monotonic()
@@ -586,6 +587,7 @@ async def soak(seeds: Sequence[int], ladders: int | None = None) -> dict[str, An
         for target in trial.targets:
             figures["ladders"] += 1
             faults.update(target.delivered)
+            behaviours[behaviour(target)] += 1
             endings[_ending(target.outcome)] += 1
         said = [f"{t.mode} {_outcome_text(t.outcome)} {t.delivered}" for t in trial.targets]
         print(f"[chaos] seed {seed}: " + "; ".join(said), flush=True)
@@ -595,12 +597,21 @@ async def soak(seeds: Sequence[int], ladders: int | None = None) -> dict[str, An
         "trials": figures["trials"],
         "ladders": figures["ladders"],
         "faults": dict(sorted(faults.items())),
+        "behaviours": dict(sorted(behaviours.items())),
         "endings": dict(sorted(endings.items())),
         "violations": len(violations),
         "seconds": round(time.monotonic() - started),
         "first_seed": seeds[0],
         "details": violations,
     }
+
+
+def behaviour(target: Target) -> str:
+    """The guest's behaviour as the figures count it (a panic with its action)."""
+    if target.mode == "panics":
+        action = next(a for a in target.extra_args if a.startswith("panic="))
+        return "panics, then " + action.removeprefix("panic=")
+    return target.mode
 
 
 def _ending(outcome: Any) -> str:

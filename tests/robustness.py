@@ -144,14 +144,18 @@ def render_soak(soak: dict[str, Any] | None) -> list[str]:
         return [*lines, "No full soak has been recorded yet.", ""]
     faults = ", ".join(f"{kind} {n}" for kind, n in soak["faults"].items())
     endings = ", ".join(f"{kind} {n}" for kind, n in soak["endings"].items())
+    behaviours = ", ".join(f"{kind} {n}" for kind, n in soak["behaviours"].items())
     return [
         *lines,
-        f"The last full soak ({soak['date']}, {soak['qemu']}, `{soak['command']}`,",
-        f"{soak['seconds'] / 60:.0f} min): **{soak['trials']} trials, {soak['ladders']} ladders,",
-        f"{soak['violations']} invariant violations.**",
+        f"The last full soak ({soak['date']}, {soak['qemu']},",
+        f"`{soak['command']}`, {soak['seconds'] / 60:.0f} min on 2 cores under TCG):",
+        f"**{soak['trials']} trials, {soak['ladders']} ladders, {soak['violations']} invariant",
+        "violations.** A fault counts when it was delivered (one aimed at a guest",
+        "already gone is not); a panic is a guest behaviour, counted with them.",
         "",
         "| figure | count |",
         "|---|---|",
+        f"| guests, by behaviour | {behaviours} |",
         f"| faults delivered, by kind | {faults} |",
         f"| how the calls ended | {endings} |",
         "",
