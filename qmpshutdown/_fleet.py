@@ -26,9 +26,10 @@ from ._shutdown import Target
 
 logger = logging.getLogger(__name__)
 
-#: What one ladder holds open: the monitor's socket and QEMU's pidfd (measured in
-#: tests/test_fleet.py from /proc/self/fd during a ladder).
-FDS_PER_LADDER = 2
+#: What one ladder holds open: the monitor's socket, a spare descriptor of it (its last
+#: events survive a dropped connection) and QEMU's pidfd (measured in tests/test_fleet.py
+#: from /proc/self/fd during a ladder).
+FDS_PER_LADDER = 3
 #: Descriptors left alone for everything else: the event loop's epoll and self-pipe,
 #: stdio, logging files, and whatever the caller holds open besides.
 FD_HEADROOM = 32

@@ -46,7 +46,7 @@ async def shutdown_many(
     stopped concurrently. One VM's failure never stops its group or the next.
 
     No more ladders run at once than this process's open files allow (each
-    holds a socket and a pidfd): the soft ``RLIMIT_NOFILE`` is raised toward
+    holds a socket, a spare of it and a pidfd): the soft ``RLIMIT_NOFILE`` is raised toward
     the hard limit when needed (logged), the other VMs wait their turn, and a
     VM refused for want of descriptors is retried once another ladder ended,
     never reported as unreachable.

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import select
 import socket
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -29,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 # How long a monitor that will not close politely gets before its socket is cut.
 _CLOSE_GRACE = 1.0
+#: How many loop rounds a command waits, at most, for the client to read what QEMU sent.
+_READ_FIRST_ROUNDS = 20
 #: How many events a caller's client (``launch()``'s ``vm.monitor``) keeps, pending and past.
 EVENTS_KEPT = 1000
 
@@ -165,8 +170,16 @@ class QMPMonitor:
         self._events = _EventQueue()
         client.register_listener(self._events)
         self._closed_by_us = False
+        # A second descriptor of our own connection: when asyncio drops it on an error
+        # (EPIPE on a write to a QEMU that just exited), QEMU's last words are still
+        # readable through it (see pending_events). Owned connections only.
+        self._spare: int | None = None
+        if owned and sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._spare = os.dup(sock.fileno())
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
+        await self._read_first()
         if self.is_closed():
             raise MonitorClosedError(f"{command}: the monitor is closed")
         try:
@@ -176,6 +189,22 @@ class QMPMonitor:
         except (ExecInterruptedError, EOFError, OSError, QMPError) as err:
             # QMPError here: StateError, the client is not connected any more.
             raise MonitorClosedError(f"{command}: {type(err).__name__}: {err}") from err
+
+    async def _read_first(self) -> None:
+        """Let the client read what QEMU already sent before anything is written.
+
+        A write to a QEMU that has just exited fails with EPIPE, and asyncio then
+        drops the connection *with* the bytes not yet read: the last events (the
+        guest's SHUTDOWN) would be lost, and a graceful power-off recorded as
+        QEMU gone without one. So while the socket has bytes waiting, the loop
+        runs first (bounded): the events are read, and an EOF closes the monitor.
+        """
+        sock = self._sock if self._sock is not None else client_socket(self.client)
+        for _ in range(_READ_FIRST_ROUNDS):
+            if sock is None or self.is_closed() or not _readable(sock):
+                return
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the reader task handles the lines the transport just read
 
     def send_fd(self, fd: int) -> None:
         """Send a copy of *fd* to QEMU over the monitor socket (SCM_RIGHTS); *fd* stays open.
@@ -196,7 +225,45 @@ class QMPMonitor:
         return event_record(await self._events.get())
 
     def pending_events(self) -> list[EventRecord]:
-        return [event_record(msg) for msg in self._events.clear()]
+        queued = [event_record(msg) for msg in self._events.clear()]
+        return queued + [event_record(msg) for msg in self._unread_events()]
+
+    def _unread_events(self) -> list[Mapping[str, Any]]:
+        """Events QEMU sent that the client never handled, once it dropped the connection.
+
+        asyncio drops a connection on a write error without reading what is
+        waiting: the lines its reader held and the bytes still in the socket
+        (read through the spare descriptor). Only once the client's reader
+        ended, so nothing is taken from under it; the spare is closed after.
+        """
+        reader_task = getattr(self.client, "_reader_task", None)
+        if self._spare is None or not self.is_closed():
+            return []
+        if reader_task is not None and not reader_task.done():
+            return []
+        stream = getattr(self.client, "_reader", None)
+        data = bytes(getattr(stream, "_buffer", b""))
+        with contextlib.suppress(OSError):
+            while chunk := os.read(self._spare, 65536):  # non-blocking: the loop's flag
+                data += chunk
+        self._close_spare()
+        events: list[Mapping[str, Any]] = []
+        for line in data.splitlines():
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue  # a line cut short
+            if isinstance(msg, dict) and isinstance(msg.get("event"), str):
+                events.append(msg)
+        if events:
+            logger.debug("read %d event(s) the client dropped with its connection", len(events))
+        return events
+
+    def _close_spare(self) -> None:
+        if self._spare is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._spare)
+            self._spare = None
 
     def is_closed(self) -> bool:
         return self._closed_by_us or self.client.runstate != Runstate.RUNNING
@@ -221,6 +288,7 @@ class QMPMonitor:
         if self._closed_by_us:
             return
         self._closed_by_us = True
+        self._close_spare()
         with contextlib.suppress(Exception):
             self.client.remove_listener(self._events)
         if self._owned:
@@ -332,6 +400,19 @@ def describe_error(err: BaseException) -> str:
         return "the peer hung up"
     text = str(err)
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _readable(sock: Any) -> bool:
+    """True when *sock* has bytes (or an EOF) waiting to be read; never blocks."""
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def wrap_client(client: QMPClient) -> QMPMonitor:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+
+import anyio
 import pytest
 
 from qmpshutdown import Monitor
-from qmpshutdown._monitor import EVENTS_KEPT, QMPMonitor, _Client, _RecentEvents, event_record
+from qmpshutdown._monitor import (
+    EVENTS_KEPT,
+    QMPMonitor,
+    _Client,
+    _RecentEvents,
+    connect_client,
+    event_record,
+)
 
 
 def message(n: int) -> dict[str, object]:
@@ -42,3 +54,44 @@ def test_event_record_reads_qemus_timestamp() -> None:
     record = event_record(message(5))
     assert (record.event, record.timestamp, dict(record.data)) == ("RTC_CHANGE", 5.0, {"offset": 5})
     assert event_record({"event": "STOP", "timestamp": "bogus"}).timestamp == 0.0
+
+
+def _serve_then_vanish(sock: socket.socket, go: threading.Event) -> None:
+    """A QEMU in miniature: greet, negotiate, then (on *go*) send its last events and exit."""
+    greeting = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
+                        "capabilities": []}}  # fmt: skip
+    sock.sendall(json.dumps(greeting).encode() + b"\n")
+    request = json.loads(sock.recv(65536))
+    sock.sendall(json.dumps({"return": {}, "id": request.get("id")}).encode() + b"\n")
+    go.wait(10)
+    stamp = {"seconds": 1, "microseconds": 0}
+    for event in ({"event": "POWERDOWN", "timestamp": stamp},
+                  {"event": "SHUTDOWN", "data": {"guest": True, "reason": "guest-shutdown"},
+                   "timestamp": stamp}):  # fmt: skip
+        sock.sendall(json.dumps(event).encode() + b"\n")
+    sock.close()
+
+
+@pytest.mark.asyncio
+async def test_events_sent_before_an_exit_survive_a_write_that_meets_epipe() -> None:
+    # The race the long-run benchmark found: a command written to a QEMU that has just
+    # exited fails with EPIPE, and asyncio drops the connection with its last events unread.
+    ours, theirs = socket.socketpair()
+    go = threading.Event()
+    server = threading.Thread(target=_serve_then_vanish, args=(theirs, go))
+    server.start()
+    try:
+        client = await connect_client(ours, 5.0, "vanishing")
+        monitor = QMPMonitor(client, ours, owned=True)
+        go.set()
+        server.join(10)  # it sent its events and is gone; the loop has not read them
+        client._writer.write(b'{"execute": "query-status"}\n')  # EPIPE, as a command would
+        with anyio.fail_after(5):
+            await monitor.wait_closed()
+        assert [e.event for e in monitor.pending_events()] == ["POWERDOWN", "SHUTDOWN"]
+        await monitor.close()
+        assert monitor._spare is None  # the spare descriptor is closed
+    finally:
+        go.set()
+        server.join(10)
+        ours.close()
