@@ -339,6 +339,13 @@ def render(phases: list[Phase], args: argparse.Namespace, command: str, duration
     return "\n".join(out) + "\n"
 
 
+def shell_word(word: str) -> str:
+    """*word* as a shell reads it back: bare when it can be, else in double quotes."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", word):
+        return word
+    return '"' + re.sub(r'(["\\$`])', r"\\\1", word) + '"'
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stops", type=int, default=2000, help="sequential stops (2000)")
@@ -369,7 +376,7 @@ def main(argv: list[str]) -> int:
         if left:
             log(f"killed and reaped leftover children {left}")
         shutil.rmtree(scratch, ignore_errors=True)
-    command = " ".join(["benchmarks/longrun.py", *argv])
+    command = " ".join(shell_word(word) for word in ["benchmarks/longrun.py", *argv])
     section = render(phases, args, command, time.monotonic() - started)
     print(section)
     if args.write:
