@@ -241,16 +241,18 @@ def plot(data: dict[int, dict[str, list[dict[str, Any]]]]) -> bool:
     return True
 
 
-def write_section(section: str, results: Path = HERE / "RESULTS.md") -> None:
+def write_section(
+    section: str, results: Path = HERE / "RESULTS.md", begin: str = BEGIN, end: str = END
+) -> None:
     """Put *section* in RESULTS.md, replacing the one there (the rest is run.py's)."""
     text = results.read_text() if results.exists() else "# qmpshutdown benchmarks\n"
-    text = keep_section(text, section)
+    text = keep_section(text, section, begin, end)
     results.write_text(text)
 
 
-def keep_section(text: str, section: str | None) -> str:
-    """*text* with its fleet section replaced by *section* (or kept, when None)."""
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n?", re.S)
+def keep_section(text: str, section: str | None, begin: str = BEGIN, end: str = END) -> str:
+    """*text* with its section (the fleet one by default) replaced by *section* (kept if None)."""
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end) + "\n?", re.S)
     if section is None:
         return text
     if pattern.search(text):
@@ -258,11 +260,13 @@ def keep_section(text: str, section: str | None) -> str:
     return text.rstrip("\n") + "\n\n" + section
 
 
-def old_section(results: Path = HERE / "RESULTS.md") -> str | None:
-    """The fleet section in RESULTS.md now, if any (run.py keeps it when it rewrites)."""
+def old_section(
+    results: Path = HERE / "RESULTS.md", begin: str = BEGIN, end: str = END
+) -> str | None:
+    """The section (the fleet one by default) in RESULTS.md now, if any (run.py keeps it)."""
     if not results.exists():
         return None
-    match = re.search(re.escape(BEGIN) + ".*?" + re.escape(END) + "\n", results.read_text(), re.S)
+    match = re.search(re.escape(begin) + ".*?" + re.escape(end) + "\n", results.read_text(), re.S)
     return match.group(0) if match else None
 
 

@@ -40,6 +40,7 @@ os.environ["QSD_ACCEL"] = "tcg"
 
 import anyio  # noqa: E402
 import fleetbench  # noqa: E402
+import longrun  # noqa: E402
 import rawqmp  # noqa: E402
 
 import qmpshutdown  # noqa: E402
@@ -660,6 +661,10 @@ def main(argv: Sequence[str]) -> int:
     report["duration"] = time.monotonic() - started
     # The fleet section: this run's, or the one RESULTS.md has (fleetbench.py --write).
     text = fleetbench.keep_section(render(report), report.get("fleet") or fleetbench.old_section())
+    # The long-run section (longrun.py --write) is kept as it is.
+    marks = longrun.BEGIN, longrun.END
+    old = fleetbench.old_section(HERE / "RESULTS.md", *marks)
+    text = fleetbench.keep_section(text, old, *marks)
     print(text)
     if args.write:
         (HERE / "RESULTS.md").write_text(text)

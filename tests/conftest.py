@@ -1,4 +1,4 @@
-"""Shared fixtures: real QEMU test guests (see tests/guests.py).
+"""Shared fixtures: real QEMU test guests (see tests/guests.py), and stand-in QEMUs.
 
 Tests that boot guests use the ``guests`` fixture (they are marked ``qemu``
 automatically). Without QEMU or the guest images they are skipped, except
@@ -8,6 +8,10 @@ under ``CI=true``, where that is a failure: CI must never pass by skipping.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +85,53 @@ def guests(tmp_path: Path) -> Iterator[GuestFactory]:
         yield factory
     finally:
         factory.cleanup()
+
+
+# ----------------------------------------------------------------------------- fake QEMUs
+
+FAKEQEMU = Path(__file__).resolve().parent.parent / "benchmarks" / "fakeqemu.py"
+
+
+@pytest.fixture(scope="module")
+def fake_binary(tmp_path_factory) -> Path:
+    """A copy of the interpreter named like QEMU, so the library pins it like one."""
+    target = tmp_path_factory.mktemp("bin") / "qemu-system-fake"
+    shutil.copy2(os.path.realpath(sys.executable), target)
+    return target
+
+
+@pytest.fixture
+def fakes(fake_binary, tmp_path) -> Iterator[object]:
+    """Start stand-in QEMUs (benchmarks/fakeqemu.py): ``fakes(n)`` returns their socket paths.
+
+    Real processes, pinned like QEMU; each powers off 5 ms after the press
+    (*delay_ms*). ``fakes.started`` holds their Popen objects, in order;
+    every one still running at teardown is killed, and all are reaped.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(n: int, delay_ms: float = 5.0) -> list[Path]:
+        env = dict(os.environ, PYTHONHOME=sys.base_prefix)
+        paths = [tmp_path / f"fake{len(started) + i}.sock" for i in range(n)]
+        for path in paths:
+            started.append(subprocess.Popen(
+                [str(fake_binary), "-S", str(FAKEQEMU), str(path), str(delay_ms)],
+                env=env, stdin=subprocess.DEVNULL,
+            ))  # fmt: skip
+        end = time.monotonic() + 30
+        while not all(path.exists() for path in paths):
+            assert time.monotonic() < end, "fake QEMUs did not listen in 30 s"
+            time.sleep(0.01)
+        return paths
+
+    spawn.started = started  # type: ignore[attr-defined]
+    try:
+        yield spawn
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import attrs
@@ -27,8 +22,6 @@ from qmpshutdown._fleet import (
     fit_policy,
     open_descriptors,
 )
-
-FAKEQEMU = Path(__file__).resolve().parent.parent / "benchmarks" / "fakeqemu.py"
 
 # ----------------------------------------------------------------------------- Job
 
@@ -133,42 +126,7 @@ def test_too_little_left_gets_the_floor():
 
 
 # ----------------------------------------------------------------------------- fake QEMUs
-
-
-@pytest.fixture(scope="module")
-def fake_binary(tmp_path_factory) -> Path:
-    """A copy of the interpreter named like QEMU, so the library pins it like one."""
-    target = tmp_path_factory.mktemp("bin") / "qemu-system-fake"
-    shutil.copy2(os.path.realpath(sys.executable), target)
-    return target
-
-
-@pytest.fixture
-def fakes(fake_binary, tmp_path) -> Iterator[object]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def spawn(n: int, delay_ms: float = 5.0) -> list[Path]:
-        env = dict(os.environ, PYTHONHOME=sys.base_prefix)
-        paths = [tmp_path / f"fake{len(started) + i}.sock" for i in range(n)]
-        for path in paths:
-            started.append(subprocess.Popen(
-                [str(fake_binary), "-S", str(FAKEQEMU), str(path), str(delay_ms)],
-                env=env, stdin=subprocess.DEVNULL,
-            ))  # fmt: skip
-        end = time.monotonic() + 30
-        while not all(path.exists() for path in paths):
-            assert time.monotonic() < end, "fake QEMUs did not listen in 30 s"
-            time.sleep(0.01)
-        return paths
-
-    spawn.started = started  # type: ignore[attr-defined]
-    try:
-        yield spawn
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
+# (the fixtures fakes and fake_binary: conftest.py)
 
 
 @pytest.mark.asyncio
