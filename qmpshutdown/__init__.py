@@ -15,23 +15,25 @@ import logging as _logging
 from ._errors import (
     CommandError,
     ConnectError,
+    DescriptorsExhausted,
     Error,
+    InternalError,
     LaunchError,
     MonitorClosedError,
     PidMismatchError,
+    QemuExited,
     ShutdownFailed,
 )
-from ._fleet import Job
+from ._fleet import shutdown_many
+from ._job import Job, Target
 from ._ladder import climb
 from ._launch import VM, launch
-from ._many import shutdown_many
 from ._monitor import Monitor
-from ._patience import Activity
-from ._policy import ShutdownPolicy, Stage
+from ._policy import Patience, ShutdownPolicy, Stage
 from ._process import Process
 from ._progress import Progress, ProgressKind
-from ._result import Cause, EventRecord, Outcome, ShutdownResult, Step
-from ._shutdown import Target, shutdown, shutdown_sync
+from ._result import Activity, Cause, EventRecord, Outcome, ShutdownResult, Step
+from ._shutdown import shutdown, shutdown_sync
 from ._sync import SyncVM, launch_sync
 from ._version import __version__ as __version__
 
@@ -47,6 +49,7 @@ __all__ = (
     "climb",
     # classes
     "ShutdownPolicy",
+    "Patience",
     "Job",
     "ShutdownResult",
     "Stage",
@@ -68,6 +71,9 @@ __all__ = (
     "PidMismatchError",
     "ShutdownFailed",
     "LaunchError",
+    "QemuExited",
+    "DescriptorsExhausted",
+    "InternalError",
     "CommandError",
     "MonitorClosedError",
 )

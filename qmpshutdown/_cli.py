@@ -22,14 +22,14 @@ from ._cli_output import (
     report,
 )
 from ._errors import Error
-from ._fleet import Job, check_deadline
+from ._fleet import check_deadline, shutdown_many
 from ._fleetfile import FleetFileError, load_fleet
-from ._many import shutdown_many
-from ._policy import PATIENCES, RUNGS, ShutdownPolicy, Stage
+from ._job import Job
+from ._policy import DEFAULT_POLICY, PATIENCES, RUNGS, ShutdownPolicy, Stage
 from ._result import ShutdownResult
 from ._version import __version__
 
-_DEFAULT = ShutdownPolicy()
+_DEFAULT = DEFAULT_POLICY
 
 #: (option, the ShutdownPolicy field it sets, help); the policy validates every value.
 _SECONDS_OPTIONS = (
@@ -317,7 +317,8 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
             addresses.append(parse_target(target))
         except ValueError as err:
             parser.error(str(err))
-        jobs.append(Job(addresses[-1], pid=args.pid, group=group))
+        jobs.append(Job(addresses[-1], pid=args.pid, group=group, agent=args.agent,
+                        save_dir=args.save_dir, evidence_dir=args.evidence_dir))  # fmt: skip
     return Invocation(
         targets=tuple(targets),
         addresses=tuple(addresses),
@@ -363,11 +364,8 @@ async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
     quiet = invocation.json or invocation.verbosity != 0
     on_progress = None if quiet else print_progress
-    jobs = invocation.jobs or tuple(
-        Job(a, pid=invocation.pid, agent=invocation.agent) for a in invocation.addresses
-    )
     return await shutdown_many(
-        jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline,
+        invocation.jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline,
         save_dir=invocation.save_dir, evidence_dir=invocation.evidence_dir,
     )  # fmt: skip
 

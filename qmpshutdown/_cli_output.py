@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from json import dumps
 from typing import Any
 
-from ._errors import ConnectError, Error, PidMismatchError, ShutdownFailed
+from ._errors import ConnectError, Error, InternalError, PidMismatchError, ShutdownFailed
 from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
 
@@ -87,7 +87,7 @@ def print_progress(update: Progress) -> None:
 def exit_status(outcome: ShutdownResult | Error) -> int:
     """The command's exit status for one VM's outcome (the worst of all wins)."""
     if isinstance(outcome, ShutdownResult):
-        return EXIT_OK if outcome.graceful else EXIT_FORCED
+        return EXIT_FORCED if outcome.forced else EXIT_OK
     if isinstance(outcome, (ConnectError, PidMismatchError)):
         return EXIT_UNREACHED
     return EXIT_RUNNING  # ShutdownFailed, or a bug: the VM's state is unknown
@@ -100,7 +100,9 @@ def error_line(target: str, err: Error) -> str:
         message = f"{target}: {message}"
     if isinstance(err, (ConnectError, PidMismatchError, ShutdownFailed)):
         return f"error: {message}"
-    return f"internal error: {message}"  # shutdown_many() wraps a bug in a bare Error
+    if isinstance(err, InternalError):
+        return f"internal error: {message}"  # a bug: shutdown_many() wrapped it
+    return f"error: {message}"
 
 
 def report(

@@ -7,7 +7,10 @@ Every error the library raises on purpose derives from :class:`Error`::
      ├── PidMismatchError      the pid given is not the monitor's QEMU; nothing was sent
      ├── ShutdownFailed        the allowed rungs are used up and QEMU still runs
      │                         (or its state is unknown); carries ``.result``
+     ├── DescriptorsExhausted  this process ran out of open files: the VM was not touched
      ├── LaunchError           QEMU started by ``launch()`` exited before it was ready
+     ├── QemuExited            QEMU started by ``launch()`` exited on its own before its stop
+     ├── InternalError         a bug in qmpshutdown (``shutdown_many()`` keeps the others going)
      ├── CommandError          QEMU answered a command with an error  ┐ the Monitor seam's
      └── MonitorClosedError    the connection ended before the reply  ┘ contract (climb())
 
@@ -58,6 +61,34 @@ class ShutdownFailed(Error):
     def __init__(self, message: str, result: ShutdownResult) -> None:
         super().__init__(message)
         self.result = result
+
+
+class DescriptorsExhausted(Error):
+    """This process ran out of open files, again and again: the VM was not touched.
+
+    :func:`~qmpshutdown.shutdown_many` waits for other ladders to end and tries
+    again first; this comes only when no ladder ended for a while. Raise the
+    open-file limit (``ulimit -n``) or pass ``limit=``.
+    """
+
+
+class QemuExited(Error):
+    """The QEMU started by :func:`~qmpshutdown.launch` exited on its own before it was stopped.
+
+    :ivar returncode: QEMU's exit status.
+    """
+
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
+class InternalError(Error):
+    """A bug in qmpshutdown: an exception it did not mean to raise (chained as the cause).
+
+    :func:`~qmpshutdown.shutdown_many` returns it for the one VM it hit and goes
+    on with the others; please report it with its traceback.
+    """
 
 
 class LaunchError(Error):

@@ -1,28 +1,36 @@
-"""A fleet of VMs: what one VM needs (:class:`Job`), one deadline for all, and our descriptors.
+"""``shutdown_many()``: a fleet of VMs, one deadline for all, and our own descriptors.
 
-Three pieces that :func:`~qmpshutdown.shutdown_many` puts together:
+One :class:`~._job.Job` per VM (its own policy, pid, agent, name, group, ...);
+two pieces that keep a fleet within its limits:
 
-- :class:`Job`: a target with its own policy, pid, name and group;
 - :func:`fit_policy`: a policy shortened so that its ladder ends by a deadline;
 - :func:`ladder_capacity`: how many ladders may run at once with the open
   files this process may hold (raising the soft ``RLIMIT_NOFILE`` first when
   the fleet needs it), so that our own limit never costs a VM its stop.
+
+One VM's failure never stops the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import resource
-from typing import Any
+from collections import Counter
+from collections.abc import Sequence
 
+import anyio
 import attrs
-from qemu.qmp import QMPClient
 
-from ._arguments import check_target
-from ._policy import ShutdownPolicy, Stage
-from ._shutdown import Target
+from ._attach import stop
+from ._errors import ConnectError, DescriptorsExhausted, Error, InternalError, PidMismatchError
+from ._job import Job, Target
+from ._policy import COMMAND, DEFAULT_POLICY, GRACEFUL_WAITS, WAITS, ShutdownPolicy, Stage
+from ._process import out_of_descriptors
+from ._progress import ProgressCallback
+from ._result import ShutdownResult
 
 logger = logging.getLogger(__name__)
 
@@ -39,89 +47,10 @@ FORCED_RESERVE = 2.0
 #: A ladder that starts with less than this left is given this much (so it may end
 #: up to this late): a VM is never left running for want of time.
 MIN_LEFT = 0.5
-#: Each timeout's share of the reserve when the policy's own ones do not fit in it;
-#: ``command_timeout`` shares what is left among the commands the bound counts
-#: (measured from the bound itself: the rungs and actions know how many they send).
-RESERVE_SHARES: dict[str, float] = {
-    "connect_timeout": 0.15,
-    "quit_timeout": 0.1,
-    "terminate_timeout": 0.05,
-    "kill_timeout": 0.05,
-    "freeze_timeout": 0.05,
-    "save_timeout": 0.05,
-}
-
-
-def _target(instance: Any, attribute: Any, value: Any) -> None:
-    check_target(value)  # TypeError / ValueError, as shutdown() would raise
-
-
-def _policy(instance: Any, attribute: Any, value: Any) -> None:
-    if value is not None and not isinstance(value, ShutdownPolicy):
-        raise TypeError(f"policy must be a ShutdownPolicy or None, not {type(value).__name__}")
-
-
-def _pid(instance: Any, attribute: Any, value: Any) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**31
-    ):
-        raise ValueError(f"pid must be a positive int (a Linux pid) or None, not {value!r}")
-
-
-def _agent(instance: Any, attribute: Any, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise TypeError(f"agent must be a guest agent socket path or None, not {value!r}")
-
-
-def _name(instance: Any, attribute: Any, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise TypeError(f"name must be a non-empty str or None, not {value!r}")
-
-
-def _group(instance: Any, attribute: Any, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"group must be an int >= 0, not {value!r}")
-
-
-def _save_dir(instance: Any, attribute: Any, value: object) -> None:
-    if value is not None and not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"save_dir must be a directory path or None, not {value!r}")
-
-
-@attrs.frozen
-class Job:
-    """One VM of a fleet, with what it needs beyond the call's settings.
-
-    :param target: what :func:`~qmpshutdown.shutdown` accepts.
-    :param policy: this VM's policy; None uses the one given to ``shutdown_many()``.
-    :param pid: QEMU's pid (see :func:`~qmpshutdown.shutdown`), e.g. for a TCP monitor.
-    :param agent: the guest agent's socket, for the ``agent`` rung and the
-        freeze before force (see :func:`~qmpshutdown.shutdown`).
-    :param name: how progress, log lines and errors name the VM (default: the
-        address; a QMPClient keeps its own name).
-    :param save_dir: where this VM's ``save`` rung keeps its state (None: the
-        one given to ``shutdown_many()``).
-    :param group: the order of stopping: every VM of group 0 is done before
-        group 1 starts, and so on.
-    :raises TypeError, ValueError: a field that makes no sense (at construction).
-    """
-
-    target: Target = attrs.field(validator=_target)
-    policy: ShutdownPolicy | None = attrs.field(default=None, kw_only=True, validator=_policy)
-    pid: int | None = attrs.field(default=None, kw_only=True, validator=_pid)
-    agent: str | os.PathLike[str] | None = attrs.field(default=None, kw_only=True, validator=_agent)
-    name: str | None = attrs.field(default=None, kw_only=True, validator=_name)
-    group: int = attrs.field(default=0, kw_only=True, validator=_group)
-    save_dir: str | os.PathLike[str] | None = attrs.field(
-        default=None, kw_only=True, validator=_save_dir
-    )
-
-    @property
-    def label(self) -> str | None:
-        """The name to give the ladder, when it can take one (not for a QMPClient)."""
-        return None if isinstance(self.target, QMPClient) else self.name
+#: How long a VM refused for want of descriptors waits for another ladder to end,
+#: and how many such waits with no ladder ending it sits out before giving up.
+_RETRY_WAIT = 1.0
+_IDLE_RETRIES = 3
 
 
 def check_deadline(deadline: object) -> float | None:
@@ -142,13 +71,13 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
     (*agent* False) the ``agent`` rung is left out (it would only be skipped),
     and everything but the graceful waits is held to a reserve of
     ``min(FORCED_RESERVE, left / 4)`` seconds: if the policy's own timeouts take
-    more, each is cut to its share of the reserve (:data:`RESERVE_SHARES`; the
-    commands share the rest; ``quit`` ends QEMU within milliseconds, signals as
-    fast). The graceful waits (``powerdown_timeout``, and ``agent_timeout`` when
-    the agent rung stays; halves each when both do) then get all the rest,
-    never more than the policy's own: a cooperative guest has nearly all of
-    *left* to power itself off. *left* below :data:`MIN_LEFT` counts as
-    :data:`MIN_LEFT`.
+    more, each is cut to its share of the reserve (``reserve_share`` in the
+    policy module's table of timeouts; the commands share the rest; ``quit``
+    ends QEMU within milliseconds, signals as fast). The graceful waits
+    (``powerdown_timeout``, and ``agent_timeout`` when the agent rung stays;
+    halves each when both do) then get all the rest, never more than the
+    policy's own: a cooperative guest has nearly all of *left* to power itself
+    off. *left* below :data:`MIN_LEFT` counts as :data:`MIN_LEFT`.
 
     :return: the policy, or a shortened copy (``attrs.evolve``, validated again).
     """
@@ -160,22 +89,23 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
             return policy
     left = max(left, MIN_LEFT)
     reserve = min(FORCED_RESERVE, left / 4)
-    graceful = (("powerdown_timeout", Stage.POWERDOWN), ("agent_timeout", Stage.AGENT))
-    waits = [field for field, stage in graceful if policy.allows(stage)]
+    waits = [wait for stage, wait in GRACEFUL_WAITS if policy.allows(stage)]
 
     def overhead(p: ShutdownPolicy) -> float:
-        return float(p.bound - sum(getattr(p, f) for f in waits))
+        return p.bound - sum(wait.seconds(p) for wait in waits)
 
     if overhead(policy) > reserve:
-        commands = attrs.evolve(policy, command_timeout=policy.command_timeout + 1.0)
-        count = round(commands.bound - policy.bound)  # how many commands the bound counts
-        cuts = {f: min(getattr(policy, f), share * reserve) for f, share in RESERVE_SHARES.items()}
-        spare = 1.0 - sum(RESERVE_SHARES.values())
-        cuts["command_timeout"] = min(policy.command_timeout, spare * reserve / max(count, 1))
-        policy = attrs.evolve(policy, **cuts)
+        shared = [wait for wait in WAITS if wait.reserve_share is not None]
+        spare = 1.0 - sum(wait.reserve_share or 0.0 for wait in shared)
+        per_command = min(policy.command_timeout, spare * reserve / max(policy.commands, 1))
+        for wait in shared:
+            share = (wait.reserve_share or 0.0) * reserve
+            policy = wait.shortened(policy, min(wait.seconds(policy), share))
+        policy = COMMAND.shortened(policy, per_command)
     if waits:
         share = (left - overhead(policy)) / len(waits)
-        policy = attrs.evolve(policy, **{f: min(getattr(policy, f), share) for f in waits})
+        for wait in waits:
+            policy = wait.shortened(policy, min(wait.seconds(policy), share))
     return policy
 
 
@@ -223,3 +153,140 @@ def ladder_capacity(wanted: int) -> int:
             soft, "unlimited" if hard == resource.RLIM_INFINITY else hard, capacity, wanted,
         )  # fmt: skip
     return capacity
+
+
+async def shutdown_many(
+    targets: Sequence[Target | Job],
+    policy: ShutdownPolicy = DEFAULT_POLICY,
+    limit: int | None = None,
+    *,
+    on_progress: ProgressCallback | None = None,
+    deadline: float | None = None,
+    save_dir: str | os.PathLike[str] | None = None,
+    evidence_dir: str | os.PathLike[str] | None = None,
+) -> list[ShutdownResult | Error]:
+    """Stop every target concurrently, at most *limit* at a time when given.
+
+    Groups (``Job.group``) go in ascending order: every VM of a group is
+    done (or failed) before the next group starts; inside a group the VMs are
+    stopped concurrently. One VM's failure never stops its group or the next.
+
+    No more ladders run at once than this process's open files allow (each
+    holds a socket, a spare of it and a pidfd): the soft ``RLIMIT_NOFILE`` is raised toward
+    the hard limit when needed (logged), the other VMs wait their turn, and a
+    VM refused for want of descriptors is retried once another ladder ended,
+    never reported as unreachable.
+
+    With a *deadline*, each VM's policy is shortened as its ladder starts so
+    that its :attr:`~ShutdownPolicy.bound` fits the time left (the graceful
+    wait ends early enough to leave a reserve of at most 2 s for the forced
+    rungs, whose own timeouts shrink to fit it; see the README). A VM still
+    running at the end is a :class:`ShutdownFailed` with its record.
+
+    :param targets: what :func:`shutdown` accepts, or :class:`Job`\\ s, or a mix; one per VM.
+    :param policy: the policy of every VM whose :class:`Job` names none.
+    :param limit: the most ladders running at once; None runs all at once.
+    :param on_progress: called with every VM's :class:`Progress` updates
+        (``target`` tells them apart).
+    :param evidence_dir: see :func:`shutdown`; one file per target that had
+        to be forced, each named after its target.
+    :param save_dir: see :func:`shutdown` (each VM's state gets its own file).
+    :param deadline: seconds from this call by which every VM must be done
+        (off gracefully, or forced), all groups included; None: no deadline.
+    :raises TypeError: a target is not a path, ``(host, port)``, QMPClient or
+        Job (ValueError for a port out of range) (checked before anything starts).
+    :raises ValueError: *limit* is not a positive int, or *deadline* not a
+        finite number of seconds > 0.
+    :return: in the targets' order, each a :class:`ShutdownResult` or the
+        :class:`Error` that target raised (a :class:`ShutdownFailed` carries
+        its own ``.result``).
+    """
+    started = anyio.current_time()
+    if not isinstance(policy, ShutdownPolicy):
+        raise TypeError(f"policy must be a ShutdownPolicy, not {type(policy).__name__}")
+    jobs = [
+        (item if isinstance(item, Job) else Job(item)).under(
+            policy, save_dir=save_dir, evidence_dir=evidence_dir
+        )
+        for item in targets
+    ]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, not {limit!r}")
+    seconds = check_deadline(deadline)
+    ends_at = None if seconds is None else started + seconds
+    sizes = Counter(job.group for job in jobs)
+    largest = max(sizes.values(), default=0)
+    capacity = ladder_capacity(min(limit or largest, largest))
+    # No limiter when all of the largest group may run at once: nothing to wait for.
+    limiter = anyio.CapacityLimiter(capacity) if capacity < largest else None
+    turns = _Turns()
+    results: list[ShutdownResult | Error | None] = [None] * len(jobs)
+
+    async def stop_one(index: int, job: Job) -> None:
+        try:
+            results[index] = await _stop_in_turn(job, job.the_policy)
+        except Error as err:
+            results[index] = err
+        except Exception as err:  # a bug must not stop the other VMs, nor leak a group
+            logger.exception("unexpected error stopping %r", job.target)
+            wrapped = InternalError(f"unexpected {type(err).__name__}: {err}")
+            wrapped.__cause__ = err
+            results[index] = wrapped
+
+    async def _stop_in_turn(job: Job, job_policy: ShutdownPolicy) -> ShutdownResult:
+        idle = 0
+        while True:
+            async with limiter if limiter is not None else contextlib.nullcontext():
+                fitted = job_policy
+                if ends_at is not None:
+                    fitted = fit_policy(
+                        job_policy, ends_at - anyio.current_time(), agent=job.agent is not None
+                    )
+                turns.running += 1
+                try:
+                    own = attrs.evolve(job, policy=fitted)
+                    return await stop(own, started=anyio.current_time(), on_progress=on_progress)
+                except (ConnectError, PidMismatchError) as err:
+                    if not out_of_descriptors(err):
+                        raise
+                    if idle >= _IDLE_RETRIES:
+                        why = f"not stopped: this process is out of open files: {err}"
+                        raise DescriptorsExhausted(why) from err
+                    logger.warning("%s; trying again once another VM is done", err)
+                finally:
+                    turns.running -= 1
+                    turns.ended()
+            idle = 0 if await turns.wait_for_one(_RETRY_WAIT) else idle + 1
+
+    for group in sorted(sizes):
+        if len(sizes) > 1:
+            logger.info("group %d: stopping %d VMs", group, sizes[group])
+        async with anyio.create_task_group() as tg:
+            for index, job in enumerate(jobs):
+                if job.group == group:
+                    tg.start_soon(stop_one, index, job)
+    done = [result for result in results if result is not None]
+    assert len(done) == len(jobs), "every target has its result, in order"
+    return done
+
+
+class _Turns:
+    """How many ladders run now, and a way to wait for the next one to end."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._ended = anyio.Event()
+
+    def ended(self) -> None:
+        self._ended.set()
+        self._ended = anyio.Event()
+
+    async def wait_for_one(self, limit: float) -> bool:
+        """Wait (at most *limit* s) for a ladder to end; tell whether one did."""
+        if self.running == 0:
+            await anyio.sleep(min(limit, 0.1))
+            return False
+        with anyio.move_on_after(limit):
+            await self._ended.wait()
+            return True
+        return False

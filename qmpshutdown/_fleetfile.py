@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from ._fleet import Job
+from ._job import Job
 from ._policy import ShutdownPolicy
 
 #: The keys an entry may have.

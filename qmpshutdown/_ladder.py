@@ -9,7 +9,9 @@ happened (:mod:`._verdict`).
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
@@ -17,7 +19,7 @@ import anyio.lowlevel
 import attrs
 
 from ._errors import ShutdownFailed
-from ._evidence import console_tail, screenshot_of
+from ._job import Job
 from ._monitor import Monitor
 from ._policy import RUNGS, ShutdownPolicy, Stage
 from ._process import Process
@@ -25,9 +27,8 @@ from ._progress import ProgressCallback
 from ._qemu import Qemu
 from ._result import Outcome, ShutdownResult
 from ._rungs import BEFORE_FORCE, Action, Rung, plan
-from ._save import saved_state
 from ._steps import Ended, OpenStep, Recorder
-from ._verdict import decide, shutdown_reason
+from ._verdict import decide, saved_state, screenshot_of, shutdown_reason
 from ._watch import race
 
 logger = logging.getLogger("qmpshutdown")
@@ -107,43 +108,33 @@ async def climb(
     :raises ShutdownFailed: the allowed rungs are used up and QEMU still runs.
     :return: the record of what happened.
     """
+    # The caller reached QEMU its own way: the job names it, and has nothing else.
+    job = Job(name, policy=policy, name=name)
     return await run_plan(
-        monitor, process, policy, started=started, name=name, no_monitor_why=no_monitor_why,
-        no_signal_why=no_signal_why, on_progress=on_progress,
+        job, monitor, process, started=started, on_progress=on_progress,
+        no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
     )  # fmt: skip
 
 
 async def run_plan(
+    job: Job,
     monitor: Monitor | None,
     process: Process | None,
-    policy: ShutdownPolicy,
     *,
     started: float,
-    name: str = "qemu",
+    on_progress: ProgressCallback | None = None,
     no_monitor_why: str = "",
     no_signal_why: str = "QEMU's pid is unknown",
-    on_progress: ProgressCallback | None = None,
     rungs: Sequence[Rung] | None = None,
     actions: Sequence[Action] | None = None,
-    save_dir: str | None = None,
-    evidence_dir: str | None = None,
-    console_log: str | None = None,
-    agent: str | None = None,
 ) -> ShutdownResult:
-    """:func:`climb`, with the rungs and actions given instead of the policy's own plan.
-
-    :param save_dir: where the ``save`` rung keeps the guest's state (None skips it).
-    :param evidence_dir: where the screenshot action saves the guest's screen.
-    :param console_log: the serial console's log, whose tail a forced record keeps.
-    :param agent: the unix socket of the guest agent's chardev (for the agent
-        rung and the freeze), or None.
+    """:func:`climb` for one :class:`~._job.Job` (its policy and name set), with the rungs
+    and actions given instead of the policy's own plan when given.
     """
-    recorder = Recorder(started, name, on_progress)
-    qemu = Qemu(monitor, process, policy, recorder, agent=agent,
+    recorder = Recorder(started, job.name or "qemu", on_progress)
+    qemu = Qemu(job, monitor, process, recorder,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
-    qemu.save_dir = save_dir
-    qemu.evidence_dir, qemu.console_log = evidence_dir, console_log
-    rungs = plan(policy) if rungs is None else list(rungs)
+    rungs = plan(qemu.policy) if rungs is None else list(rungs)
     actions = BEFORE_FORCE if actions is None else tuple(actions)
     try:
         async with anyio.create_task_group() as events:
@@ -164,13 +155,12 @@ async def run_plan(
 def record(qemu: Qemu) -> ShutdownResult:
     """The ladder's record, with its verdict; raise ShutdownFailed when QEMU still runs."""
     steps, events = tuple(qemu.recorder.steps), tuple(qemu.watch.events)
-    activity = qemu.patience.activity(powered_off=qemu.watch.guest_shut_down)
+    activity = qemu.sampler.activity(powered_off=qemu.watch.guest_shut_down)
     info = None if qemu.agent is None else qemu.agent.info
     guest_os, guest_users = (None, None) if info is None else (info.os, info.users)
     verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone,
                      guest_os=guest_os, guest_users=guest_users, activity=activity)  # fmt: skip
     gone_at = qemu.watch.gone_at
-    forced = not verdict.graceful and verdict.stage is not Stage.ALREADY_OFF
     result = ShutdownResult(
         stage=verdict.stage,
         graceful=verdict.graceful,
@@ -182,9 +172,9 @@ def record(qemu: Qemu) -> ShutdownResult:
         elapsed=gone_at if gone_at is not None else qemu.recorder.now(),
         events=events,
         steps=steps,
-        saved_state=saved_state(verdict.stage, qemu.saved_to),
+        saved_state=saved_state(verdict.stage, steps),
         screenshot=screenshot_of(steps),
-        console_tail=console_tail(qemu.console_log) if forced else None,
+        console_tail=console_tail(qemu.job.console_path) if verdict.forced else None,
         guest_os=guest_os,
         guest_users=guest_users,
         activity=activity,
@@ -197,3 +187,28 @@ def record(qemu: Qemu) -> ShutdownResult:
             f"{name}: QEMU is still running after the allowed rungs ({tried}){why}", result
         )
     return result
+
+
+#: How many of the console's last lines go into the record.
+CONSOLE_TAIL_LINES = 50
+#: The most of a console log read to find its last lines (the end of the file).
+_CONSOLE_TAIL_BYTES = 64 * 1024
+
+
+def console_tail(path: str | None, lines: int = CONSOLE_TAIL_LINES) -> tuple[str, ...] | None:
+    """The last *lines* lines of the console log at *path* (None if there is none to read)."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(max(0, size - _CONSOLE_TAIL_BYTES))
+            data = log.read(_CONSOLE_TAIL_BYTES)
+    except OSError as err:
+        logger.debug("cannot read the console log %s: %s", path, err)
+        return None
+    if size > _CONSOLE_TAIL_BYTES:
+        data = data.partition(b"\n")[2]  # the first line read is cut short
+    text = data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    kept: collections.deque[str] = collections.deque(text.splitlines(), maxlen=lines)
+    return tuple(kept)

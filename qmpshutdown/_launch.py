@@ -10,7 +10,6 @@ pytest-asyncio does with fixtures).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -25,118 +24,30 @@ import anyio
 from qemu.qmp import QMPClient
 
 from ._arguments import check_save_dir
+from ._attach import stop
 from ._connect import open_client
-from ._errors import ConnectError, Error, LaunchError, ShutdownFailed
+from ._errors import ConnectError, Error, LaunchError, QemuExited, ShutdownFailed
+from ._job import Job
 from ._monitor import close_client
-from ._policy import ShutdownPolicy, Stage
+from ._policy import DEFAULT_POLICY, ShutdownPolicy, Stage
 from ._process import PidfdProcess
 from ._progress import ProgressCallback
 from ._restore import INCOMING_ARGS, load_state, open_state
 from ._result import ShutdownResult
 from ._rungs import LAST_RESORT_KILL, plan
-from ._shutdown import stop_at
+from ._spawn import (
+    AGENT_SOCKET,
+    CALLER_SOCKET,
+    LADDER_SOCKET,
+    command_line,
+    console_log_path,
+    spawn,
+)
 from ._watch import race
 
 logger = logging.getLogger("qmpshutdown")
 
-_DEFAULT_POLICY = ShutdownPolicy()
-_PR_SET_PDEATHSIG = 1
 _STDERR_LIMIT = 64 * 1024
-#: The sockets in the private dir: one for the caller's client, one kept free for the ladder.
-CALLER_SOCKET, LADDER_SOCKET = "qmp.sock", "ladder.sock"
-#: The serial console's log in the private dir (``console_log=True``).
-CONSOLE_LOG = "console.log"
-#: The guest agent's chardev socket in the private dir (``launch(agent=True)``).
-AGENT_SOCKET = "qga.sock"
-#: The virtio-serial port name qemu-ga looks for.
-AGENT_PORT_NAME = "org.qemu.guest_agent.0"
-
-
-# Resolved once here: the child between fork and exec must not run ldconfig
-# (ctypes.util.find_library does) nor take locks another thread may hold.
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Have the kernel SIGKILL QEMU if the process that launched it dies first."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _spawn(argv: list[str], stderr_path: Path, name: str) -> subprocess.Popen[bytes]:
-    """Start QEMU (subprocess, not anyio.open_process: prctl needs a preexec_fn)."""
-    with open(stderr_path, "wb") as stderr:
-        try:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                preexec_fn=_die_with_parent,
-            )
-        except OSError as err:
-            raise LaunchError(f"{name}: cannot start {argv[0]}: {err}") from err
-
-
-def given_serial(argv: Sequence[str]) -> str | None:
-    """The value of the first ``-serial`` option in *argv* (``-serial X`` or ``-serial=X``)."""
-    for index, arg in enumerate(argv):
-        for option in ("-serial", "--serial"):
-            if arg == option and index + 1 < len(argv):
-                return argv[index + 1]
-            if arg.startswith(option + "="):
-                return arg.partition("=")[2]
-    return None
-
-
-def console_log_path(argv: Sequence[str], rundir: Path) -> tuple[Path, bool]:
-    """Where ``console_log=True`` finds the serial console, and whether launch adds the port.
-
-    Without a ``-serial`` in *argv*, launch adds ``-serial file:RUNDIR/console.log``
-    (the first serial port, ttyS0). When the caller's first ``-serial`` already
-    is ``file:PATH``, that file is the log (nothing is added: a second port
-    would be ttyS1, where the guest's console is not).
-
-    :raises ValueError: the first ``-serial`` is something else (stdio, a chardev, …).
-    """
-    given = given_serial(argv)
-    if given is None:
-        return rundir / CONSOLE_LOG, True
-    if given.startswith("file:") and len(given) > len("file:"):
-        return Path(given[len("file:") :]), False
-    raise ValueError(
-        f"console_log=True captures the first serial port, but argv has -serial {given}: "
-        "drop it (launch adds -serial file:...) or make it -serial file:PATH"
-    )
-
-
-def command_line(
-    argv: Sequence[str], rundir: Path, *, console_log: bool = False, agent: bool = False
-) -> list[str]:
-    """QEMU's command line: the caller's, plus two QMP monitors on unix sockets in *rundir*.
-
-    :param console_log: add the serial console's log file (see :func:`console_log_path`).
-    :param agent: also a virtio-serial device, the guest agent's port and its
-        chardev on a unix socket in *rundir*.
-    """
-    line = [*argv]
-    if console_log and console_log_path(argv, rundir)[1]:
-        line += ["-serial", f"file:{rundir / CONSOLE_LOG}"]
-    if agent:
-        line += [
-            "-chardev", f"socket,id=qmpshutdown-agent,path={rundir / AGENT_SOCKET},"
-            "server=on,wait=off",
-            "-device", "virtio-serial-pci,id=qmpshutdown-vser",
-            "-device", "virtserialport,bus=qmpshutdown-vser.0,chardev=qmpshutdown-agent,"
-            f"name={AGENT_PORT_NAME}",
-        ]  # fmt: skip
-    for monitor_id, path in (("qmpshutdown-caller", rundir / CALLER_SOCKET),
-                             ("qmpshutdown-ladder", rundir / LADDER_SOCKET)):  # fmt: skip
-        line += [
-            "-chardev", f"socket,id={monitor_id},path={path},server=on,wait=off",
-            "-mon", f"chardev={monitor_id},mode=control",
-        ]  # fmt: skip
-    return line
-
 
 class VM:
     """A QEMU started by :func:`launch`; stopped and reaped when its block ends.
@@ -242,29 +153,30 @@ class VM:
         assert self._process is not None and self._dir is not None, "the VM is not running"
         if self._process.has_exited():
             if self.result is None:
-                raise Error(f"{self.name}: QEMU exited on its own (status {await self._reap()})")
+                status = await self._reap()
+                raise QemuExited(f"{self.name}: QEMU exited on its own (status {status})", status)
             return self.result
         rungs = plan(policy)
         if last_resort and Stage.KILL not in policy.stages:
             rungs.append(LAST_RESORT_KILL)  # a recorded step like any other
         try:
-            self.result = await stop_at(
-                os.fspath(self._dir / LADDER_SOCKET),
-                policy,
-                started=anyio.current_time(),
-                pinned=self._process,
-                name=self.name,
-                on_progress=self.on_progress,
-                rungs=rungs,
-                save_dir=self.save_dir,
-                evidence_dir=self.evidence_dir,
-                console_log=None if self.console_log is None else os.fspath(self.console_log),
-                agent=None if self.agent_socket is None else os.fspath(self.agent_socket),
-            )
+            self.result = await stop(
+                self._job(policy), started=anyio.current_time(), on_progress=self.on_progress,
+                pinned=self._process, rungs=rungs,
+            )  # fmt: skip
         except ShutdownFailed as err:
             self.result = err.result
             raise
         return self.result
+
+    def _job(self, policy: ShutdownPolicy) -> Job:
+        """This VM as the ladder takes it: its own monitor, agent, console and directories."""
+        assert self._dir is not None, "the VM is not running"
+        return Job(
+            os.fspath(self._dir / LADDER_SOCKET), policy=policy, name=self.name,
+            agent=self.agent_socket, save_dir=self.save_dir, evidence_dir=self.evidence_dir,
+            console_log=self.console_log,
+        )  # fmt: skip
 
     # ---- start -----------------------------------------------------------------
 
@@ -296,7 +208,7 @@ class VM:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpshutdown-"))
         argv = self.argv if state_fd is None else [*self.argv, *INCOMING_ARGS]
         argv = command_line(argv, self._dir, console_log=self._console_log, agent=self.agent)
-        self._popen = _spawn(argv, self._dir / "stderr", self.name)
+        self._popen = spawn(argv, self._dir / "stderr", self.name)
         self._process = PidfdProcess(self._popen.pid, os.pidfd_open(self._popen.pid))
         logger.info("%s: started QEMU, pid %d", self.name, self._popen.pid)
         caller = os.fspath(self.qmp_socket)
@@ -406,7 +318,7 @@ class VM:
 
 def launch(
     argv: Sequence[str],
-    policy: ShutdownPolicy = _DEFAULT_POLICY,
+    policy: ShutdownPolicy = DEFAULT_POLICY,
     name: str | None = None,
     *,
     startup_timeout: float = 30.0,

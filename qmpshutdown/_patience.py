@@ -9,108 +9,35 @@ record, and under ``patience="adaptive"`` they move the wait's deadline: on
 while the guest works (never past ``max_powerdown_timeout``), and early when
 it has been idle for ``idle_cutoff`` after the press.
 
-One :class:`Patience` per ladder (``Qemu.patience``); a graceful rung runs
-its wait as::
+One :class:`Sampler` per ladder (``Qemu.sampler``); it asks QEMU through a
+callable it is given (so it knows nothing of the ladder above it). A graceful
+rung runs its wait as (``GuestWait`` in :mod:`._qemu`)::
 
     async with qemu.sampling():
-        wait = qemu.patience.wait(qemu, policy.powerdown_timeout)
+        wait = qemu.wait_for(policy.powerdown_timeout)
         ...  # press, then
         seen = await wait.for_guest(next_press)
         if wait.over: ...  # why: wait.over ("timeout", "idle-cutoff", "cap")
 
-and takes :func:`wait_budget` as its budget.
+and takes :func:`~._policy.wait_budget` as its budget.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 import attrs
 
-from ._errors import CommandError, MonitorClosedError
 from ._policy import ShutdownPolicy
+from ._result import Activity
 
-if TYPE_CHECKING:
-    from ._qemu import Guest, Qemu
+#: Asks QEMU one QMP command for a reading; None when it cannot answer.
+Ask = Callable[[str], Awaitable[object]]
 
 logger = logging.getLogger("qmpshutdown")
-
-#: Why a graceful wait ended (:attr:`Activity.ended`).
-WAIT_ENDS = ("powered-off", "idle-cutoff", "cap", "timeout")
-
-
-@attrs.frozen
-class Activity:
-    """What the guest did while the graceful rungs waited for it (their sampler's readings).
-
-    :ivar samples: readings taken (about one a second, the first one at the first press).
-    :ivar vcpu_seconds: CPU time the vCPU threads ran during the wait, in seconds.
-    :ivar bytes_read: bytes the guest read from its block devices during the wait.
-    :ivar bytes_written: bytes it wrote.
-    :ivar longest_idle: the longest stretch, in seconds, in which it did no work.
-    :ivar busy_seconds: seconds of the wait in which it worked (CPU or disk above
-        the policy's ``busy_cpu`` / ``busy_io``).
-    :ivar busy_at_end: True when it was still working in the last two readings.
-    :ivar ended: why the (last) wait ended: ``powered-off``, ``idle-cutoff`` (adaptive:
-        idle too long), ``cap`` (adaptive: ``max_powerdown_timeout``), ``timeout``; None
-        when it was cut short otherwise (QEMU went without the guest, a panic, a failure).
-    """
-
-    samples: int
-    vcpu_seconds: float
-    bytes_read: int
-    bytes_written: int
-    longest_idle: float
-    busy_seconds: float
-    busy_at_end: bool
-    ended: str | None
-
-    @property
-    def reacted(self) -> bool:
-        """True when the guest worked at all during the wait (a reaction to the press)."""
-        return self.busy_seconds > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict: the fields, times as ``*_s``.
-
-        Keys: ``samples``, ``vcpu_seconds``, ``bytes_read``, ``bytes_written``,
-        ``longest_idle_s``, ``busy_s``, ``busy_at_end``, ``ended``.
-        """
-        return {
-            "samples": self.samples,
-            "vcpu_seconds": round(self.vcpu_seconds, 6),
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "longest_idle_s": round(self.longest_idle, 6),
-            "busy_s": round(self.busy_seconds, 6),
-            "busy_at_end": self.busy_at_end,
-            "ended": self.ended,
-        }
-
-    def summary(self) -> str:
-        """A few words for a step's detail: how busy, how idle."""
-        state = "busy at the end" if self.busy_at_end else f"idle for {self.longest_idle:.0f} s"
-        return (
-            f"guest {state}: {self.vcpu_seconds:.1f} vCPU s, "
-            f"{_size(self.bytes_read)} read, {_size(self.bytes_written)} written, "
-            f"busy {self.busy_seconds:.0f} s"
-        )
-
-
-def _size(count: int) -> str:
-    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count // 1024} KiB"
-
-
-def wait_budget(policy: ShutdownPolicy, timeout: float) -> float:
-    """The longest a graceful wait of *timeout* may last under *policy* (adaptive: the cap)."""
-    if policy.patience == "adaptive":
-        return max(timeout, policy.max_powerdown_timeout)
-    return timeout
-
 
 # ---- reading the guest ------------------------------------------------------------
 
@@ -184,7 +111,7 @@ class Reading:
 # ---- the record and the deadline ----------------------------------------------------
 
 
-class Patience:
+class Sampler:
     """The guest's activity while graceful rungs wait, and their deadlines (one per ladder).
 
     :param policy: the thresholds (``busy_cpu``, ``busy_io``, ``sample_interval``)
@@ -213,47 +140,39 @@ class Patience:
         """True when nothing about the guest can be read (no pid, or both sources failed)."""
         return not (self.cpu_ok or self.io_ok)
 
-    def wait(self, qemu: Qemu, timeout: float) -> GuestWait:
-        """Begin one graceful wait of *timeout* seconds (the rung's patience applies)."""
-        wait = GuestWait(self, qemu, timeout)
-        self.quiet_since = wait.started
+    def begin_wait(self, started: float) -> None:
+        """A graceful wait begins at *started*: the guest is quiet since then, so far."""
+        self.quiet_since = started
         self.ended = None
-        return wait
 
-    async def sample_forever(self, qemu: Qemu) -> None:
-        """Read the guest every ``sample_interval`` until cancelled (a sampler of ``Qemu``)."""
+    async def sample_forever(self, ask: Ask, name: str = "qemu") -> None:
+        """Read the guest every ``sample_interval`` until cancelled.
+
+        :param ask: runs one QMP command and returns its reply (None when it failed).
+        """
         if self.pid is None:
             return
-        previous = await self.reading(qemu)
+        previous = await self.reading(ask)
         while not self.blind:
             await anyio.sleep(self.policy.sample_interval)
-            current = await self.reading(qemu)
-            self.take(previous, current, qemu.recorder.name)
+            current = await self.reading(ask)
+            self.take(previous, current, name)
             previous = current
 
-    async def reading(self, qemu: Qemu) -> Reading:
+    async def reading(self, ask: Ask) -> Reading:
         """Read the totals now (a failing source is dropped for the rest of the ladder)."""
         assert self.pid is not None
         if self.tids is None and self.cpu_ok:
-            self.tids = _thread_ids(await self._ask(qemu, "query-cpus-fast"))
+            self.tids = _thread_ids(await ask("query-cpus-fast"))
             self.cpu_ok = bool(self.tids)
         io = None
         if self.io_ok:
-            io = _block_totals(await self._ask(qemu, "query-blockstats"))
+            io = _block_totals(await ask("query-blockstats"))
             self.io_ok = io is not None
         times = vcpu_times(self.pid, self.tids) if self.cpu_ok and self.tids else None
         self.cpu_ok = self.cpu_ok and times is not None
         ran, wanted = times if times is not None else (None, None)
         return Reading(anyio.current_time(), ran, wanted, io)
-
-    async def _ask(self, qemu: Qemu, command: str) -> object:
-        if qemu.monitor is None or qemu.monitor.is_closed():
-            return None
-        try:
-            return await qemu.command(command)
-        except (CommandError, MonitorClosedError, TimeoutError) as err:
-            logger.debug("%s: %s for sampling failed: %r", qemu.recorder.name, command, err)
-            return None
 
     def take(self, before: Reading, after: Reading, name: str = "qemu") -> None:
         """Count one interval between two readings: busy or idle, CPU, bytes."""
@@ -309,77 +228,3 @@ class Patience:
             busy_at_end=any(self.recent),
             ended=ended,
         )
-
-
-class GuestWait:
-    """One graceful rung's wait for the guest: its deadline, fixed or adaptive.
-
-    Fixed: *timeout* after the start. Adaptive: the later of that and
-    ``idle_cutoff`` after the guest last worked, never past
-    ``max_powerdown_timeout``; and early once the guest has done nothing for
-    ``idle_cutoff`` since the start (or since it last worked) while the last
-    press has had ``min(idle_cutoff, repress_interval)`` to show a reaction.
-    """
-
-    def __init__(self, patience: Patience, qemu: Qemu, timeout: float) -> None:
-        self.patience = patience
-        self.qemu = qemu
-        self.timeout = timeout
-        self.started = self.last_press = anyio.current_time()
-        self.over: str | None = None  #: why the wait is over ("timeout", "idle-cutoff", "cap")
-
-    def pressed(self) -> None:
-        """Note a press (or another request): the guest gets a fresh chance to react to it."""
-        self.last_press = anyio.current_time()
-
-    def deadline(self) -> tuple[float, str]:
-        """When the wait ends as things stand (anyio clock), and why it would."""
-        policy, patience = self.qemu.policy, self.patience
-        base = self.started + self.timeout
-        if policy.patience != "adaptive" or patience.blind:
-            return base, "timeout"
-        cap = self.started + wait_budget(policy, self.timeout)
-        last_busy = patience.last_busy
-        if last_busy is not None and last_busy <= self.started:
-            last_busy = None  # work before this wait is no reaction to it
-        late = base if last_busy is None else max(base, last_busy + policy.idle_cutoff)
-        interval = policy.repress_interval
-        window = policy.idle_cutoff if interval is None else min(policy.idle_cutoff, interval)
-        quiet_since = self.started if last_busy is None else last_busy
-        early = max(quiet_since + policy.idle_cutoff, self.last_press + window)
-        if early <= min(cap, late):
-            return early, "idle-cutoff"
-        return (cap, "cap") if cap < late else (late, "timeout")
-
-    async def for_guest(self, until: float) -> Guest:
-        """Wait for the guest until *until* or the deadline; :attr:`over` tells which came."""
-        from ._qemu import Guest
-
-        interval = self.qemu.policy.sample_interval
-        while True:
-            end, why = self.deadline()
-            now = anyio.current_time()
-            if now >= end:
-                self.over = self.patience.ended = why
-                self.patience.idle_until(now)
-                return Guest.WAITING
-            if now >= until:
-                return Guest.WAITING
-            # The deadline moves with the readings: look again after each one.
-            seen = await self.qemu.wait_for_guest(min(until, end, now + interval))
-            if seen is not Guest.WAITING:
-                if seen is Guest.OFF:
-                    self.patience.ended = "powered-off"
-                return seen
-
-    def why_over(self) -> str:
-        """The step's words for an ended wait, with what was seen."""
-        policy = self.qemu.policy
-        if self.over == "idle-cutoff":
-            what = f"guest idle {policy.idle_cutoff:g} s after the press: escalating early"
-        elif self.over == "cap":
-            what = f"no power-off in {wait_budget(policy, self.timeout):g} s (the cap)"
-        else:
-            what = f"no power-off in {self.timeout:g} s"
-        seen = self.patience.activity(powered_off=False)
-        return what if seen is None else f"{what}; {seen.summary()}"

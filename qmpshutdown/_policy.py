@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -82,15 +83,25 @@ def _validate_stages(instance: Any, attribute: Any, value: tuple[Stage, ...]) ->
         )
 
 
-def _seconds(instance: Any, attribute: Any, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{attribute.name} must be a number of seconds, not {value!r}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite or value <= 0:
-        raise ValueError(f"{attribute.name} must be a finite number of seconds > 0, not {value!r}")
+def _positive(unit: str) -> Callable[[Any, Any, float], None]:
+    """A validator: a finite number > 0 (of *unit*, e.g. "seconds"; "" for a plain number)."""
+    what = f"number of {unit}" if unit else "number"
+
+    def check(instance: Any, attribute: Any, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{attribute.name} must be a {what}, not {value!r}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite or value <= 0:
+            raise ValueError(f"{attribute.name} must be a finite {what} > 0, not {value!r}")
+
+    return check
+
+
+_seconds = _positive("seconds")
+_rate = _positive("")
 
 
 def _optional_seconds(instance: Any, attribute: Any, value: float | None) -> None:
@@ -98,24 +109,25 @@ def _optional_seconds(instance: Any, attribute: Any, value: float | None) -> Non
         _seconds(instance, attribute, value)
 
 
-def _rate(instance: Any, attribute: Any, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{attribute.name} must be a number, not {value!r}")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite or value <= 0:
-        raise ValueError(f"{attribute.name} must be a finite number > 0, not {value!r}")
+class Patience(str, enum.Enum):
+    """How a graceful rung waits for the guest (see :attr:`ShutdownPolicy.patience`)."""
+
+    FIXED = "fixed"  #: wait ``powerdown_timeout``, whatever the guest does
+    ADAPTIVE = "adaptive"  #: wait on while the guest works, give up early when it idles
+
+    def __str__(self) -> str:
+        return self.value
 
 
 #: The patiences a policy may name.
-PATIENCES = ("fixed", "adaptive")
+PATIENCES = tuple(p.value for p in Patience)
 
 
-def _patience(instance: Any, attribute: Any, value: str) -> None:
-    if value not in PATIENCES:
-        raise ValueError(f"patience must be 'fixed' or 'adaptive', not {value!r}")
+def _convert_patience(value: Any) -> Patience:
+    try:
+        return Patience(value)
+    except ValueError:
+        raise ValueError(f"patience must be 'fixed' or 'adaptive', not {value!r}") from None
 
 
 def _flag(instance: Any, attribute: Any, value: bool) -> None:
@@ -158,7 +170,8 @@ class ShutdownPolicy:
         rung, so that they come back clean; a running guest is never left frozen.
     :param freeze_timeout: the longest a freeze may take (Windows' VSS itself
         gives up after 10 s).
-    :param patience: ``"fixed"`` waits ``powerdown_timeout`` for the guest;
+    :param patience: a :class:`Patience` (or its value as a string): ``"fixed"``
+        waits ``powerdown_timeout`` for the guest;
         ``"adaptive"`` reads the guest while it waits: it waits on while the guest
         works (CPU or disk), up to ``max_powerdown_timeout``, and escalates early
         once the guest has been idle for ``idle_cutoff`` after the press.
@@ -194,7 +207,7 @@ class ShutdownPolicy:
     agent_timeout: float = attrs.field(default=60.0, validator=_seconds)
     freeze_before_force: bool = attrs.field(default=True, validator=_flag)
     freeze_timeout: float = attrs.field(default=10.0, validator=_seconds)
-    patience: str = attrs.field(default="fixed", validator=_patience)
+    patience: Patience = attrs.field(default=Patience.FIXED, converter=_convert_patience)
     max_powerdown_timeout: float = attrs.field(default=600.0, validator=_seconds)
     idle_cutoff: float = attrs.field(default=15.0, validator=_seconds)
     busy_cpu: float = attrs.field(default=0.4, validator=_rate)
@@ -202,7 +215,8 @@ class ShutdownPolicy:
     sample_interval: float = attrs.field(default=1.0, validator=_seconds)
 
     def __attrs_post_init__(self) -> None:
-        if self.patience == "adaptive" and self.max_powerdown_timeout < self.powerdown_timeout:
+        adaptive = self.patience is Patience.ADAPTIVE
+        if adaptive and self.max_powerdown_timeout < self.powerdown_timeout:
             raise ValueError(
                 f"max_powerdown_timeout ({self.max_powerdown_timeout:g} s) must not be below "
                 f"powerdown_timeout ({self.powerdown_timeout:g} s) under adaptive patience"
@@ -223,8 +237,121 @@ class ShutdownPolicy:
 
         Connecting and the three commands around the rungs (the runstate on
         arrival, QEMU's last events, closing the monitor), plus the budget of
-        every rung the policy allows; the ladder holds each rung to its budget.
+        every rung the policy allows (and of the steps before force when one of
+        them is forced); the ladder holds each step to its budget
+        (:data:`BUDGETS`).
         """
-        from ._rungs import plan_budget  # the rungs know their budgets; they import this module
+        return ARRIVAL.of(self) + sum(budget.of(self) for budget in self.budgets())
 
-        return self.connect_timeout + 3 * self.command_timeout + plan_budget(self)
+    def budgets(self) -> list[Budget]:
+        """The budget of each step the bound counts: the rungs, then the steps before force."""
+        steps = [BUDGETS[stage] for stage in self.stages]
+        if any(stage not in GRACEFUL_STAGES for stage in self.stages):
+            steps += [BUDGETS[stage] for stage in BEFORE_FORCE_STAGES]
+        return steps
+
+    @property
+    def commands(self) -> int:
+        """How many ``command_timeout`` s the bound counts (connecting aside)."""
+        return ARRIVAL.commands + sum(budget.commands for budget in self.budgets())
+
+
+#: The one default policy (every entry point's default).
+DEFAULT_POLICY = ShutdownPolicy()
+
+
+def wait_budget(policy: ShutdownPolicy, timeout: float) -> float:
+    """The longest a graceful wait of *timeout* may last under *policy* (adaptive: the cap)."""
+    if policy.patience is Patience.ADAPTIVE:
+        return max(timeout, policy.max_powerdown_timeout)
+    return timeout
+
+
+# ---- budgets: what each step may spend, as data ------------------------------------
+
+
+@attrs.frozen
+class Wait:
+    """One of the policy's timeouts, as the steps spend it.
+
+    :ivar seconds: its value under a policy.
+    :ivar shortened: a copy of a policy with it set to a number of seconds.
+    :ivar reserve_share: its share of a fleet deadline's reserve for everything but
+        the graceful waits (``shutdown_many(deadline=)``); None for a graceful wait,
+        which gets what the reserve leaves, and for ``command_timeout``, which
+        shares what the others leave among the commands the bound counts.
+    """
+
+    seconds: Callable[[ShutdownPolicy], float]
+    shortened: Callable[[ShutdownPolicy, float], ShutdownPolicy]
+    reserve_share: float | None = None
+
+
+CONNECT = Wait(
+    lambda p: p.connect_timeout, lambda p, s: attrs.evolve(p, connect_timeout=s), 0.15
+)
+COMMAND = Wait(lambda p: p.command_timeout, lambda p, s: attrs.evolve(p, command_timeout=s))
+POWERDOWN = Wait(lambda p: p.powerdown_timeout, lambda p, s: attrs.evolve(p, powerdown_timeout=s))
+AGENT = Wait(lambda p: p.agent_timeout, lambda p, s: attrs.evolve(p, agent_timeout=s))
+SAVE = Wait(lambda p: p.save_timeout, lambda p, s: attrs.evolve(p, save_timeout=s), 0.05)
+QUIT = Wait(lambda p: p.quit_timeout, lambda p, s: attrs.evolve(p, quit_timeout=s), 0.1)
+TERMINATE = Wait(
+    lambda p: p.terminate_timeout, lambda p, s: attrs.evolve(p, terminate_timeout=s), 0.05
+)
+KILL = Wait(lambda p: p.kill_timeout, lambda p, s: attrs.evolve(p, kill_timeout=s), 0.05)
+FREEZE = Wait(lambda p: p.freeze_timeout, lambda p, s: attrs.evolve(p, freeze_timeout=s), 0.05)
+
+#: Every timeout, in the order a fleet deadline shortens them.
+WAITS: tuple[Wait, ...] = (CONNECT, COMMAND, POWERDOWN, AGENT, SAVE, QUIT, TERMINATE, KILL, FREEZE)
+#: The graceful waits, with the rung that spends each.
+GRACEFUL_WAITS: tuple[tuple[Stage, Wait], ...] = (
+    (Stage.POWERDOWN, POWERDOWN),
+    (Stage.AGENT, AGENT),
+)
+
+
+@attrs.frozen
+class Budget:
+    """What one step may spend: a number of commands (each ``command_timeout``) and waits.
+
+    :ivar commands: the QMP (or agent) commands it may send.
+    :ivar waits: the policy's timeouts it may wait out.
+    :ivar patient: its first wait is a graceful one that adaptive patience may
+        stretch to ``max_powerdown_timeout`` (:func:`wait_budget`).
+    """
+
+    commands: int
+    waits: tuple[Wait, ...] = ()
+    patient: bool = False
+
+    def of(self, policy: ShutdownPolicy) -> float:
+        """The budget in seconds under *policy*."""
+        waits = [wait.seconds(policy) for wait in self.waits]
+        if self.patient and waits:
+            waits[0] = wait_budget(policy, waits[0])
+        return self.commands * policy.command_timeout + sum(waits)
+
+
+#: Connecting, then the runstate on arrival, QEMU's last events and closing the monitor.
+ARRIVAL = Budget(3, (CONNECT,))
+#: Each step's budget. The power button: a press sent at the deadline, then confirming the
+#: power-off. The agent: the probe, osinfo, users, fsfreeze-status, a thaw (its own three),
+#: guest-shutdown and confirming the power-off. Save: query-status, the memory size,
+#: capabilities, getfd, migrate, then migrate_cancel or the last query-migrate, and quit.
+#: The screenshot: one before force, one more when the ladder ends with QEMU running. The
+#: freeze: reaching the agent (connect and resync), then the freeze itself.
+BUDGETS: dict[Stage, Budget] = {
+    Stage.POWERDOWN: Budget(2, (POWERDOWN,), patient=True),
+    Stage.AGENT: Budget(9, (AGENT,)),
+    Stage.SAVE: Budget(7, (SAVE, QUIT)),
+    Stage.QUIT: Budget(1, (QUIT,)),
+    Stage.TERMINATE: Budget(0, (TERMINATE,)),
+    Stage.KILL: Budget(0, (KILL,)),
+    Stage.SCREENSHOT: Budget(2),
+    Stage.FREEZE: Budget(1, (FREEZE,)),
+}
+#: The steps that run right before the first forced rung, in order (the screenshot first,
+#: so that it shows the guest as it was; the freeze last).
+BEFORE_FORCE_STAGES: tuple[Stage, ...] = (Stage.SCREENSHOT, Stage.FREEZE)
+#: The rungs that end QEMU rather than ask its guest.
+FORCED_STAGES: frozenset[Stage] = frozenset(RUNGS) - GRACEFUL_STAGES

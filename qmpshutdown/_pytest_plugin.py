@@ -29,7 +29,7 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ._launch import VM, launch
-from ._policy import ShutdownPolicy
+from ._policy import DEFAULT_POLICY, ShutdownPolicy
 from ._sync import SyncVM, refuse_in_event_loop, wait_through
 
 
@@ -93,10 +93,12 @@ class QemuLauncher:
 class SyncQemuLauncher:
     """:class:`QemuLauncher` for plain tests: its VMs live in one blocking portal's loop."""
 
-    def __init__(self, policy: ShutdownPolicy, portal: BlockingPortal) -> None:
+    def __init__(
+        self, policy: ShutdownPolicy, portal: BlockingPortal, evidence_dir: Path | None = None
+    ) -> None:
         self.policy = policy
         self.portal = portal
-        self._launcher = QemuLauncher(policy)
+        self._launcher = QemuLauncher(policy, evidence_dir)
         self.vms: list[SyncVM] = []
 
     def launch(
@@ -122,9 +124,13 @@ class SyncQemuLauncher:
         self.vms.append(vm)
         return vm
 
-    def close(self) -> list[str]:
-        """Stop every VM still running (concurrently, even through Ctrl-C); one line per VM."""
-        return wait_through(self.portal.start_task_soon(self._launcher.aclose), cancel=False)
+    def close(self, *, keep_evidence: bool = True) -> list[str]:
+        """Stop every VM still running (concurrently, even through Ctrl-C); one line per VM.
+
+        :param keep_evidence: keep the screenshots (a failing test); else remove them.
+        """
+        close = functools.partial(self._launcher.aclose, keep_evidence=keep_evidence)
+        return wait_through(self.portal.start_task_soon(close), cancel=False)
 
 
 def _report(request: pytest.FixtureRequest, lines: list[str]) -> None:
@@ -148,7 +154,7 @@ def pytest_runtest_makereport(
 @pytest.fixture
 def qemu_shutdown_policy() -> ShutdownPolicy:
     """The policy ``qemu_launcher`` stops VMs with; override this fixture to change it."""
-    return ShutdownPolicy()
+    return DEFAULT_POLICY
 
 
 try:
@@ -187,17 +193,22 @@ else:
 
 @pytest.fixture
 def qemu_launcher_sync(
-    request: pytest.FixtureRequest, qemu_shutdown_policy: ShutdownPolicy
+    request: pytest.FixtureRequest, qemu_shutdown_policy: ShutdownPolicy, tmp_path: Path
 ) -> Iterator[SyncQemuLauncher]:
     """Boot QEMU VMs in a plain ``def`` test; every one is stopped and reaped at teardown.
 
     ``vm = qemu_launcher_sync.launch(argv)`` returns a running
     :class:`qmpshutdown.SyncVM`; the test's VMs share one blocking portal; how
-    each was stopped goes into the test's report.
+    each was stopped goes into the test's report, with the screenshot of a VM
+    that had to be forced (kept in the test's ``tmp_path`` when the test failed),
+    as ``qemu_launcher`` does.
     """
+    evidence = tmp_path / "qmpshutdown-evidence"
+    evidence.mkdir(exist_ok=True)
     with start_blocking_portal(backend="asyncio") as portal:
-        launcher = SyncQemuLauncher(qemu_shutdown_policy, portal)
+        launcher = SyncQemuLauncher(qemu_shutdown_policy, portal, evidence)
         try:
             yield launcher
         finally:
-            _report(request, launcher.close())
+            failed = request.node.stash.get(_CALL_FAILED, False)
+            _report(request, launcher.close(keep_evidence=failed))

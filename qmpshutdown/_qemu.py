@@ -17,9 +17,10 @@ import anyio
 
 from ._agent import AgentLink
 from ._errors import CommandError, MonitorClosedError
+from ._job import Job
 from ._monitor import Monitor
-from ._patience import Patience
-from ._policy import GRACEFUL_STAGES, RUNGS, ShutdownPolicy, Stage
+from ._patience import Sampler
+from ._policy import GRACEFUL_STAGES, RUNGS, Patience, ShutdownPolicy, Stage, wait_budget
 from ._process import Process
 from ._result import Cause, EventRecord, Outcome
 from ._steps import Ended, OpenStep, Recorder
@@ -44,53 +45,42 @@ class Guest(enum.Enum):
 class Qemu:
     """One QEMU under the ladder.
 
+    :param job: the VM and its options (its policy set).
     :param monitor: its QMP monitor, or None when it could not be reached.
     :param process: its pinned process, or None when signals are impossible.
-    :param policy: the policy the ladder runs under.
     :param recorder: where steps, log lines and progress go.
     :param no_monitor_why: why there is no monitor (for skipped steps).
     :param no_signal_why: why there is no process (for skipped steps).
-    :param agent: the unix socket of the guest agent's chardev, or None.
     """
 
     def __init__(
         self,
+        job: Job,
         monitor: Monitor | None,
         process: Process | None,
-        policy: ShutdownPolicy,
         recorder: Recorder,
         *,
         no_monitor_why: str = "",
         no_signal_why: str = "",
-        agent: str | None = None,
     ) -> None:
+        self.job = job
+        self.policy: ShutdownPolicy = job.the_policy
         self.monitor = monitor
         self.process = process
-        self.policy = policy
         self.recorder = recorder
         self.no_monitor_why = no_monitor_why
         self.no_signal_why = no_signal_why
         self.watch = Watch()
         self.runstate: str | None = None  #: as found on arrival
         self.presses = 0
-        #: Where to save the guest's screen when it must be forced (``evidence_dir=``), or None.
-        self.evidence_dir: str | None = None
-        #: The serial console's log file (``launch(console_log=True)``), or None.
-        self.console_log: str | None = None
-        #: What the guest does while graceful rungs wait, and their deadlines.
-        self.patience = Patience(policy, None if process is None else process.pid)
+        #: What the guest does while graceful rungs wait.
+        self.sampler = Sampler(self.policy, None if process is None else process.pid)
         #: Tasks that watch the guest while a graceful rung waits.
-        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = [
-            self.patience.sample_forever
-        ]
-        #: Where the ``save`` rung puts the guest's state file (the caller's ``save_dir``);
-        #: None skips that rung.
-        self.save_dir: str | None = None
-        #: The state file once the ``save`` rung wrote it whole (see :mod:`._save`).
-        self.saved_to: str | None = None
-        #: The way to the guest agent (the socket given per call), shared by the agent
-        #: rung and the freeze; None without an agent socket.
-        self.agent = None if agent is None else AgentLink(agent, policy.command_timeout)
+        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = [_sample]
+        #: The way to the guest agent (the job's socket), shared by the agent rung and the
+        #: freeze; None without an agent socket.
+        agent = job.agent_path
+        self.agent = None if agent is None else AgentLink(agent, self.policy.command_timeout)
 
     # ---- state -------------------------------------------------------------------
 
@@ -133,6 +123,16 @@ class Qemu:
             return err
         return None
 
+    async def ask(self, name: str) -> object:
+        """Run *name* for a reading of the guest: its reply, or None (no monitor, an error)."""
+        if self.monitor is None or self.monitor.is_closed():
+            return None
+        try:
+            return await self.command(name)
+        except (CommandError, MonitorClosedError, TimeoutError) as err:
+            logger.debug("%s: %s for sampling failed: %r", self.recorder.name, name, err)
+            return None
+
     async def read_runstate(self) -> str | None:
         try:
             reply = await self.command("query-status")
@@ -152,6 +152,12 @@ class Qemu:
             self.recorder.say("guest is already off (runstate shutdown)")
 
     # ---- the waits the rungs share ---------------------------------------------------
+
+    def wait_for(self, timeout: float) -> GuestWait:
+        """Begin one graceful wait of *timeout* seconds (the policy's patience applies)."""
+        wait = GuestWait(self, timeout)
+        self.sampler.begin_wait(wait.started)
+        return wait
 
     async def wait_for_guest(self, until: float) -> Guest:
         """Wait until the guest powered off, panicked, QEMU went, or *until* (anyio clock)."""
@@ -274,3 +280,79 @@ class Qemu:
 
 def _join(so_far: str, what: str) -> str:
     return f"{so_far}; {what}" if so_far else what
+
+
+async def _sample(qemu: Qemu) -> None:
+    await qemu.sampler.sample_forever(qemu.ask, qemu.recorder.name)
+
+
+class GuestWait:
+    """One graceful rung's wait for the guest: its deadline, fixed or adaptive.
+
+    Fixed: *timeout* after the start. Adaptive: the later of that and
+    ``idle_cutoff`` after the guest last worked, never past
+    ``max_powerdown_timeout``; and early once the guest has done nothing for
+    ``idle_cutoff`` since the start (or since it last worked) while the last
+    press has had ``min(idle_cutoff, repress_interval)`` to show a reaction.
+    """
+
+    def __init__(self, qemu: Qemu, timeout: float) -> None:
+        self.qemu = qemu
+        self.sampler = qemu.sampler
+        self.timeout = timeout
+        self.started = self.last_press = anyio.current_time()
+        self.over: str | None = None  #: why the wait is over ("timeout", "idle-cutoff", "cap")
+
+    def pressed(self) -> None:
+        """Note a press (or another request): the guest gets a fresh chance to react to it."""
+        self.last_press = anyio.current_time()
+
+    def deadline(self) -> tuple[float, str]:
+        """When the wait ends as things stand (anyio clock), and why it would."""
+        policy, sampler = self.qemu.policy, self.sampler
+        base = self.started + self.timeout
+        if policy.patience is not Patience.ADAPTIVE or sampler.blind:
+            return base, "timeout"
+        cap = self.started + wait_budget(policy, self.timeout)
+        last_busy = sampler.last_busy
+        if last_busy is not None and last_busy <= self.started:
+            last_busy = None  # work before this wait is no reaction to it
+        late = base if last_busy is None else max(base, last_busy + policy.idle_cutoff)
+        interval = policy.repress_interval
+        window = policy.idle_cutoff if interval is None else min(policy.idle_cutoff, interval)
+        quiet_since = self.started if last_busy is None else last_busy
+        early = max(quiet_since + policy.idle_cutoff, self.last_press + window)
+        if early <= min(cap, late):
+            return early, "idle-cutoff"
+        return (cap, "cap") if cap < late else (late, "timeout")
+
+    async def for_guest(self, until: float) -> Guest:
+        """Wait for the guest until *until* or the deadline; :attr:`over` tells which came."""
+        interval = self.qemu.policy.sample_interval
+        while True:
+            end, why = self.deadline()
+            now = anyio.current_time()
+            if now >= end:
+                self.over = self.sampler.ended = why
+                self.sampler.idle_until(now)
+                return Guest.WAITING
+            if now >= until:
+                return Guest.WAITING
+            # The deadline moves with the readings: look again after each one.
+            seen = await self.qemu.wait_for_guest(min(until, end, now + interval))
+            if seen is not Guest.WAITING:
+                if seen is Guest.OFF:
+                    self.sampler.ended = "powered-off"
+                return seen
+
+    def why_over(self) -> str:
+        """The step's words for an ended wait, with what was seen."""
+        policy = self.qemu.policy
+        if self.over == "idle-cutoff":
+            what = f"guest idle {policy.idle_cutoff:g} s after the press: escalating early"
+        elif self.over == "cap":
+            what = f"no power-off in {wait_budget(policy, self.timeout):g} s (the cap)"
+        else:
+            what = f"no power-off in {self.timeout:g} s"
+        seen = self.sampler.activity(powered_off=False)
+        return what if seen is None else f"{what}; {seen.summary()}"

@@ -10,7 +10,6 @@ from typing import Any
 
 import attrs
 
-from ._patience import Activity
 from ._policy import Stage
 
 
@@ -43,6 +42,72 @@ class Cause(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+#: Why a graceful wait ended (:attr:`Activity.ended`).
+WAIT_ENDS = ("powered-off", "idle-cutoff", "cap", "timeout")
+
+
+@attrs.frozen
+class Activity:
+    """What the guest did while the graceful rungs waited for it (their sampler's readings).
+
+    :ivar samples: readings taken (about one a second, the first one at the first press).
+    :ivar vcpu_seconds: CPU time the vCPU threads ran during the wait, in seconds.
+    :ivar bytes_read: bytes the guest read from its block devices during the wait.
+    :ivar bytes_written: bytes it wrote.
+    :ivar longest_idle: the longest stretch, in seconds, in which it did no work.
+    :ivar busy_seconds: seconds of the wait in which it worked (CPU or disk above
+        the policy's ``busy_cpu`` / ``busy_io``).
+    :ivar busy_at_end: True when it was still working in the last two readings.
+    :ivar ended: why the (last) wait ended: ``powered-off``, ``idle-cutoff`` (adaptive:
+        idle too long), ``cap`` (adaptive: ``max_powerdown_timeout``), ``timeout``; None
+        when it was cut short otherwise (QEMU went without the guest, a panic, a failure).
+    """
+
+    samples: int
+    vcpu_seconds: float
+    bytes_read: int
+    bytes_written: int
+    longest_idle: float
+    busy_seconds: float
+    busy_at_end: bool
+    ended: str | None
+
+    @property
+    def reacted(self) -> bool:
+        """True when the guest worked at all during the wait (a reaction to the press)."""
+        return self.busy_seconds > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict: the fields, times as ``*_s``.
+
+        Keys: ``samples``, ``vcpu_seconds``, ``bytes_read``, ``bytes_written``,
+        ``longest_idle_s``, ``busy_s``, ``busy_at_end``, ``ended``.
+        """
+        return {
+            "samples": self.samples,
+            "vcpu_seconds": round(self.vcpu_seconds, 6),
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "longest_idle_s": round(self.longest_idle, 6),
+            "busy_s": round(self.busy_seconds, 6),
+            "busy_at_end": self.busy_at_end,
+            "ended": self.ended,
+        }
+
+    def summary(self) -> str:
+        """A few words for a step's detail: how busy, how idle."""
+        state = "busy at the end" if self.busy_at_end else f"idle for {self.longest_idle:.0f} s"
+        return (
+            f"guest {state}: {self.vcpu_seconds:.1f} vCPU s, "
+            f"{_size(self.bytes_read)} read, {_size(self.bytes_written)} written, "
+            f"busy {self.busy_seconds:.0f} s"
+        )
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count // 1024} KiB"
 
 
 def _frozen_data(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -89,7 +154,8 @@ class Step:
     :ivar cause: what this step saw of why the guest would not go (a paused or
         sleeping guest, a monitor that did not answer, …), else None; the
         result's ``cause`` is the first one a step names.
-    :ivar path: the file the step wrote (the PNG of a ``screenshot`` step), else None.
+    :ivar path: the file the step wrote (the PNG of a ``screenshot`` step, the
+        state file of a ``save`` step), else None.
     """
 
     stage: Stage = attrs.field(converter=Stage)
@@ -131,6 +197,17 @@ def _steps(value: Iterable[Step]) -> tuple[Step, ...]:
 
 def _optional_users(value: Iterable[str] | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(str(user) for user in value)
+
+
+def is_forced(stage: Stage | None, graceful: bool) -> bool:
+    """Whether the VM was ended by force rather than by its guest: the one definition.
+
+    The verdict (:func:`~._verdict.decide`), :attr:`ShutdownResult.forced`, the
+    record's evidence and the CLI's exit status all use it. A VM found already
+    off, or gone before anything was sent (``already-off``), was never forced;
+    neither was one whose guest powered itself off.
+    """
+    return stage is not None and stage is not Stage.ALREADY_OFF and not graceful
 
 
 @attrs.frozen(kw_only=True)
@@ -186,8 +263,11 @@ class ShutdownResult:
 
     @property
     def forced(self) -> bool:
-        """True when QEMU was ended by force (quit or a signal) rather than by its guest."""
-        return self.stage is not None and not self.graceful
+        """True when QEMU was ended by force (quit or a signal) rather than by its guest.
+
+        Never for ``already-off`` (see :func:`is_forced`).
+        """
+        return is_forced(self.stage, self.graceful)
 
     def step(self, stage: Stage | str) -> Step | None:
         """Return the last step of the rung *stage*, or None if it was not tried."""
@@ -228,10 +308,18 @@ class ShutdownResult:
         stage = "still running" if self.stage is None else self.stage.value
         parts = [
             stage,
-            "graceful" if self.graceful else ("forced" if self.stage is not None else "failed"),
+            _how(self),
             f"reason={self.reason or '-'}",
             f"presses={self.presses}",
             f"elapsed={self.elapsed:.2f}s",
             f"cause={self.cause.value if self.cause else '-'}",
         ]
         return " ".join(parts)
+
+
+def _how(result: ShutdownResult) -> str:
+    if result.graceful:
+        return "graceful"
+    if result.forced:
+        return "forced"
+    return "failed" if result.stage is None else "already off"

@@ -42,7 +42,12 @@ class OpenStep:
         self.stage = stage
         self.started = recorder.now()
         self.so_far = ""  #: what the step has done so far (kept if QEMU goes mid-step)
+        self.path: str | None = None  #: a file the step wrote whole (kept if QEMU goes)
         self.ended: Ended | None = None
+
+    def wrote(self, path: str) -> None:
+        """Keep *path* as the file this step wrote (its record's ``path``, however it ends)."""
+        self.path = path
 
     def note(self, detail: str, *, say: bool = True) -> None:
         """Keep *detail* as what the step has done so far; log and report it if *say*."""
@@ -98,9 +103,8 @@ class Recorder:
         self.close(step, ended, step.started)
 
     def close(self, step: OpenStep, ended: Ended, at: float) -> None:
-        record = Step(
-            step.stage, ended.outcome, step.started, at, ended.detail, ended.cause, ended.path
-        )
+        path = ended.path or step.path
+        record = Step(step.stage, ended.outcome, step.started, at, ended.detail, ended.cause, path)
         self.steps.append(record)
         message = f"{step.stage.value} {ended.outcome.value}: {ended.detail}"
         self._update(message, step.stage, ProgressKind.END, step=record)

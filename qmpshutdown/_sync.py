@@ -26,12 +26,11 @@ from qemu.qmp import EventListener
 
 from ._launch import VM, launch
 from ._monitor import EVENTS_KEPT, event_record
-from ._policy import ShutdownPolicy
+from ._policy import DEFAULT_POLICY, ShutdownPolicy
 from ._result import EventRecord, ShutdownResult
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_POLICY = ShutdownPolicy()
 T = TypeVar("T")
 
 
@@ -230,7 +229,7 @@ class SyncVM:
 
 def launch_sync(
     argv: Sequence[str],
-    policy: ShutdownPolicy = _DEFAULT_POLICY,
+    policy: ShutdownPolicy = DEFAULT_POLICY,
     name: str | None = None,
     *,
     portal: BlockingPortal | None = None,

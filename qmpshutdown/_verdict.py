@@ -12,9 +12,8 @@ from typing import Any
 
 import attrs
 
-from ._patience import Activity
 from ._policy import GRACEFUL_STAGES, RUNGS, Stage
-from ._result import Cause, EventRecord, Outcome, Step
+from ._result import Activity, Cause, EventRecord, Outcome, Step, is_forced
 
 #: SHUTDOWN reasons of a guest that ended itself without being forced.
 GUEST_OFF_REASONS = frozenset({"guest-shutdown", "guest-reset"})
@@ -22,11 +21,26 @@ GUEST_OFF_REASONS = frozenset({"guest-shutdown", "guest-reset"})
 
 @attrs.frozen
 class Verdict:
-    """What a ladder's record says: the rung that ended the VM, ``graceful`` and ``cause``."""
+    """What a ladder's record says: the rung that ended the VM, graceful, forced, cause."""
 
     stage: Stage | None
     graceful: bool
     cause: Cause | None
+    forced: bool = False
+
+
+def screenshot_of(steps: Sequence[Step]) -> str | None:
+    """The file of the last ``screenshot`` step that saved one, else None."""
+    saved = [s.path for s in steps if s.stage is Stage.SCREENSHOT and s.outcome is Outcome.DONE]
+    return saved[-1] if saved else None
+
+
+def saved_state(stage: Stage | None, steps: Sequence[Step]) -> str | None:
+    """The state file when the ``save`` rung is the one that ended the VM, else None."""
+    if stage is not Stage.SAVE:
+        return None
+    saved = [s.path for s in steps if s.stage is Stage.SAVE and s.outcome is Outcome.DONE]
+    return saved[-1] if saved else None
 
 
 def first_shutdown(events: Sequence[EventRecord]) -> Mapping[str, Any] | None:
@@ -160,4 +174,4 @@ def decide(
             steps, events, runstate=runstate, presses=presses, guest_os=guest_os,
             guest_users=guest_users, activity=activity,
         )  # fmt: skip
-    return Verdict(stage, graceful, cause)
+    return Verdict(stage, graceful, cause, is_forced(stage, graceful))

@@ -15,6 +15,7 @@ from fakeagent import FakeAgent
 from fakes import FakeQemu
 from policies import FAKE
 from qmpshutdown import Cause, ShutdownFailed, Stage
+from qmpshutdown import Job
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._verdict import decide
 
@@ -33,10 +34,10 @@ def outcomes(result):
 
 async def ladder(fake, agent_path, policy=POLICY, **kwargs):
     with anyio.fail_after(policy.bound + 5):
+        job = Job("fake", policy=policy, name="fake", agent=agent_path)
         return await run_plan(
-            fake.monitor, fake.process, policy, started=anyio.current_time(), name="fake",
-            agent=agent_path, **kwargs,
-        )  # fmt: skip
+            job, fake.monitor, fake.process, started=anyio.current_time(), **kwargs
+        )
 
 
 async def with_agent(tmp_path, fake, behaviour="honest", *, policy=POLICY, **kwargs):
@@ -208,8 +209,8 @@ async def test_a_cancelled_caller_after_the_freeze_gets_a_thawed_running_guest(t
                     caller.cancel()
 
             await run_plan(
-                fake.monitor, fake.process, policy, started=anyio.current_time(),
-                agent=agent.path, on_progress=on_progress,
+                Job("qemu", policy=policy, name="qemu", agent=agent.path), fake.monitor,
+                fake.process, started=anyio.current_time(), on_progress=on_progress,
             )  # fmt: skip
         tg.cancel_scope.cancel()
     assert caller.cancelled_caught

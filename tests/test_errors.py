@@ -45,10 +45,13 @@ def test_the_expected_classes_exist() -> None:
     assert [cls.__name__ for cls in DEFINED] == [
         "CommandError",
         "ConnectError",
+        "DescriptorsExhausted",
         "Error",
+        "InternalError",
         "LaunchError",
         "MonitorClosedError",
         "PidMismatchError",
+        "QemuExited",
         "ShutdownFailed",
     ]
     assert EXPORTED == DEFINED

@@ -16,7 +16,8 @@ import qmpshutdown
 from guests import decode_png
 from policies import FAULTS
 from qmpshutdown import Outcome, ShutdownFailed, Stage
-from qmpshutdown._evidence import console_tail, reserve, screenshot_name
+from qmpshutdown._ladder import console_tail
+from qmpshutdown._rungs.screenshot import reserve, screenshot_name
 
 POLICY = FAULTS
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import qmpshutdown
 from guests import READY_PREFIX, guest_argv
 from policies import FAULTS
 from qmpshutdown import Stage
-from qmpshutdown._launch import console_log_path, given_serial
+from qmpshutdown._spawn import console_log_path, given_serial
 
 POLICY = FAULTS
 

@@ -16,7 +16,8 @@ import qmpshutdown._patience as patience_module
 from fakes import FakeQemu
 from qmpshutdown import Activity, Cause, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli import parse_command_line
-from qmpshutdown._patience import Patience, Reading, vcpu_times, wait_budget
+from qmpshutdown._patience import Reading, Sampler, vcpu_times
+from qmpshutdown._policy import wait_budget
 from qmpshutdown._verdict import likely_cause, press_cause
 
 ADAPTIVE = ShutdownPolicy(
@@ -212,7 +213,7 @@ def test_a_monitor_without_the_queries_leaves_the_guest_unread(monkeypatch):
 
 
 def test_an_interval_is_busy_on_cpu_or_disk_and_idle_stretches_are_counted():
-    patience = Patience(ShutdownPolicy(), pid=1)
+    patience = Sampler(ShutdownPolicy(), pid=1)
     patience.quiet_since = 0.0
     readings = [
         Reading(0.0, 0.0, 0.0, (0, 0, 0)),

@@ -16,9 +16,11 @@ import pytest
 from fakes import FakeQemu
 from policies import FAKE
 from qmpshutdown import Outcome, ShutdownPolicy, Stage
+from qmpshutdown import Job
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._policy import RUNGS
-from qmpshutdown._rungs import BEFORE_FORCE, RUNG_FOR, PowerButton, plan, plan_budget
+from qmpshutdown._rungs import BEFORE_FORCE, RUNG_FOR, plan, plan_budget
+from qmpshutdown._rungs.powerdown import PowerButton
 from qmpshutdown._steps import Ended
 
 
@@ -106,10 +108,10 @@ class Marker:
 
 async def climb_with(fake: FakeQemu, policy=FAKE, **kwargs):
     with anyio.fail_after(10):
+        job = Job("fake", policy=policy, name="fake")
         return await run_plan(
-            fake.monitor, fake.process, policy, started=anyio.current_time(), name="fake",
-            **kwargs,
-        )  # fmt: skip
+            job, fake.monitor, fake.process, started=anyio.current_time(), **kwargs
+        )
 
 
 def test_the_plan_is_the_policys_stages_in_order():

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from qmpshutdown import Stage
-from qmpshutdown._save import SUFFIX, saved_state, state_file_name
+from qmpshutdown import Stage, Step
+from qmpshutdown._rungs.save import SUFFIX, state_file_name
+from qmpshutdown._verdict import saved_state
 
 
 def test_state_file_name_is_safe_and_unique_for_any_target() -> None:
@@ -19,7 +20,10 @@ def test_state_file_name_is_safe_and_unique_for_any_target() -> None:
 
 
 def test_saved_state_only_when_the_save_rung_ended_the_vm() -> None:
-    assert saved_state(Stage.SAVE, "/s/f.qemu-state") == "/s/f.qemu-state"
-    assert saved_state(Stage.QUIT, "/s/f.qemu-state") is None
-    assert saved_state(Stage.SAVE, None) is None
-    assert saved_state(None, "/s/f") is None
+    # The state file is the save step's path (derived from the steps, as the screenshot is).
+    saved = (Step(Stage.SAVE, "done", 1.0, 2.0, "saved", path="/s/f.qemu-state"),)
+    unsaved = (Step(Stage.SAVE, "failed", 1.0, 2.0, "no room"),)
+    assert saved_state(Stage.SAVE, saved) == "/s/f.qemu-state"
+    assert saved_state(Stage.QUIT, saved) is None
+    assert saved_state(Stage.SAVE, unsaved) is None
+    assert saved_state(None, saved) is None

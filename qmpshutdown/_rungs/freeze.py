@@ -16,11 +16,12 @@ import logging
 
 import anyio
 
-from ._agent import AgentError, AgentLink, AgentRefused
-from ._policy import ShutdownPolicy, Stage
-from ._qemu import Qemu
-from ._result import Outcome
-from ._steps import Ended, OpenStep
+from .._agent import AgentError, AgentLink, AgentRefused
+from .._policy import Stage
+from .._qemu import Qemu
+from .._result import Outcome
+from .._steps import Ended, OpenStep
+from .base import Budgeted, reach_agent
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -32,14 +33,10 @@ def _count(value: object, what: str) -> str:
     return f"{what} {n} filesystem{'' if n == 1 else 's'}"
 
 
-class FreezeBeforeForce:
+class FreezeBeforeForce(Budgeted):
     """``guest-fsfreeze-freeze`` right before the first forced rung (``freeze_timeout``)."""
 
     stage = Stage.FREEZE
-
-    def budget(self, policy: ShutdownPolicy) -> float:
-        # Reaching the agent (connect and resync), then the freeze itself.
-        return policy.command_timeout + policy.freeze_timeout
 
     def applies(self, qemu: Qemu) -> bool:
         return qemu.policy.freeze_before_force and qemu.agent is not None and not qemu.gone
@@ -47,9 +44,9 @@ class FreezeBeforeForce:
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
         link = qemu.agent
         assert link is not None
-        client = await link.connect()
-        if client is None:
-            return Ended(Outcome.SKIPPED, f"no agent answered ({link.unreachable})")
+        client = await reach_agent(qemu)
+        if isinstance(client, Ended):
+            return client
         timeout = qemu.policy.freeze_timeout
         link.freeze_sent = True  # even unanswered, it may freeze the guest late: thaw then
         try:
@@ -110,7 +107,3 @@ async def drop_if_closed(link: AgentLink, err: AgentError) -> None:
     """After an error that is not a refusal (EOF, a failed resync), reconnect next time."""
     if not isinstance(err, AgentRefused):
         await link.drop()
-
-
-#: The one freeze action (module-level: per-ladder state lives in ``qemu.agent``).
-FREEZE_BEFORE_FORCE = FreezeBeforeForce()

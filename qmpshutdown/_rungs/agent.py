@@ -20,26 +20,22 @@ import logging
 
 import anyio
 
-from ._agent import AgentError, AgentRefused, read_guest_info
-from ._freeze import drop_if_closed, thaw
-from ._policy import ShutdownPolicy, Stage
-from ._qemu import Guest, Qemu
-from ._result import Outcome
-from ._steps import Ended, OpenStep
+from .._agent import AgentError, AgentRefused, read_guest_info
+from .._policy import Stage
+from .._qemu import Guest, Qemu
+from .._result import Outcome
+from .._steps import Ended, OpenStep
+from .base import Budgeted, reach_agent
+from .freeze import drop_if_closed, thaw
 
 logger = logging.getLogger("qmpshutdown")
 
 
-class AgentShutdown:
+class AgentShutdown(Budgeted):
     """``guest-shutdown`` (mode powerdown) through the guest agent, then wait for the power-off."""
 
     stage = Stage.AGENT
     forced = False
-
-    def budget(self, policy: ShutdownPolicy) -> float:
-        # The probe, osinfo, users, fsfreeze-status, a thaw (its own three), guest-shutdown,
-        # then agent_timeout and confirming the power-off.
-        return policy.agent_timeout + 9 * policy.command_timeout
 
     def why_not(self, qemu: Qemu) -> Ended | None:
         if qemu.agent is None:
@@ -49,9 +45,9 @@ class AgentShutdown:
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
         link = qemu.agent
         assert link is not None
-        client = await link.connect()
-        if client is None:
-            return Ended(Outcome.SKIPPED, f"no agent answered ({link.unreachable})")
+        client = await reach_agent(qemu)
+        if isinstance(client, Ended):
+            return client
         link.info, said = await read_guest_info(client)
         step.note(f"the agent answered: {said}")
         try:
@@ -63,9 +59,10 @@ class AgentShutdown:
             # Left frozen (a crashed backup tool?): a frozen agent refuses guest-shutdown.
             if not await thaw(qemu, "the guest was found frozen"):
                 return Ended(Outcome.FAILED, f"{step.so_far}; found frozen and not thawed")
-            client = await link.connect()
-            if client is None:
+            again = await link.connect()
+            if again is None:
                 return Ended(Outcome.FAILED, f"{step.so_far}; the agent went away after the thaw")
+            client = again
         try:
             await client.send_only("guest-shutdown", {"mode": "powerdown"})
         except (AgentError, TimeoutError) as err:
@@ -97,7 +94,3 @@ class AgentShutdown:
         if seen is Guest.WAITING:
             return Ended(Outcome.TIMEOUT, f"{step.so_far}; no power-off in {timeout:g} s")
         return qemu.guest_ended(seen, step, None)
-
-
-#: The one agent rung (module-level: per-ladder state lives in ``qemu.agent``).
-AGENT_SHUTDOWN = AgentShutdown()

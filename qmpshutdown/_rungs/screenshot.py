@@ -1,6 +1,6 @@
-"""Evidence when a guest will not stop: a screenshot of its screen, its console's last lines.
+"""The screenshot before force: evidence of what a guest that will not stop showed.
 
-The screenshot is an :class:`~._rungs.Action`: QMP ``screendump`` (PNG) right
+The screenshot is an :class:`~.base.Action`: QMP ``screendump`` (PNG) right
 before the first forced rung — before any filesystem freeze, so it shows the
 guest as it was — and once more when the ladder ends with QEMU still running.
 Nothing is captured on a graceful stop. It is one recorded step
@@ -15,7 +15,6 @@ file is never overwritten) and removed again when no screenshot came.
 
 from __future__ import annotations
 
-import collections
 import datetime
 import errno
 import hashlib
@@ -23,20 +22,16 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Sequence
 
-from ._errors import CommandError, MonitorClosedError
-from ._policy import ShutdownPolicy, Stage
-from ._qemu import Qemu
-from ._result import Outcome, Step
-from ._steps import Ended, OpenStep
+from .._errors import CommandError, MonitorClosedError
+from .._policy import Stage
+from .._qemu import Qemu
+from .._result import Outcome
+from .._steps import Ended, OpenStep
+from .base import Budgeted
 
 logger = logging.getLogger("qmpshutdown")
 
-#: How many of the console's last lines go into the record.
-CONSOLE_TAIL_LINES = 50
-#: The most of a console log read to find its last lines (the end of the file).
-_CONSOLE_TAIL_BYTES = 64 * 1024
 # QEMU's words when it has no console to dump (-nodefaults and no display device).
 _NO_CONSOLE = re.compile(r"no (qemu)?console", re.IGNORECASE)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -93,13 +88,14 @@ def _written(path: str) -> bool:
 
 
 async def take_screenshot(qemu: Qemu, when: str) -> Ended:
-    """``screendump`` the guest's screen into ``qemu.evidence_dir``; say how it went."""
-    assert qemu.evidence_dir is not None
+    """``screendump`` the guest's screen into the job's ``evidence_dir``; say how it went."""
+    directory = qemu.job.evidence_path
+    assert directory is not None
     pid = None if qemu.process is None else qemu.process.pid
     try:
-        path = reserve(qemu.evidence_dir, screenshot_name(qemu.recorder.name, pid, when))
+        path = reserve(directory, screenshot_name(qemu.recorder.name, pid, when))
     except OSError as err:
-        return Ended(Outcome.FAILED, f"cannot create a file in {qemu.evidence_dir}: {err}")
+        return Ended(Outcome.FAILED, f"cannot create a file in {directory}: {err}")
     try:
         await qemu.command("screendump", {"filename": path, "format": "png"})
     except CommandError as err:
@@ -119,22 +115,18 @@ async def take_screenshot(qemu: Qemu, when: str) -> Ended:
     return Ended(Outcome.DONE, f"saved {path}", path=path)
 
 
-class Screenshot:
+class Screenshot(Budgeted):
     """The guest's screen (QMP ``screendump``, PNG) when the ladder has to force.
 
-    Runs when the call was given an evidence directory (``qemu.evidence_dir``)
+    Runs when the job names an evidence directory (``evidence_dir``)
     and a monitor is there; a hung QEMU without a monitor gets no step at all.
     """
 
     stage = Stage.SCREENSHOT
 
-    def budget(self, policy: ShutdownPolicy) -> float:
-        # One screendump before force, one more when the ladder ends with QEMU running.
-        return 2 * policy.command_timeout
-
     def applies(self, qemu: Qemu) -> bool:
         return (
-            qemu.evidence_dir is not None
+            qemu.job.evidence_dir is not None
             and qemu.monitor is not None
             and not qemu.monitor.is_closed()
         )
@@ -151,28 +143,3 @@ class Screenshot:
         # Bounded by the command's own timeout; recorded like any other step.
         with qemu.recorder.step(self.stage, qemu.ended_by_cancel) as step:
             step.end(await take_screenshot(qemu, "end"))
-
-
-def screenshot_of(steps: Sequence[Step]) -> str | None:
-    """The file of the last ``screenshot`` step that saved one, else None."""
-    saved = [s.path for s in steps if s.stage is Stage.SCREENSHOT and s.outcome is Outcome.DONE]
-    return saved[-1] if saved else None
-
-
-def console_tail(path: str | None, lines: int = CONSOLE_TAIL_LINES) -> tuple[str, ...] | None:
-    """The last *lines* lines of the console log at *path* (None if there is none to read)."""
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as log:
-            size = log.seek(0, os.SEEK_END)
-            log.seek(max(0, size - _CONSOLE_TAIL_BYTES))
-            data = log.read(_CONSOLE_TAIL_BYTES)
-    except OSError as err:
-        logger.debug("cannot read the console log %s: %s", path, err)
-        return None
-    if size > _CONSOLE_TAIL_BYTES:
-        data = data.partition(b"\n")[2]  # the first line read is cut short
-    text = data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-    kept: collections.deque[str] = collections.deque(text.splitlines(), maxlen=lines)
-    return tuple(kept)

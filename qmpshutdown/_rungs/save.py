@@ -23,12 +23,14 @@ from collections.abc import Mapping
 
 import anyio
 
-from ._errors import CommandError, MonitorClosedError
-from ._monitor import FdPassingUnsupported, pass_fd
-from ._policy import ShutdownPolicy, Stage
-from ._qemu import Qemu
-from ._result import Cause, Outcome
-from ._steps import Ended, OpenStep
+from .._errors import CommandError, MonitorClosedError
+from .._monitor import FdPassingUnsupported, pass_fd
+from .._policy import Stage
+from .._qemu import Qemu
+from .._result import Cause, Outcome
+from .._steps import Ended, OpenStep
+from .base import Budgeted, no_monitor
+from .quit import quit_and_wait
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -54,38 +56,31 @@ def state_file_name(target: str) -> str:
     return f"{safe}-{stamp}-{secrets.token_hex(4)}{SUFFIX}"
 
 
-def saved_state(stage: Stage | None, saved_to: str | None) -> str | None:
-    """The state file's path when the save rung is the one that ended the VM, else None."""
-    return saved_to if stage is Stage.SAVE else None
-
-
 def _mib(size: int) -> str:
     return f"{size / _MIB:.1f} MiB"
 
 
-class Save:
-    """Save the guest's whole state to a new file in ``qemu.save_dir``, then ``quit``."""
+class Save(Budgeted):
+    """Save the guest's whole state to a new file in the job's ``save_dir``, then ``quit``.
+
+    The file is the step's ``path`` once it was written whole (the record's
+    ``saved_state`` when this rung ended the VM).
+    """
 
     stage = Stage.SAVE
     forced = True  # it ends the VM (QEMU is in postmigrate, then quit)
 
-    def budget(self, policy: ShutdownPolicy) -> float:
-        # query-status, the memory size, capabilities, getfd, migrate, then migrate_cancel
-        # or the last query-migrate, and quit; the save itself; QEMU's exit after quit.
-        return 7 * policy.command_timeout + policy.save_timeout + policy.quit_timeout
-
     def why_not(self, qemu: Qemu) -> Ended | None:
-        if qemu.monitor is None:
-            return Ended(Outcome.SKIPPED, qemu.no_monitor_why, Cause.MONITOR_UNRESPONSIVE)
-        if qemu.monitor.is_closed():
-            return Ended(Outcome.SKIPPED, "the monitor is closed")
-        if qemu.save_dir is None:
+        skip = no_monitor(qemu, or_closed=True)
+        if skip is not None:
+            return skip
+        if qemu.job.save_dir is None:
             return Ended(Outcome.SKIPPED, "no save_dir given: nowhere to keep the state")
         return None
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
-        assert qemu.save_dir is not None
-        save_dir = qemu.save_dir  # made absolute by the entry points (check_save_dir)
+        save_dir = qemu.job.save_path
+        assert save_dir is not None
         runstate = await qemu.read_runstate()
         if runstate is None:
             return Ended(Outcome.FAILED, "no answer to query-status", Cause.MONITOR_UNRESPONSIVE)
@@ -127,7 +122,7 @@ class Save:
             await anyio.to_thread.run_sync(os.fsync, dir_fd)  # the file's name, too
             size = os.fstat(fd).st_size
             keep = True
-            qemu.saved_to = path  # before quit: QEMU's exit may end this step at once
+            step.wrote(path)  # before quit: QEMU's exit may end this step at once
             step.note(f"saved {_mib(size)} ({size} bytes) to {path}")
         finally:
             os.close(fd)
@@ -240,14 +235,4 @@ async def _left_running(qemu: Qemu, what: str) -> Ended:
 
 async def _quit_after_save(qemu: Qemu, step: OpenStep, path: str) -> Ended:
     """End QEMU, its guest no longer running (runstate postmigrate): the VM lives on in *path*."""
-    timeout = qemu.policy.quit_timeout
-    try:
-        await qemu.command("quit")
-    except MonitorClosedError:
-        pass  # QEMU may close the socket before it answers quit
-    except (CommandError, TimeoutError) as err:
-        why = str(err) or f"no reply in {qemu.policy.command_timeout:g} s"
-        return Ended(Outcome.FAILED, f"{step.so_far}; quit failed: {why} (the state is kept)")
-    return await qemu.wait_gone_or(
-        timeout, step, f"{step.so_far}; QEMU still running {timeout:g} s after quit"
-    )
+    return await quit_and_wait(qemu, step, kept=" (the state is kept)")

@@ -1,0 +1,46 @@
+"""The ``quit`` rung: QEMU's clean exit (caches flushed, images closed), without the guest."""
+
+from __future__ import annotations
+
+from .._errors import CommandError, MonitorClosedError
+from .._policy import Stage
+from .._qemu import Qemu
+from .._result import Cause, Outcome
+from .._steps import Ended, OpenStep
+from .base import Budgeted, no_monitor
+
+
+class Quit(Budgeted):
+    """Send ``quit``, then wait ``quit_timeout`` for QEMU's exit."""
+
+    stage = Stage.QUIT
+    forced = True
+
+    def why_not(self, qemu: Qemu) -> Ended | None:
+        return no_monitor(qemu, or_closed=True)
+
+    async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
+        return await quit_and_wait(qemu, step)
+
+
+async def quit_and_wait(qemu: Qemu, step: OpenStep, *, kept: str = "") -> Ended:
+    """Send ``quit`` and wait for the exit; what came before stays in the step's detail.
+
+    :param kept: said after a failed ``quit`` (the save rung: the state is kept).
+    """
+    so_far = f"{step.so_far}; " if step.so_far else ""
+    timeout = qemu.policy.quit_timeout
+    try:
+        await qemu.command("quit")
+    except MonitorClosedError:
+        pass  # QEMU may close the socket before it answers quit
+    except TimeoutError:
+        no_reply = f"no reply to quit in {qemu.policy.command_timeout:g} s"
+        return Ended(Outcome.FAILED, f"{so_far}{no_reply}{kept}", Cause.MONITOR_UNRESPONSIVE)
+    except CommandError as err:
+        return Ended(Outcome.FAILED, f"{so_far}quit refused: {err}{kept}")
+    if not so_far:
+        step.note("sent quit")
+    return await qemu.wait_gone_or(
+        timeout, step, f"{so_far}QEMU still running {timeout:g} s after quit"
+    )
