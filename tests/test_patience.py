@@ -13,11 +13,11 @@ import looptime
 import pytest
 
 import qmpshutdown._patience as patience_module
-from fakes import FakeQemu
 from qmpshutdown import Activity, Cause, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli import parse_command_line
 from qmpshutdown._patience import Patience, Reading, vcpu_times, wait_budget
 from qmpshutdown._verdict import likely_cause, press_cause
+from support.fakes import FakeQemu
 
 ADAPTIVE = ShutdownPolicy(
     patience="adaptive", powerdown_timeout=60, max_powerdown_timeout=120, idle_cutoff=5,

@@ -13,13 +13,13 @@ import anyio
 import attrs
 import pytest
 
-from fakes import FakeQemu
-from policies import FAKE
 from qmpshutdown import Outcome, ShutdownPolicy, Stage
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._policy import RUNGS
 from qmpshutdown._rungs import BEFORE_FORCE, RUNG_FOR, PowerButton, plan, plan_budget
 from qmpshutdown._steps import Ended
+from support.fakes import FakeQemu
+from support.policies import FAKE
 
 
 class Knock:
