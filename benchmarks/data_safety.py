@@ -5,7 +5,7 @@
 Boots N fixture guests (``ignores``, agent and ext4 disk) per case, in
 parallel, stops each with ``quit`` only, with and without
 ``freeze_before_force``, and reads each disk without a journal replay
-(tests/datasafety.py holds the trial; tests/test_data_safety.py asserts it).
+(tests/support/datasafety.py holds the trial; tests/guests/test_data_safety.py asserts it).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from datasafety import WRITES_BEFORE_STOP, trials  # noqa: E402
-
 import qmpshutdown  # noqa: E402
-from guests import QEMU_BINARY, GuestFactory, accel_args  # noqa: E402
+from support.datasafety import WRITES_BEFORE_STOP, trials  # noqa: E402
+from support.guests import QEMU_BINARY, GuestFactory, accel_args  # noqa: E402
 
 
 def _qemu_version() -> str:

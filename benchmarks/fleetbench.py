@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/fleetbench.py [--sizes 1,10,100,1000] [--runs 3]
                                               [--smoke] [--write]
 
-Each run starts N stand-in QEMUs (benchmarks/fakeqemu.py run by a copy of the
+Each run starts N stand-in QEMUs (tests/support/fakeqemu.py run by a copy of the
 interpreter named ``qemu-system-fake``, so the library pins them like QEMU:
 socket, SO_PEERCRED, pidfd, /proc/PID/exe), then stops them all at once from
 a fresh process (benchmarks/stopmany.py): wall time, CPU per VM, peak RSS
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+FAKEQEMU = HERE.parent / "tests" / "support" / "fakeqemu.py"
 SIZES = (1, 10, 100, 1000)
 SMOKE_SIZES = (1, 10)
 LIMITED_FROM = 500  # the open-file limit variants run from this N on
@@ -65,7 +66,7 @@ class FakeFleet:
         try:
             for path in self.paths:
                 self.procs.append(subprocess.Popen(
-                    [str(binary), "-S", str(HERE / "fakeqemu.py"), str(path)],
+                    [str(binary), "-S", str(FAKEQEMU), str(path)],
                     env=env, stdin=subprocess.DEVNULL,
                 ))  # fmt: skip
             end = time.monotonic() + 120

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/profile_cpu.py [--n 8] [--batches 20] [--profile]
                                                [--pyinstrument] [--variant NAME]
 
-No guest and no TCG: each target is fakeqemu.py run by a copy of this
+No guest and no TCG: each target is tests/support/fakeqemu.py run by a copy of this
 interpreter named ``qemu-system-fake`` (qmpshutdown checks /proc/PID/exe), so
 the library takes exactly its real path (SO_PEERCRED, pidfd, qemu.qmp,
 events, exit seen through the pidfd). Prints the library's CPU time per
@@ -35,6 +35,7 @@ import anyio
 import qmpshutdown
 
 HERE = Path(__file__).resolve().parent
+FAKEQEMU = HERE.parent / "tests" / "support" / "fakeqemu.py"
 
 
 def quiet_qmp_logging() -> None:
@@ -76,7 +77,7 @@ def spawn(
     for i in range(n):
         path = scratch / f"b{batch}-{i}.sock"
         proc = subprocess.Popen(
-            [str(binary), "-S", str(HERE / "fakeqemu.py"), str(path), str(delay_ms)],
+            [str(binary), "-S", str(FAKEQEMU), str(path), str(delay_ms)],
             env=env, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         fakes.append((proc, path))

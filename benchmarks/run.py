@@ -44,7 +44,7 @@ import longrun  # noqa: E402
 import rawqmp  # noqa: E402
 
 import qmpshutdown  # noqa: E402
-from guests import QEMU_BINARY, Guest, GuestFactory, images_dir, kill_leftovers  # noqa: E402
+from support.guests import QEMU_BINARY, Guest, GuestFactory, images_dir, kill_leftovers  # noqa: E402
 
 LIB, RAW, LIBVIRT = "qmpshutdown", "raw socket", "libvirt"
 GRACE = 3.0  # the forced-stop grace period, seconds

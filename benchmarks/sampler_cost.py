@@ -20,8 +20,8 @@ from qemu.qmp import QMPClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from guests import GuestFactory
 from qmpshutdown._patience import _block_totals, _thread_ids, vcpu_times
+from support.guests import GuestFactory
 
 
 async def main(count: int) -> None:

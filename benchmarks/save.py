@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import qmpshutdown  # noqa: E402
-from guests import guest_argv  # noqa: E402
+from support.guests import guest_argv  # noqa: E402
 
 SAVE = qmpshutdown.ShutdownPolicy(stages=("save", "quit"), command_timeout=5.0)
 QUIT = qmpshutdown.ShutdownPolicy(stages=("quit",))

@@ -1,4 +1,4 @@
-"""Shared fixtures: real QEMU test guests (see tests/guests.py), and stand-in QEMUs.
+"""Shared fixtures: real QEMU test guests (see tests/support/guests.py), and stand-in QEMUs.
 
 Tests that boot guests use the ``guests`` fixture (they are marked ``qemu``
 automatically). Without QEMU or the guest images they are skipped, except
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from guests import (
+from support.guests import (
     QEMU_BINARY,
     GuestFactory,
     ImagesUnavailable,
@@ -28,7 +28,7 @@ from guests import (
 )
 
 if os.environ.get("QMPSHUTDOWN_QEMU"):
-    # Pytest runs started from a test (tests/test_pytest_plugin.py) have another cwd.
+    # Pytest runs started from a test (tests/guests/test_pytest_plugin_guests.py) have another cwd.
     os.environ["QMPSHUTDOWN_QEMU"] = QEMU_BINARY
 
 
@@ -89,7 +89,7 @@ def guests(tmp_path: Path) -> Iterator[GuestFactory]:
 
 # ----------------------------------------------------------------------------- fake QEMUs
 
-FAKEQEMU = Path(__file__).resolve().parent.parent / "benchmarks" / "fakeqemu.py"
+FAKEQEMU = Path(__file__).resolve().parent / "support" / "fakeqemu.py"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def fake_binary(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fakes(fake_binary, tmp_path) -> Iterator[object]:
-    """Start stand-in QEMUs (benchmarks/fakeqemu.py): ``fakes(n)`` returns their socket paths.
+    """Start stand-in QEMUs (tests/support/fakeqemu.py): ``fakes(n)`` returns their socket paths.
 
     Real processes, pinned like QEMU; each powers off 5 ms after the press
     (*delay_ms*). ``fakes.started`` holds their Popen objects, in order;

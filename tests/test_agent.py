@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from fakeagent import FakeAgent
 
 from qmpshutdown._agent import AgentClient, AgentError, AgentLink, AgentRefused, read_guest_info
+from support.fakeagent import FakeAgent
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,7 +1,7 @@
 """The agent rung and the freeze before force, on the real ladder against fakes.
 
-The monitor and process are tests/fakes.py's; the agent is an in-process fake
-(tests/fakeagent.py), honest or lying. Real guests prove the same promises in
+The monitor and process are tests/support/fakes.py's; the agent is an in-process fake
+(tests/support/fakeagent.py), honest or lying. Real guests prove the same promises in
 test_agent_guests.py.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 import anyio
 import attrs
 import pytest
-from fakeagent import FakeAgent
 
-from fakes import FakeQemu
-from policies import FAKE
-from qmpshutdown import Cause, ShutdownFailed, Stage
-from qmpshutdown import Job
+from qmpshutdown import Cause, Job, ShutdownFailed, Stage
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._verdict import decide
+from support.fakeagent import FakeAgent
+from support.fakes import FakeQemu
+from support.policies import FAKE
 
 #: FAKE with the default ladder (the agent rung in it) and short agent times.
 POLICY = attrs.evolve(

@@ -2,7 +2,7 @@
 
 Every bad input gets a typed :class:`qmpshutdown.Error` (``ValueError`` or
 ``TypeError`` for an argument that makes no sense) within its bound, nothing is
-signalled, and every fake peer (``tests/peers.py``, each in its own process) is
+signalled, and every fake peer (``tests/support/peers.py``, each in its own process) is
 still alive and unsignalled afterwards. The cases are ``CASES``, from which
 docs/robustness.md is rendered.
 """
@@ -28,15 +28,13 @@ from typing import Any
 
 import anyio
 import attrs
-import peers
 import pytest
-from robustness import Case
 
 import qmpshutdown
-from guests import Guest, guest_argv, qmp_connect, qmp_disconnect
-from policies import PEERS
 from qmpshutdown import ConnectError, PidMismatchError, ShutdownFailed
-from qmpshutdown._process import executable, is_qemu_executable, peer_pid
+from support import peers
+from support.policies import PEERS
+from support.robustness import Case
 
 pytestmark = pytest.mark.asyncio
 
@@ -50,8 +48,7 @@ LADDER_LIMIT = POLICY.bound + MARGIN
 ARGUMENT_LIMIT = 0.5
 #: The outer bound on any call in this file: a hang fails the test, it never stalls it.
 OUTER = POLICY.bound + 20
-PEERS_SCRIPT = Path(__file__).with_name("peers.py")
-LIAR_SCRIPT = Path(__file__).with_name("liar.py")
+PEERS_SCRIPT = Path(__file__).parent / "support" / "peers.py"
 #: The peer would accept this late (a busy QEMU accepts in its main loop).
 LATE_ACCEPT = 0.3
 #: What a skipped signal rung says for a unix peer that is not QEMU, and for TCP.
@@ -145,7 +142,7 @@ def decoy(name: str, handling: str, pid: str, *, tcp: bool, match: str, **params
 def liar(
     name: str, handling: str, mode: str, expect: type[Exception], match: str | None
 ) -> Case:
-    """A listener that forked, kept the socket in a child and exec'd a real QEMU (tests/liar.py)."""
+    """A listener that forked, kept the socket in a child and exec'd a real QEMU (liar.py)."""
     limit, bound = (CONNECT_LIMIT, "connect_timeout")
     if expect is ShutdownFailed:
         limit, bound = (LADDER_LIMIT, "policy.bound")
@@ -366,7 +363,7 @@ def parametrize(kind: str) -> Any:
 
 @attrs.define(eq=False)
 class Peer:
-    """A server from tests/peers.py, started in its own process."""
+    """A server from tests/support/peers.py, started in its own process."""
 
     behaviour: str
     tcp: bool
@@ -671,94 +668,6 @@ async def test_pid_that_is_not_the_peers_qemu_is_refused(case: Case) -> None:
     assert elapsed <= case.limit
 
 
-def start_liar(argv: list[str], workdir: Path) -> subprocess.Popen[bytes]:
-    with open(workdir / "qemu.stderr", "wb") as stderr:
-        # A new session: a ^C in the terminal reaches pytest, not the QEMU.
-        return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-            cwd=workdir, start_new_session=True,
-        )  # fmt: skip
-
-
-@contextlib.asynccontextmanager
-async def lying_listener(mode: str, scratch: Path) -> AsyncIterator[tuple[str, Guest]]:
-    """tests/liar.py exec'ing a real fixture QEMU: (the liar's socket, that QEMU as a Guest).
-
-    The QEMU has its own monitor at another path; it is killed and reaped on leaving.
-    """
-    victim_dir = scratch / "victim"
-    victim_dir.mkdir()
-    path, pid_file = str(scratch / "liar.sock"), scratch / "child.pid"
-    argv = guest_argv("ignores", workdir=victim_dir)
-    liar_argv = [sys.executable, str(LIAR_SCRIPT), mode, path, str(pid_file), "--", *argv]
-    popen = start_liar(liar_argv, victim_dir)
-    victim = Guest(
-        mode="ignores",
-        pid=popen.pid,
-        qmp_path=victim_dir / "qmp.sock",
-        serial_log=victim_dir / "serial.log",
-        workdir=victim_dir,
-        popen=popen,
-        argv=liar_argv,
-    )
-    try:
-        await victim.wait_for_serial("QMPSHUTDOWN-GUEST-READY", 60)
-        with anyio.fail_after(10):
-            while not pid_file.exists():
-                await anyio.sleep(0.02)
-        yield path, victim
-    finally:
-        if popen.poll() is None:
-            popen.kill()  # the liar's child exits on its own once orphaned
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=10)
-
-
-@pytest.mark.qemu
-@parametrize("liar")
-async def test_qemu_named_by_a_lying_listener_is_never_signalled(
-    case: Case, tmp_path: Path
-) -> None:
-    params = case.params
-    async with lying_listener(params["mode"], tmp_path) as (path, victim):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.connect(path)
-            # The setup lies as meant: the kernel names the QEMU as the socket's peer.
-            assert peer_pid(probe) == victim.pid
-            assert is_qemu_executable(executable(victim.pid) or "")
-        started = time.monotonic()
-        with pytest.raises(case.expect, match=params["match"]) as caught:
-            await must_raise(path)
-        elapsed = time.monotonic() - started
-        # The pid given explicitly (e.g. read from a pidfile the liar wrote): refused too.
-        with pytest.raises(PidMismatchError, match="does not hold this monitor connection"):
-            await must_raise(path, victim.pid)
-        await anyio.sleep(0.5)  # QEMU exits a few ms after SIGTERM: give it the chance
-        assert victim.alive(), f"the QEMU that never held the socket was hit\n{victim.describe()}"
-        assert _state(victim.pid) not in ("T", "t"), "the QEMU was stopped"
-        assert victim.qmp_path is not None
-        client = await qmp_connect(victim.qmp_path)
-        try:
-            with anyio.fail_after(5):
-                status = await client.execute("query-status")
-        finally:
-            await qmp_disconnect(client)
-        assert status["status"] == "running", status
-    assert elapsed <= case.limit
-    if case.expect is ShutdownFailed:
-        result = caught.value.result
-        assert result.pid is None and result.stage is None
-        outcomes = [(s.stage.value, s.outcome.value) for s in result.steps]
-        assert outcomes == [
-            ("powerdown", "timeout"),
-            ("quit", "timeout"),
-            ("terminate", "skipped"),
-            ("kill", "skipped"),
-        ], outcomes
-        for step in signal_rungs(result):
-            assert "does not hold the monitor socket" in step.detail
-
-
 @pytest.mark.parametrize(
     ("setup", "tcp", "says"),
     [
@@ -829,6 +738,6 @@ async def test_every_case_is_run_and_named_once() -> None:
         assert case.area in ("bad input", "peer that is not QEMU")
         assert isinstance(case.expect, type) and issubclass(case.expect, Exception)
         assert case.limit is not None and case.bound
-    # Every behaviour of tests/peers.py is a case of its own.
+    # Every behaviour of tests/support/peers.py is a case of its own.
     behaviours = {case.params["behaviour"] for case in cases("peer")}
     assert behaviours == set(peers.BEHAVIOURS)

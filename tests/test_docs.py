@@ -62,7 +62,7 @@ def test_the_cli_page_is_generated_from_the_parser() -> None:
 def test_generated_files_are_included_not_copied() -> None:
     assert "```{include} ../benchmarks/RESULTS.md" in (DOCS / "benchmarks.md").read_text()
     assert "```{include} ../CHANGELOG.md" in (DOCS / "changelog.md").read_text()
-    assert (DOCS / "robustness.md").exists()  # generated in place by tests/robustness.py
+    assert (DOCS / "robustness.md").exists()  # generated in place by tests/support/robustness.py
 
 
 def _toctree() -> list[str]:

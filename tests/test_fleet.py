@@ -12,7 +12,6 @@ import attrs
 import pytest
 
 import qmpshutdown
-from policies import FAULTS, GUEST
 from qmpshutdown import Job, ShutdownPolicy, Stage
 from qmpshutdown._fleet import (
     FDS_PER_LADDER,
@@ -22,6 +21,7 @@ from qmpshutdown._fleet import (
     fit_policy,
     open_descriptors,
 )
+from support.policies import FAULTS, GUEST
 
 # ----------------------------------------------------------------------------- Job
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qmpshutdown
-from policies import FUZZ
+from support.policies import FUZZ
 
 POLICY = FUZZ
 LIMIT = POLICY.bound + 1.0

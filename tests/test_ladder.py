@@ -11,9 +11,9 @@ import signal
 import anyio
 import pytest
 
-from fakes import FakeProcess, FakeQemu
-from policies import FAKE
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
+from support.fakes import FakeProcess, FakeQemu
+from support.policies import FAKE
 
 pytestmark = pytest.mark.asyncio
 

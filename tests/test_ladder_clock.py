@@ -14,9 +14,9 @@ import anyio
 import looptime
 import pytest
 
-from fakes import FakeQemu
-from policies import FAKE
 from qmpshutdown import Cause, ShutdownPolicy, Stage, climb
+from support.fakes import FakeQemu
+from support.policies import FAKE
 
 
 def run_on_virtual_time(qemu: FakeQemu, policy: ShutdownPolicy = FAKE):

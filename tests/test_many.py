@@ -2,50 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
-import anyio
-import attrs
 import pytest
 
 import qmpshutdown
-from policies import FAULTS
-from qmpshutdown import Stage
 
 pytestmark = pytest.mark.asyncio
-
-POLICY = FAULTS
-
-
-@pytest.mark.qemu
-@pytest.mark.parametrize("limit", [None, 1])
-async def test_results_in_order_and_one_failure_stops_nothing(guests, tmp_path, limit):
-    cooperative, ignoring, other = await guests.boot_many("cooperative", "ignores", "cooperative")
-    missing = tmp_path / "missing.sock"
-    targets = [cooperative.qmp_path, missing, ignoring.qmp_path, other.qmp_path]
-    with anyio.fail_after(30):
-        started = anyio.current_time()
-        results = await qmpshutdown.shutdown_many(targets, POLICY, limit=limit)
-        elapsed = anyio.current_time() - started
-    assert len(results) == 4
-    assert isinstance(results[1], qmpshutdown.ConnectError)
-    assert str(missing) in str(results[1])
-    assert [r.stage for r in (results[0], results[2], results[3])] == [
-        Stage.POWERDOWN,
-        Stage.QUIT,
-        Stage.POWERDOWN,
-    ]
-    assert [r.pid for r in (results[0], results[2], results[3])] == [
-        cooperative.pid,
-        ignoring.pid,
-        other.pid,
-    ]
-    if limit is None:
-        assert (
-            elapsed < POLICY.powerdown_timeout + 1.0
-        )  # all at once: the ignoring one sets the pace
-    for guest in (cooperative, ignoring, other):
-        assert await guest.wait_exit(5) == 0
 
 
 async def test_a_bad_target_is_refused_before_anything_starts(tmp_path):
@@ -64,111 +25,6 @@ async def test_no_targets_no_results():
 
 
 # ----------------------------------------------------------------------------- fleets (issue 13)
-
-#: Quick escalation, and only the rungs each test names (a per-VM policy shows in the stage).
-QUIT_ONLY = attrs.evolve(POLICY, stages=("powerdown", "quit"))
-TERM_ONLY = attrs.evolve(POLICY, stages=("powerdown", "terminate", "kill"))
-
-
-def _qemu_time(result: qmpshutdown.ShutdownResult, event: str) -> float:
-    return next(e.timestamp for e in result.events if e.event == event)
-
-
-@pytest.mark.qemu
-async def test_jobs_and_targets_mixed_keep_order_with_their_own_policy_and_pid(guests):
-    cooperative, ignoring, tcp_like = await guests.boot_many("cooperative", "ignores", "ignores")
-    seen: set[str] = set()
-    targets = [
-        qmpshutdown.Job(ignoring.qmp_path, policy=QUIT_ONLY, name="web1"),
-        cooperative.qmp_path,
-        qmpshutdown.Job(tcp_like.qmp_path, policy=TERM_ONLY, pid=tcp_like.pid),
-    ]
-    with anyio.fail_after(30):
-        results = await qmpshutdown.shutdown_many(
-            targets, POLICY, on_progress=lambda update: seen.add(update.target)
-        )
-    assert [r.stage for r in results] == [Stage.QUIT, Stage.POWERDOWN, Stage.TERMINATE]
-    assert [r.pid for r in results] == [ignoring.pid, cooperative.pid, tcp_like.pid]
-    assert "web1" in seen and str(cooperative.qmp_path) in seen
-    for guest in (cooperative, ignoring, tcp_like):
-        await guest.wait_exit(5)  # raises if still running
-
-
-@pytest.mark.qemu
-async def test_a_wrong_pid_in_a_job_is_that_vms_error_only(guests):
-    first, second = await guests.boot_many("cooperative", "cooperative")
-    targets = [qmpshutdown.Job(first.qmp_path, pid=second.pid), second.qmp_path]
-    with anyio.fail_after(30):
-        results = await qmpshutdown.shutdown_many(targets, POLICY)
-    assert isinstance(results[0], qmpshutdown.PidMismatchError)
-    assert isinstance(results[1], qmpshutdown.ShutdownResult) and results[1].graceful
-    assert first.alive()  # nothing was sent to it
-
-
-@pytest.mark.qemu
-async def test_group_1_starts_only_after_group_0_ended_and_a_failure_stops_nothing(
-    guests, tmp_path
-):
-    web, slow, db = await guests.boot_many("cooperative", "ignores", "cooperative")
-    gone_at: dict[str, float] = {}
-    began_at: dict[str, float] = {}
-
-    def stamp(update: qmpshutdown.Progress) -> None:
-        if update.kind is qmpshutdown.ProgressKind.GONE:
-            gone_at.setdefault(update.target, time.time())
-        if update.kind is qmpshutdown.ProgressKind.BEGIN:
-            began_at.setdefault(update.target, time.time())
-
-    targets = [
-        qmpshutdown.Job(db.qmp_path, group=1, name="db"),
-        qmpshutdown.Job(web.qmp_path, name="web"),
-        qmpshutdown.Job(tmp_path / "missing.sock", name="missing"),  # fails at once
-        qmpshutdown.Job(slow.qmp_path, name="slow"),  # forced after POLICY's 2 s
-    ]
-    with anyio.fail_after(40):
-        results = await qmpshutdown.shutdown_many(targets, POLICY, on_progress=stamp)
-    db_result, web_result, missing, slow_result = results
-    assert isinstance(missing, qmpshutdown.ConnectError)
-    assert [r.stage for r in (db_result, web_result, slow_result)] == [
-        Stage.POWERDOWN, Stage.POWERDOWN, Stage.QUIT,
-    ]  # fmt: skip
-    # Our clock: db's ladder began after both of group 0 were seen gone.
-    assert began_at["db"] >= max(gone_at["web"], gone_at["slow"])
-    # QEMU's own clock: db's press came after the SHUTDOWN of every QEMU of group 0.
-    assert _qemu_time(db_result, "POWERDOWN") > max(
-        _qemu_time(web_result, "SHUTDOWN"), _qemu_time(slow_result, "SHUTDOWN")
-    )
-    for guest in (web, slow, db):
-        await guest.wait_exit(5)  # raises if still running
-
-
-@pytest.mark.qemu
-@pytest.mark.timeout(400)
-async def test_deadline_8_s_six_ignoring_two_cooperative(guests):
-    deadline, margin = 8.0, 1.0
-    modes = ["ignores"] * 6 + ["cooperative"] * 2
-    booted = await guests.boot_many(*[{"mode": m, "ready_timeout": 180.0} for m in modes])
-    policy = qmpshutdown.ShutdownPolicy(repress_interval=1.0)  # the default, a short re-press
-    with anyio.fail_after(deadline + 10):
-        started = anyio.current_time()
-        results = await qmpshutdown.shutdown_many(
-            [g.qmp_path for g in booted], policy, deadline=deadline
-        )
-        elapsed = anyio.current_time() - started
-    assert elapsed <= deadline + margin
-    for guest, result in zip(booted, results, strict=True):
-        assert isinstance(result, qmpshutdown.ShutdownResult), result
-        assert result.elapsed <= deadline + margin
-        await guest.wait_exit(1)  # raises if QEMU is left running
-        if guest.mode == "cooperative":
-            assert (result.stage, result.graceful) == (Stage.POWERDOWN, True), result.summary()
-        else:
-            assert result.stage is Stage.QUIT, result.summary()
-            assert result.cause is qmpshutdown.Cause.IGNORED_POWER_BUTTON
-            # The graceful wait took all but the reserve: 8 s - 2 s.
-            assert result.step(Stage.POWERDOWN).outcome is qmpshutdown.Outcome.TIMEOUT
-            assert result.presses >= 5
-    assert all(not guest.alive() for guest in booted)
 
 
 async def test_a_bad_deadline_is_refused(tmp_path):

@@ -13,12 +13,12 @@ import looptime
 import pytest
 
 import qmpshutdown._patience as patience_module
-from fakes import FakeQemu
 from qmpshutdown import Activity, Cause, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli import parse_command_line
 from qmpshutdown._patience import Reading, Sampler, vcpu_times
 from qmpshutdown._policy import wait_budget
 from qmpshutdown._verdict import likely_cause, press_cause
+from support.fakes import FakeQemu
 
 ADAPTIVE = ShutdownPolicy(
     patience="adaptive", powerdown_timeout=60, max_powerdown_timeout=120, idle_cutoff=5,

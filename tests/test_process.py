@@ -106,7 +106,7 @@ def test_peer_pid_of_a_socketpair_is_our_own_and_tcp_has_none() -> None:
     assert executable(os.getpid()) == os.path.realpath(sys.executable)
 
 
-LIAR_SCRIPT = Path(__file__).with_name("liar.py")
+LIAR_SCRIPT = Path(__file__).parent / "support" / "liar.py"
 
 
 @contextlib.contextmanager
@@ -122,7 +122,7 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
 
 @contextlib.contextmanager
 def lying_sleep(mode: str, scratch: Path) -> Iterator[tuple[int, int, str]]:
-    """tests/liar.py with ``sleep`` as the program: (its pid, the child's pid, socket path)."""
+    """support/liar.py with ``sleep`` as the program: (its pid, the child's pid, socket path)."""
     path, pid_file = str(scratch / "liar.sock"), scratch / "child.pid"
     argv = [sys.executable, str(LIAR_SCRIPT), mode, path, str(pid_file), "--", "sleep", "60"]
     popen = subprocess.Popen(argv, start_new_session=True)

@@ -8,9 +8,9 @@ import anyio
 import attrs
 import pytest
 
-from fakes import FakeQemu
-from policies import FAKE
 from qmpshutdown import Progress, ProgressKind, Stage, climb
+from support.fakes import FakeQemu
+from support.policies import FAKE
 
 pytestmark = pytest.mark.asyncio
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from robustness import DOC, collect, render
+from support.robustness import DOC, collect, render
 
 
 def test_robustness_table_is_up_to_date() -> None:
@@ -11,5 +11,5 @@ def test_robustness_table_is_up_to_date() -> None:
     expected = render(cases)
     actual = DOC.read_text() if DOC.exists() else ""
     assert actual == expected, (
-        "docs/robustness.md is stale: run `python tests/robustness.py --write`"
+        "docs/robustness.md is stale: run `python tests/support/robustness.py --write`"
     )

@@ -13,15 +13,14 @@ import anyio
 import attrs
 import pytest
 
-from fakes import FakeQemu
-from policies import FAKE
-from qmpshutdown import Outcome, ShutdownPolicy, Stage
-from qmpshutdown import Job
+from qmpshutdown import Job, Outcome, ShutdownPolicy, Stage
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._policy import RUNGS
 from qmpshutdown._rungs import BEFORE_FORCE, RUNG_FOR, plan, plan_budget
 from qmpshutdown._rungs.powerdown import PowerButton
 from qmpshutdown._steps import Ended
+from support.fakes import FakeQemu
+from support.policies import FAKE
 
 
 class Knock:

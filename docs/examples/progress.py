@@ -16,7 +16,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import qmpshutdown
-from guests import guest_argv
+from support.guests import guest_argv
 
 
 def show(update: qmpshutdown.Progress) -> None:

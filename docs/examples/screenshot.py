@@ -18,7 +18,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import qmpshutdown
-from guests import GuestFactory
+from support.guests import GuestFactory
 
 DOCS = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ needed recovery is reported, not asserted (docs/data-safety.md has the figures;
 from __future__ import annotations
 
 import pytest
-from datasafety import trials
+
+from support.datasafety import trials
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu, pytest.mark.timeout(400)]
 

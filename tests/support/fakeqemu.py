@@ -5,8 +5,9 @@
 Serves QMP clients (one at a time) on a unix socket the way QEMU does for a cooperative
 guest: greeting, ``qmp_capabilities``, ``query-status`` → running,
 ``system_powerdown`` → POWERDOWN, then after DELAY_MS (default 5) SHUTDOWN
-``{"guest": true, "reason": "guest-shutdown"}`` and exit. profile_cpu.py runs
-it through a copy of the interpreter named ``qemu-system-fake`` so that
+``{"guest": true, "reason": "guest-shutdown"}`` and exit. The tests' ``fakes``
+fixture and benchmarks/profile_cpu.py, fleetbench.py and longrun.py run it
+through a copy of the interpreter named ``qemu-system-fake`` so that
 qmpshutdown pins it like a real QEMU (it checks /proc/PID/exe).
 """
 

@@ -13,9 +13,9 @@ import attrs
 import pytest
 
 import qmpshutdown
-from guests import guest_argv
-from policies import GUEST
 from qmpshutdown import Cause, Stage
+from support.guests import guest_argv
+from support.policies import GUEST
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 

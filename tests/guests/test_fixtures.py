@@ -1,4 +1,4 @@
-"""The test guests behave as tests/guests.py promises, proven with raw QMP.
+"""The test guests behave as tests/support/guests.py promises, proven with raw QMP.
 
 Deliberately independent of qmpshutdown and qemu.qmp: a few lines of JSON over a
 Unix socket, every read bounded, so these tests can vouch for the fixtures that
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from guests import MODES, Guest, GuestFactory, RawAgent, decode_png, inspect_disk
+from support.guests import MODES, Guest, GuestFactory, RawAgent, decode_png, inspect_disk
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 

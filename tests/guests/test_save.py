@@ -14,9 +14,9 @@ import attrs
 import pytest
 
 import qmpshutdown
-from guests import Guest, GuestFactory, guest_argv
-from policies import GUEST
 from qmpshutdown import Cause, Outcome, Stage
+from support.guests import Guest, GuestFactory, guest_argv
+from support.policies import GUEST
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 

@@ -12,9 +12,9 @@ import attrs
 import pytest
 
 import qmpshutdown
-from guests import AGENT_PORT_NAME, RawAgent
-from policies import GUEST
 from qmpshutdown import Cause, Stage
+from support.guests import AGENT_PORT_NAME, RawAgent
+from support.policies import GUEST
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 

@@ -15,9 +15,9 @@ import attrs
 import pytest
 
 import qmpshutdown
-from guests import qmp_connect, qmp_disconnect
-from policies import GUEST
 from qmpshutdown import Cause, Stage
+from support.guests import qmp_connect, qmp_disconnect
+from support.policies import GUEST
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu, pytest.mark.timeout(240)]
 

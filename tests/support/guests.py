@@ -72,7 +72,7 @@ AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 #: Size of the test disk made by :func:`make_disk`.
 DISK_SIZE_MIB = 16
 READY_PREFIX = "QMPSHUTDOWN-GUEST-READY"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 BUILD_SCRIPT = REPO_ROOT / "fixtures" / "qemu-images" / "build.py"
 
 #: How often log files are polled, in seconds.

@@ -16,9 +16,9 @@ import pytest
 from qemu.qmp import QMPClient
 
 import qmpshutdown
-from guests import free_port, qmp_connect, qmp_disconnect
-from policies import GUEST
 from qmpshutdown import Cause, Stage
+from support.guests import free_port, qmp_connect, qmp_disconnect
+from support.policies import GUEST
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 import anyio
 import attrs
 import pytest
-from robustness import Case
 
 import qmpshutdown
-from guests import free_port, qmp_connect, qmp_disconnect
-from policies import FAULTS
+from support.guests import free_port, qmp_connect, qmp_disconnect
+from support.policies import FAULTS
+from support.robustness import Case
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 

@@ -1,6 +1,6 @@
 """The data-safety trial: force-stop a guest writing to ext4, with or without the freeze.
 
-Shared by tests/test_data_safety.py (which asserts the freeze's N of N) and
+Shared by tests/guests/test_data_safety.py (which asserts the freeze's N of N) and
 benchmarks/data_safety.py (which writes docs/data-safety.md). Each trial boots
 an ``ignores`` guest with its agent and the ext4 disk, lets it write, stops it
 with ``quit`` only (``stages=("quit",)``), and reads the disk afterwards with
@@ -15,9 +15,9 @@ import anyio
 import attrs
 
 import qmpshutdown
-from guests import Guest, GuestFactory, inspect_disk
-from policies import GUEST
 from qmpshutdown import Stage
+from support.guests import Guest, GuestFactory, inspect_disk
+from support.policies import GUEST
 
 #: quit only: the forced stop under test; the freeze (when on) comes right before it.
 POLICY = attrs.evolve(GUEST, stages=("quit",), freeze_timeout=10.0)

@@ -3,8 +3,8 @@
 Run one per process, so that a test can check afterwards that the library
 never signalled it::
 
-    python tests/peers.py BEHAVIOUR SOCKET_PATH [--log FILE] [--accept-delay S]
-    python tests/peers.py BEHAVIOUR --tcp PORT_FILE [--log FILE] [--accept-delay S]
+    python tests/support/peers.py BEHAVIOUR SOCKET_PATH [--log FILE] [--accept-delay S]
+    python tests/support/peers.py BEHAVIOUR --tcp PORT_FILE [--log FILE] [--accept-delay S]
 
 The unix socket appears at SOCKET_PATH only once it listens (it is bound
 under a temporary name and renamed); with ``--tcp`` the server listens on

@@ -1,6 +1,6 @@
 """A listener whose ``SO_PEERCRED`` pid names a process that never held its socket.
 
-    python tests/liar.py MODE SOCKET_PATH CHILD_PID_FILE -- PROGRAM [ARG...]
+    python tests/support/liar.py MODE SOCKET_PATH CHILD_PID_FILE -- PROGRAM [ARG...]
 
 Listens on SOCKET_PATH (bound under a temporary name and renamed once it
 listens), forks a child that keeps the socket, then ``exec``s PROGRAM in this
@@ -13,7 +13,7 @@ The child, per MODE:
 
 * ``backlog``  never accepts: connections wait in the listen queue;
 * ``silent``   accepts each connection and never sends a byte;
-* ``impostor`` accepts and answers like a running QEMU (tests/peers.py's ``impostor``).
+* ``impostor`` accepts and answers like a running QEMU (tests/support/peers.py's ``impostor``).
 
 The child writes its pid to CHILD_PID_FILE, and exits once PROGRAM (its
 parent) is gone, so nothing outlives the test.

@@ -1,8 +1,8 @@
 """The short chaos soak: random guests, policies and faults, every invariant checked.
 
-Each test is one trial of ``tests/chaos.py``, drawn from its seed; a failure
-prints the seed and its fault schedule, and ``python tests/chaos.py --seed N``
-(or ``pytest tests/test_chaos.py -k seed-N``) replays it.
+Each test is one trial of ``tests/support/chaos.py``, drawn from its seed; a failure
+prints the seed and its fault schedule, and ``python tests/support/chaos.py --seed N``
+(or ``pytest tests/guests/test_chaos.py -k seed-N``) replays it.
 ``QMPSHUTDOWN_CHAOS_SEED`` (first seed, default 1) and
 ``QMPSHUTDOWN_CHAOS_TRIALS`` (default 8) pick the trials.
 """
@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 import pytest
-from chaos import Trial, run_trial
 from conftest import require_qemu
+
+from support.chaos import Trial, run_trial
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu, pytest.mark.chaos]
 

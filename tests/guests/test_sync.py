@@ -18,9 +18,9 @@ from qemu.qmp import ExecuteError
 from test_launch import our_qemus
 
 import qmpshutdown
-from guests import guest_argv
-from policies import GUEST
 from qmpshutdown import Cause, Stage
+from support.guests import guest_argv
+from support.policies import GUEST
 
 pytestmark = pytest.mark.qemu
 

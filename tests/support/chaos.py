@@ -9,11 +9,11 @@ monitor, the caller cancelled, a guest panic, the guest agent killed or
 frozen (SIGKILL / SIGSTOP of qemu-ga inside the guest, through the agent's
 own ``guest-exec``). Every trial checks the invariants of :func:`check`; a
 failing trial raises :class:`Violation` with its seed and fault schedule, and
-that seed replays it (``python tests/chaos.py --seed N``).
+that seed replays it (``python tests/support/chaos.py --seed N``).
 
-``tests/test_chaos.py`` runs a short soak in CI; ``python tests/chaos.py
+``tests/guests/test_chaos.py`` runs a short soak in CI; ``python tests/support/chaos.py
 --ladders 500 --write`` runs the full one and writes its figures to
-``tests/chaos-soak.json``, which ``tests/robustness.py`` renders into
+``tests/support/chaos-soak.json``, which ``tests/support/robustness.py`` renders into
 docs/robustness.md.
 """
 
@@ -42,12 +42,12 @@ import anyio.lowlevel
 import attrs
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+if str(HERE.parent) not in sys.path:  # run as a script: tests/, where `support` is
+    sys.path.insert(0, str(HERE.parent))
 
 import qmpshutdown  # noqa: E402
-from guests import Guest, GuestFactory, RawAgent, qmp_connect, qmp_disconnect  # noqa: E402
 from qmpshutdown import Outcome, ShutdownPolicy, ShutdownResult, Stage  # noqa: E402
+from support.guests import Guest, GuestFactory, RawAgent, qmp_connect, qmp_disconnect  # noqa: E402
 
 #: Where the full soak's figures go (rendered into docs/robustness.md).
 RESULTS = HERE / "chaos-soak.json"
@@ -472,7 +472,7 @@ def _report(trial: Trial, problems: Sequence[str]) -> str:
     return (
         f"chaos trial seed={trial.seed} broke {len(problems)} invariant(s):\n  "
         + "\n  ".join(problems)
-        + f"\nreplay: python tests/chaos.py --seed {trial.seed}"
+        + f"\nreplay: python tests/support/chaos.py --seed {trial.seed}"
         + f"\nschedule: {json.dumps(trial.schedule(), indent=1)}"
     )
 
@@ -633,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = range(args.seed, args.seed + count)
     report = asyncio.run(soak(seeds, args.ladders))
     report["date"] = time.strftime("%Y-%m-%d")
-    report["command"] = "python tests/chaos.py " + " ".join(argv or sys.argv[1:])
+    report["command"] = "python tests/support/chaos.py " + " ".join(argv or sys.argv[1:])
     report["qemu"] = _qemu_version()
     print(json.dumps({k: v for k, v in report.items() if k != "details"}, indent=1))
     if args.write:
@@ -643,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _qemu_version() -> str:
-    from guests import QEMU_BINARY
+    from support.guests import QEMU_BINARY
 
     out = subprocess.run([QEMU_BINARY, "--version"], capture_output=True, text=True, check=False)
     return out.stdout.splitlines()[0] if out.stdout else "?"

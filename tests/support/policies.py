@@ -8,7 +8,7 @@ from qmpshutdown import ShutdownPolicy
 #: step sequences hold no ``agent skipped`` step (the agent's own tests use the default).
 WITHOUT_AGENT = ("powerdown", "quit", "terminate", "kill")
 
-#: The ladder against fakes of the seams (tests/fakes.py): everything in tenths of a second.
+#: The ladder against fakes of the seams (tests/support/fakes.py): everything in tenths of a second.
 FAKE = ShutdownPolicy(
     powerdown_timeout=0.25,
     repress_interval=0.1,
@@ -31,7 +31,7 @@ FUZZ = ShutdownPolicy(
     stages=WITHOUT_AGENT,
 )
 
-#: Peers that are not QEMU (tests/peers.py): one second for everything, one press.
+#: Peers that are not QEMU (tests/support/peers.py): one second for everything, one press.
 PEERS = ShutdownPolicy(
     powerdown_timeout=1.0,
     repress_interval=None,
@@ -43,7 +43,7 @@ PEERS = ShutdownPolicy(
     stages=WITHOUT_AGENT,
 )
 
-#: Faults on real guests: a short press, quick escalation (tests/test_faults.py, test_many.py).
+#: Faults on real guests: a short press, quick escalation (test_faults.py, test_many_guests.py).
 FAULTS = ShutdownPolicy(
     powerdown_timeout=2.0,
     repress_interval=1.0,
