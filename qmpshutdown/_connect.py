@@ -8,6 +8,7 @@ first can be a hung QEMU; the second must never be taken for one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -15,14 +16,16 @@ from typing import Union
 
 import anyio
 from qemu.qmp import QMPClient
+from qemu.qmp.qmp_client import NegotiationError
 
 from ._errors import ConnectError
 from ._monitor import (
+    CLOSE_GRACE,
     HandshakeFailed,
     HandshakeTimeout,
     QMPMonitor,
-    connect_client,
-    describe_error,
+    disconnect,
+    new_client,
 )
 
 #: A unix socket path, or a ``(host, port)`` TCP address.
@@ -171,3 +174,59 @@ def format_address(address: Address) -> str:
         host, port = address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return os.fspath(address)
+
+
+async def connect_client(sock: socket.socket, limit: float, name: str | None = None) -> QMPClient:
+    """Return a :class:`QMPClient` connected over *sock*, greeted and negotiated.
+
+    The client's connect() runs in its own asyncio task: cancelling it from an
+    anyio scope leaves qemu.qmp wedged (it is cancelled again while it cleans up).
+
+    :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
+    :raises HandshakeFailed: the peer is not a QMP server or hung up.
+    """
+    client = new_client(name)
+    task = asyncio.ensure_future(client.connect(sock))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=limit)
+    except BaseException:
+        await _abandon(task, client, sock)
+        raise
+    if not done:
+        await _abandon(task, client, sock)
+        raise HandshakeTimeout("no QMP greeting and negotiation in time")
+    try:
+        task.result()
+    except Exception as err:  # QMPError, OSError, EOFError, ValueError (an over-long line), ...
+        raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
+    return client
+
+
+async def _abandon(task: asyncio.Future[None], client: QMPClient, sock: socket.socket) -> None:
+    """Cancel a connect() in flight and wait for it, shielded and bounded."""
+    with anyio.CancelScope(shield=True):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_GRACE)
+        if not done:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            await asyncio.wait({task}, timeout=CLOSE_GRACE)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            # It connected just as we gave up on it: close what it opened.
+            await disconnect(client, sock)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def describe_error(err: BaseException) -> str:
+    while True:
+        if isinstance(err, NegotiationError):
+            return "capabilities negotiation (qmp_capabilities) failed"
+        inner = getattr(err, "exc", None)
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    if isinstance(err, EOFError):
+        return "the peer hung up"
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

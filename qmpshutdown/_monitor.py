@@ -23,7 +23,6 @@ import anyio
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
-from qemu.qmp.qmp_client import NegotiationError
 
 from ._errors import CommandError, ConnectError, MonitorClosedError
 from ._result import EventRecord
@@ -31,7 +30,7 @@ from ._result import EventRecord
 logger = logging.getLogger(__name__)
 
 # How long a monitor that will not close politely gets before its socket is cut.
-_CLOSE_GRACE = 1.0
+CLOSE_GRACE = 1.0
 #: How many loop rounds a command waits, at most, for the client to read what QEMU sent.
 _READ_FIRST_ROUNDS = 20
 #: How many events a caller's client (``launch()``'s ``vm.monitor``) keeps, pending and past.
@@ -293,7 +292,7 @@ class QMPMonitor:
             self.client.remove_listener(self._events)
         if self._owned:
             with anyio.CancelScope(shield=True):
-                await _disconnect(self.client, self._sock)
+                await disconnect(self.client, self._sock)
 
 
 class FdPassingUnsupported(Exception):
@@ -318,7 +317,7 @@ async def pass_fd(monitor: Monitor, fd: int, fdname: str) -> None:
     await monitor.execute("getfd", {"fdname": fdname})
 
 
-async def _disconnect(client: QMPClient, sock: socket.socket | None) -> None:
+async def disconnect(client: QMPClient, sock: socket.socket | None) -> None:
     """Disconnect *client*, bounded; cut the socket if a stopped peer blocks the flush.
 
     disconnect() re-raises whatever ended the connection (EOFError after QEMU
@@ -327,15 +326,15 @@ async def _disconnect(client: QMPClient, sock: socket.socket | None) -> None:
     if client.runstate == Runstate.IDLE:
         return
     task = asyncio.ensure_future(client.disconnect())
-    done, _ = await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+    done, _ = await asyncio.wait({task}, timeout=CLOSE_GRACE)
     if not done and sock is not None:
         # A SIGSTOPped QEMU never reads: the flush in disconnect() would wait forever.
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
-        done, _ = await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_GRACE)
     if not done:
         task.cancel()
-        await asyncio.wait({task}, timeout=_CLOSE_GRACE)
+        await asyncio.wait({task}, timeout=CLOSE_GRACE)
     if task.done() and not task.cancelled() and task.exception() is not None:
         logger.debug("monitor connection ended with %r", task.exception())
 
@@ -343,63 +342,12 @@ async def _disconnect(client: QMPClient, sock: socket.socket | None) -> None:
 async def close_client(client: QMPClient) -> None:
     """Disconnect a caller's client, bounded and shielded; QEMU gone under it is fine."""
     with anyio.CancelScope(shield=True):
-        await _disconnect(client, client_socket(client))
+        await disconnect(client, client_socket(client))
 
 
-async def connect_client(sock: socket.socket, limit: float, name: str | None = None) -> QMPClient:
-    """Return a :class:`QMPClient` connected over *sock*, greeted and negotiated.
-
-    The client's connect() runs in its own asyncio task: cancelling it from an
-    anyio scope leaves qemu.qmp wedged (it is cancelled again while it cleans up).
-
-    :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
-    :raises HandshakeFailed: the peer is not a QMP server or hung up.
-    """
-    client = _Client(name)
-    task = asyncio.ensure_future(client.connect(sock))
-    try:
-        done, _ = await asyncio.wait({task}, timeout=limit)
-    except BaseException:
-        await _abandon(task, client, sock)
-        raise
-    if not done:
-        await _abandon(task, client, sock)
-        raise HandshakeTimeout("no QMP greeting and negotiation in time")
-    try:
-        task.result()
-    except Exception as err:  # QMPError, OSError, EOFError, ValueError (an over-long line), ...
-        raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
-    return client
-
-
-async def _abandon(task: asyncio.Future[None], client: QMPClient, sock: socket.socket) -> None:
-    """Cancel a connect() in flight and wait for it, shielded and bounded."""
-    with anyio.CancelScope(shield=True):
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=_CLOSE_GRACE)
-        if not done:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            await asyncio.wait({task}, timeout=_CLOSE_GRACE)
-        if task.done() and not task.cancelled() and task.exception() is None:
-            # It connected just as we gave up on it: close what it opened.
-            await _disconnect(client, sock)
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
-def describe_error(err: BaseException) -> str:
-    while True:
-        if isinstance(err, NegotiationError):
-            return "capabilities negotiation (qmp_capabilities) failed"
-        inner = getattr(err, "exc", None)
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    if isinstance(err, EOFError):
-        return "the peer hung up"
-    text = str(err)
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+def new_client(name: str | None = None) -> QMPClient:
+    """A new, unconnected client of our own (it keeps the last events; see ``_Client``)."""
+    return _Client(name)
 
 
 def _readable(sock: Any) -> bool:

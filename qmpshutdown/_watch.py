@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
 
 from ._result import EventRecord
+
+logger = logging.getLogger("qmpshutdown")
 
 
 class Watch:
@@ -78,7 +81,8 @@ async def race(gone: Callable[[], Awaitable[None]], work: Callable[[], Awaitable
 
     The one exit race of the library: the ladder races its rungs against "QEMU
     is gone", ``launch()`` races connecting against QEMU exiting early.
-    Exceptions of either side are raised as they are (never an ExceptionGroup).
+    Exceptions of either side are raised as they are (never an ExceptionGroup);
+    when both sides fail, the first is raised and the second logged as an error.
 
     :return: what *work* returned, or None when *gone* came first.
     """
@@ -98,6 +102,9 @@ async def race(gone: Callable[[], Awaitable[None]], work: Callable[[], Awaitable
     async with anyio.create_task_group() as tg:
         tg.start_soon(run, work, True, tg.cancel_scope)
         tg.start_soon(run, gone, False, tg.cancel_scope)
+    if len(errors) > 1:
+        # Both sides failed: the first is raised; the second must not vanish without a word.
+        logger.error("the other side of the race failed too: %r", errors[1], exc_info=errors[1])
     if errors:
         raise errors[0]
     return outcome[0] if outcome else None

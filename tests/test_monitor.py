@@ -10,12 +10,12 @@ import anyio
 import pytest
 
 from qmpshutdown import Monitor
+from qmpshutdown._connect import connect_client
 from qmpshutdown._monitor import (
     EVENTS_KEPT,
     QMPMonitor,
     _Client,
     _RecentEvents,
-    connect_client,
     event_record,
 )
 
