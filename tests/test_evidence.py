@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -46,19 +48,36 @@ def pngs(directory: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize(
-    "target", ["/tmp/a b/qmp.sock", "127.0.0.1:4444", "[::1]:4444", "../..", ""]
+    ("target", "stem"),
+    [
+        ("/tmp/x/ignores.qmp", "ignores"),
+        ("/tmp/a b/qmp.sock", "qmp"),
+        ("/run/vm:1/qmp.sock", "qmp"),
+        ("127.0.0.1:4444", "127.0.0.1_4444"),
+        ("[::1]:4444", "1_4444"),
+        ("/vms/a very long name; with $(odd) chars.sock", "a_very_long_name"),
+        ("/vms/-rf .sock", "rf"),
+        ("../..", "qemu"),
+        ("", "qemu"),
+    ],
 )
-def test_a_screenshot_name_is_safe_for_any_target(target):
+def test_a_screenshot_name_is_short_and_safe_for_any_target(target, stem):
     name = screenshot_name(target, 1234, "before-force")
-    assert "/" not in name and ":" not in name and " " not in name
-    assert not name.startswith(".") and name.endswith("-before-force.png")
-    assert "pid1234" in name
+    # The VM's name, a hash of the whole target, the moment (UTC) and the attempt.
+    assert re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{8}}-before-force-\d{{6}}-\d+\.png", name)
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", name)
+    assert not name.startswith((".", "-")) and len(name) <= 55
+    assert screenshot_name(target, None, "end").startswith(f"{stem}-")
 
 
 def test_names_differ_per_target_and_per_attempt():
     # "/a/b" and "/a_b" reduce to the same characters: the hash keeps them apart.
     names = {screenshot_name(t, 1, "end") for t in ("/a/b", "/a_b", "/a/b")}
     assert len(names) == 3
+    # Two sockets of the same name in different directories: the same stem, not the same name.
+    one, two = (screenshot_name(f"/{d}/qmp.sock", 1, "end") for d in ("x", "y"))
+    assert one.split("-")[0] == two.split("-")[0] == "qmp"
+    assert one.split("-")[1] != two.split("-")[1]
 
 
 def test_reserve_never_overwrites(tmp_path):
@@ -197,7 +216,8 @@ async def test_a_ladder_that_ends_with_qemu_running_takes_one_more(guests, tmp_p
         await stop(guest.qmp_path, no_force, evidence_dir=tmp_path)
     result = caught.value.result
     assert outcomes(result) == [("powerdown", "timeout"), ("screenshot", "done")]
-    assert result.screenshot is not None and result.screenshot.endswith("-end.png")
+    assert result.screenshot is not None
+    assert re.fullmatch(r"qmp-[0-9a-f]{8}-end-\d{6}-\d+\.png", Path(result.screenshot).name)
     assert read_png(result.screenshot)[:2] == (720, 400)
     assert guest.alive()
 
@@ -219,7 +239,9 @@ async def test_shutdown_many_writes_one_file_per_target(guests, tmp_path):
     assert sorted(map(str, pngs(evidence))) == sorted(shots)
     for result, guest in zip(results, ignoring, strict=True):
         assert result.step("screenshot").outcome is Outcome.DONE
-        assert f"pid{guest.pid}-" in Path(result.screenshot).name
+        # Named after its own target: the socket's name and a hash of its whole path.
+        digest = hashlib.sha256(str(guest.qmp_path).encode()).hexdigest()[:8]
+        assert Path(result.screenshot).name.startswith(f"qmp-{digest}-before-force-")
 
 
 @pytest.mark.parametrize("bad", [3, b"/tmp", ""])
