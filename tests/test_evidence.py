@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,19 +18,36 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
-    "target", ["/tmp/a b/qmp.sock", "127.0.0.1:4444", "[::1]:4444", "../..", ""]
+    ("target", "stem"),
+    [
+        ("/tmp/x/ignores.qmp", "ignores"),
+        ("/tmp/a b/qmp.sock", "qmp"),
+        ("/run/vm:1/qmp.sock", "qmp"),
+        ("127.0.0.1:4444", "127.0.0.1_4444"),
+        ("[::1]:4444", "1_4444"),
+        ("/vms/a very long name; with $(odd) chars.sock", "a_very_long_name"),
+        ("/vms/-rf .sock", "rf"),
+        ("../..", "qemu"),
+        ("", "qemu"),
+    ],
 )
-def test_a_screenshot_name_is_safe_for_any_target(target):
+def test_a_screenshot_name_is_short_and_safe_for_any_target(target, stem):
     name = screenshot_name(target, 1234, "before-force")
-    assert "/" not in name and ":" not in name and " " not in name
-    assert not name.startswith(".") and name.endswith("-before-force.png")
-    assert "pid1234" in name
+    # The VM's name, a hash of the whole target, the moment (UTC) and the attempt.
+    assert re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{8}}-before-force-\d{{6}}-\d+\.png", name)
+    assert re.fullmatch(r"[A-Za-z0-9._-]+", name)
+    assert not name.startswith((".", "-")) and len(name) <= 55
+    assert screenshot_name(target, None, "end").startswith(f"{stem}-")
 
 
 def test_names_differ_per_target_and_per_attempt():
     # "/a/b" and "/a_b" reduce to the same characters: the hash keeps them apart.
     names = {screenshot_name(t, 1, "end") for t in ("/a/b", "/a_b", "/a/b")}
     assert len(names) == 3
+    # Two sockets of the same name in different directories: the same stem, not the same name.
+    one, two = (screenshot_name(f"/{d}/qmp.sock", 1, "end") for d in ("x", "y"))
+    assert one.split("-")[0] == two.split("-")[0] == "qmp"
+    assert one.split("-")[1] != two.split("-")[1]
 
 
 def test_reserve_never_overwrites(tmp_path):

@@ -39,18 +39,29 @@ _counter = itertools.count(1)
 
 
 def screenshot_name(target: str, pid: int | None, when: str) -> str:
-    """A file name for a screenshot of *target*: safe for any name, unique per VM and attempt.
+    """A short file name for a screenshot of *target*: safe for any name, unique per VM and attempt.
 
-    The target's name (a socket path, ``host:port``) is reduced to safe
-    characters and kept distinct by a short hash of the original; the pid,
-    the time to the millisecond and a per-process counter tell attempts apart.
+    The VM's name and the moment, e.g. ``ignores-1a2b3c4d-before-force-153012-1.png``:
+    a unix socket path gives its basename without the extension
+    (``/tmp/x/ignores.qmp`` gives ``ignores``), ``host:port`` is kept; either is
+    reduced to safe characters and its first 16. A short hash of the whole
+    target keeps VMs apart whose names reduce alike (two ``qmp.sock`` in
+    different directories), the time (UTC, ``HHMMSS``) and a per-process
+    counter tell attempts apart; :func:`reserve` never reuses a taken name.
+    At most 51 characters while the counter has one digit. *pid* is not part
+    of the name.
 
     :param when: ``before-force`` or ``end``.
     """
-    safe = _UNSAFE.sub("_", target).strip("._")[-40:] or "qemu"
+    head, _, port = target.rpartition(":")
+    if "/" in target or not (head and port.isdigit()):
+        target_name = os.path.splitext(os.path.basename(target.rstrip("/")))[0]
+    else:
+        target_name = target
+    safe = _UNSAFE.sub("_", target_name).strip("._-")[:16].rstrip("._-") or "qemu"
     digest = hashlib.sha256(target.encode(errors="surrogateescape")).hexdigest()[:8]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{safe}-{digest}-pid{pid or 0}-{stamp}-{next(_counter)}-{when}.png"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H%M%S")
+    return f"{safe}-{digest}-{when}-{stamp}-{next(_counter)}.png"
 
 
 def reserve(directory: str, name: str) -> str:

@@ -5,6 +5,7 @@ The plain logic (names and files) is in tests/test_evidence.py.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -180,4 +181,6 @@ async def test_shutdown_many_writes_one_file_per_target(guests, tmp_path):
     assert sorted(map(str, pngs(evidence))) == sorted(shots)
     for result, guest in zip(results, ignoring, strict=True):
         assert result.step("screenshot").outcome is Outcome.DONE
-        assert f"pid{guest.pid}-" in Path(result.screenshot).name
+        # Named after its own target: the socket's name and a hash of its whole path.
+        digest = hashlib.sha256(str(guest.qmp_path).encode()).hexdigest()[:8]
+        assert Path(result.screenshot).name.startswith(f"qmp-{digest}-before-force-")
