@@ -61,33 +61,28 @@ async def stop(
     :param started: the anyio clock at the caller's start (times count from it).
     :param on_progress: called with a :class:`~._progress.Progress` as each thing happens.
     :param pinned: QEMU's process when the caller has pinned it already (its own
-        child, from ``launch()``); see :func:`stop_at`.
+        child, from ``launch()``): checked against the socket's peer, used even
+        if the monitor cannot be reached, and left open.
     :param rungs: the rungs to climb instead of the policy's plan.
     """
     if isinstance(job.target, QMPClient):
         return await _stop_client(job, job.target, started, on_progress)
-    return await stop_at(
-        job, check_address(job.target), started=started, on_progress=on_progress,
-        pinned=pinned, rungs=rungs,
-    )  # fmt: skip
+    return await _stop_at(job, started, on_progress, pinned, rungs)
 
 
-async def stop_at(
+async def _stop_at(
     job: Job,
-    address: str | tuple[str, int],
-    *,
     started: float,
-    on_progress: ProgressCallback | None = None,
-    pinned: Process | None = None,
-    rungs: Sequence[Rung] | None = None,
+    on_progress: ProgressCallback | None,
+    pinned: Process | None,
+    rungs: Sequence[Rung] | None,
 ) -> ShutdownResult:
-    """Connect to *address* (the job's target) and climb the ladder.
+    """Connect to the job's address and climb the ladder.
 
-    :param pinned: QEMU's process when the caller has pinned it already (its
-        own child, from ``launch()``); it is checked against the socket's
-        peer, used even if the monitor cannot be reached, and left open.
-    :param rungs: the rungs to climb instead of the policy's plan.
+    *pinned* (QEMU's own child, from ``launch()``) is checked against the
+    socket's peer, used even if the monitor cannot be reached, and left open.
     """
+    address = check_address(job.target)
     name = job.name or format_address(address)
     job = attrs.evolve(job, name=name)
     pid, policy = job.pid, job.the_policy

@@ -114,22 +114,22 @@ class Job:
 
     @property
     def agent_path(self) -> str | None:
-        """:attr:`agent` as a string."""
+        """``agent`` as a string."""
         return _str_or_none(self.agent)
 
     @property
     def save_path(self) -> str | None:
-        """:attr:`save_dir` as an absolute path."""
+        """``save_dir`` as an absolute path."""
         return _abs_or_none(self.save_dir)
 
     @property
     def evidence_path(self) -> str | None:
-        """:attr:`evidence_dir` as an absolute path."""
+        """``evidence_dir`` as an absolute path."""
         return _abs_or_none(self.evidence_dir)
 
     @property
     def console_path(self) -> str | None:
-        """:attr:`console_log` as a string."""
+        """``console_log`` as a string."""
         return _str_or_none(self.console_log)
 
     def under(
@@ -149,6 +149,6 @@ class Job:
 
     @property
     def the_policy(self) -> ShutdownPolicy:
-        """:attr:`policy`, which the engine requires set (see :meth:`under`)."""
+        """``policy``, which the engine requires set (see ``under()``)."""
         assert self.policy is not None, "a job reaches the engine with its policy"
         return self.policy

@@ -110,7 +110,7 @@ def _optional_seconds(instance: Any, attribute: Any, value: float | None) -> Non
 
 
 class Patience(str, enum.Enum):
-    """How a graceful rung waits for the guest (see :attr:`ShutdownPolicy.patience`)."""
+    """How a graceful rung waits for the guest (``ShutdownPolicy.patience``)."""
 
     FIXED = "fixed"  #: wait ``powerdown_timeout``, whatever the guest does
     ADAPTIVE = "adaptive"  #: wait on while the guest works, give up early when it idles
@@ -238,26 +238,27 @@ class ShutdownPolicy:
         Connecting and the three commands around the rungs (the runstate on
         arrival, QEMU's last events, closing the monitor), plus the budget of
         every rung the policy allows (and of the steps before force when one of
-        them is forced); the ladder holds each step to its budget
-        (:data:`BUDGETS`).
+        them is forced); the ladder holds each step to its budget (the table
+        ``BUDGETS`` in this module says what each step spends).
         """
-        return ARRIVAL.of(self) + sum(budget.of(self) for budget in self.budgets())
-
-    def budgets(self) -> list[Budget]:
-        """The budget of each step the bound counts: the rungs, then the steps before force."""
-        steps = [BUDGETS[stage] for stage in self.stages]
-        if any(stage not in GRACEFUL_STAGES for stage in self.stages):
-            steps += [BUDGETS[stage] for stage in BEFORE_FORCE_STAGES]
-        return steps
+        return ARRIVAL.of(self) + sum(budget.of(self) for budget in step_budgets(self))
 
     @property
     def commands(self) -> int:
         """How many ``command_timeout`` s the bound counts (connecting aside)."""
-        return ARRIVAL.commands + sum(budget.commands for budget in self.budgets())
+        return ARRIVAL.commands + sum(budget.commands for budget in step_budgets(self))
 
 
 #: The one default policy (every entry point's default).
 DEFAULT_POLICY = ShutdownPolicy()
+
+
+def step_budgets(policy: ShutdownPolicy) -> list[Budget]:
+    """The budget of each step the bound counts: the rungs, then the steps before force."""
+    steps = [BUDGETS[stage] for stage in policy.stages]
+    if any(stage not in GRACEFUL_STAGES for stage in policy.stages):
+        steps += [BUDGETS[stage] for stage in BEFORE_FORCE_STAGES]
+    return steps
 
 
 def wait_budget(policy: ShutdownPolicy, timeout: float) -> float:

@@ -265,7 +265,7 @@ class ShutdownResult:
     def forced(self) -> bool:
         """True when QEMU was ended by force (quit or a signal) rather than by its guest.
 
-        Never for ``already-off`` (see :func:`is_forced`).
+        Never for ``already-off`` (one definition: ``is_forced()``, which the verdict uses).
         """
         return is_forced(self.stage, self.graceful)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 import anyio
 from qemu.qmp import QMPClient
@@ -13,6 +16,9 @@ from ._job import Job, Target
 from ._policy import DEFAULT_POLICY, ShutdownPolicy
 from ._progress import ProgressCallback
 from ._result import ShutdownResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def as_job(
@@ -112,35 +118,43 @@ async def shutdown(
     return await stop(job, started=anyio.current_time(), on_progress=on_progress)
 
 
-def shutdown_sync(
-    target: str | os.PathLike[str] | tuple[str, int] | Job,
-    policy: ShutdownPolicy = DEFAULT_POLICY,
-    pid: int | None = None,
-    *,
-    on_progress: ProgressCallback | None = None,
-    save_dir: str | os.PathLike[str] | None = None,
-    evidence_dir: str | os.PathLike[str] | None = None,
-    agent: str | os.PathLike[str] | None = None,
-) -> ShutdownResult:
+def _in_own_loop(
+    async_fn: Callable[P, Awaitable[R]],
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Make the decorated stub run *async_fn* in an event loop of its own, with its parameters.
+
+    The stub gives the name and the docstring; *async_fn* the signature (shown by
+    ``inspect.signature`` and checked by type checkers), so the two never drift.
+    """
+
+    def decorate(stub: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(stub)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            for given in (*args[:1], kwargs.get("target")):
+                if isinstance(given, QMPClient) or (
+                    isinstance(given, Job) and isinstance(given.target, QMPClient)
+                ):
+                    raise TypeError(
+                        f"{stub.__name__}() cannot use a QMPClient; await the async one in its loop"
+                    )
+            call = functools.partial(async_fn, *args, **kwargs)
+            return anyio.run(call, backend="asyncio")
+
+        run.__signature__ = inspect.signature(async_fn)  # type: ignore[attr-defined]
+        return run
+
+    return decorate
+
+
+@_in_own_loop(shutdown)
+def shutdown_sync(*args: Any, **kwargs: Any) -> ShutdownResult:
     """Like :func:`shutdown`, for synchronous callers (runs its own event loop).
 
-    :param target: a unix socket path, a ``(host, port)`` TCP monitor or a
-        :class:`Job` (a QMPClient belongs to an event loop of its own: use
-        :func:`shutdown`).
-    :param policy: see :func:`shutdown`.
-    :param pid: see :func:`shutdown`.
-    :param on_progress: see :func:`shutdown` (called in this thread).
-    :param save_dir: see :func:`shutdown`.
-    :param evidence_dir: see :func:`shutdown`.
-    :param agent: see :func:`shutdown`.
+    Takes exactly :func:`shutdown`'s parameters. *target* is a unix socket path, a
+    ``(host, port)`` TCP monitor or a :class:`Job` (a QMPClient belongs to an event
+    loop of its own: use :func:`shutdown`); *on_progress* is called in this thread.
+
     :raises TypeError, ConnectError, PidMismatchError, ShutdownFailed: see :func:`shutdown`.
     :return: see :func:`shutdown`.
     """
-    if isinstance(target, QMPClient) or (
-        isinstance(target, Job) and isinstance(target.target, QMPClient)
-    ):
-        raise TypeError("shutdown_sync() cannot use a QMPClient; await shutdown() in its loop")
-    job = as_job(target, policy, pid, save_dir=save_dir, evidence_dir=evidence_dir, agent=agent)
-    return anyio.run(
-        functools.partial(shutdown, job, on_progress=on_progress), backend="asyncio"
-    )
+    raise NotImplementedError  # pragma: no cover - replaced by the decorator

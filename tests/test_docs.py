@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 API = DOCS / "api.rst"
 
-#: ``.. autofunction:: shutdown`` and its kin, as the reference page writes them.
-_ENTRY = re.compile(r"^\.\. auto(?:function|class|exception|data)::\s+(?:qmpshutdown\.)?(\w+)\s*$",
+#: ``.. autofunction:: shutdown`` and its kin, as the reference page writes them (a
+#: signature written out, as for ``shutdown_sync``, allowed).
+_ENTRY = re.compile(r"^\.\. auto(?:function|class|exception|data)::\s+(?:qmpshutdown\.)?(\w+)"
+                    r"(?:\(.*\))?\s*$",
                     re.MULTILINE)  # fmt: skip
 
 

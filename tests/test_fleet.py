@@ -1,4 +1,4 @@
-"""Fleets: Job, the deadline arithmetic, and our own descriptor limit (fake QEMUs)."""
+"""Fleets: the deadline arithmetic, and our own descriptor limit (fake QEMUs)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import attrs
 import pytest
 
 import qmpshutdown
-from qmpshutdown import Job, ShutdownPolicy, Stage
+from qmpshutdown import ShutdownPolicy, Stage
 from qmpshutdown._fleet import (
     FDS_PER_LADDER,
     FORCED_RESERVE,
@@ -22,47 +22,6 @@ from qmpshutdown._fleet import (
     open_descriptors,
 )
 from support.policies import FAULTS, GUEST
-
-# ----------------------------------------------------------------------------- Job
-
-
-def test_job_defaults_and_is_frozen(tmp_path):
-    job = Job(tmp_path / "a.sock")
-    assert (job.policy, job.pid, job.agent, job.name, job.group) == (None, None, None, None, 0)
-    with pytest.raises(attrs.exceptions.FrozenInstanceError):
-        job.group = 1  # type: ignore[misc]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error"),
-    [
-        ({"policy": "fast"}, TypeError),
-        ({"pid": 0}, ValueError),
-        ({"pid": True}, ValueError),
-        ({"pid": "12"}, ValueError),
-        ({"group": -1}, ValueError),
-        ({"group": 1.0}, ValueError),
-        ({"name": ""}, TypeError),
-        ({"agent": 42}, TypeError),
-    ],
-)
-def test_job_refuses_fields_that_make_no_sense(tmp_path, kwargs, error):
-    with pytest.raises(error):
-        Job(tmp_path / "a.sock", **kwargs)
-
-
-def test_job_refuses_a_bad_target():
-    with pytest.raises(TypeError):
-        Job(42)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="port"):
-        Job(("127.0.0.1", 0))
-
-
-def test_job_takes_an_agent_socket_path(tmp_path):
-    assert Job(tmp_path / "a.sock", agent=tmp_path / "qga.sock").agent == tmp_path / "qga.sock"
-    with pytest.raises(TypeError):
-        Job(tmp_path / "a.sock", agent=42)  # type: ignore[arg-type]
-
 
 # ----------------------------------------------------------------------------- the deadline
 

@@ -43,11 +43,10 @@ class AgentShutdown(Budgeted):
         return None
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
-        link = qemu.agent
-        assert link is not None
-        client = await reach_agent(qemu)
-        if isinstance(client, Ended):
-            return client
+        reached = await reach_agent(qemu)
+        if isinstance(reached, Ended):
+            return reached
+        link, client = reached
         link.info, said = await read_guest_info(client)
         step.note(f"the agent answered: {said}")
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .._agent import AgentClient
+from .._agent import AgentClient, AgentLink
 from .._policy import BUDGETS, ShutdownPolicy, Stage
 from .._qemu import Qemu
 from .._result import Cause, Outcome
@@ -79,11 +79,11 @@ def no_monitor(qemu: Qemu, *, or_closed: bool = False) -> Ended | None:
     return None
 
 
-async def reach_agent(qemu: Qemu) -> AgentClient | Ended:
-    """The guest agent, connected; else the skipped step that says why it did not answer."""
+async def reach_agent(qemu: Qemu) -> tuple[AgentLink, AgentClient] | Ended:
+    """The way to the guest agent and its client, connected; else the skipped step saying why."""
     link = qemu.agent
-    assert link is not None
+    assert link is not None, "a step that needs the agent runs only with an agent socket"
     client = await link.connect()
     if client is None:
         return Ended(Outcome.SKIPPED, f"no agent answered ({link.unreachable})")
-    return client
+    return link, client

@@ -42,11 +42,10 @@ class FreezeBeforeForce(Budgeted):
         return qemu.policy.freeze_before_force and qemu.agent is not None and not qemu.gone
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
-        link = qemu.agent
-        assert link is not None
-        client = await reach_agent(qemu)
-        if isinstance(client, Ended):
-            return client
+        reached = await reach_agent(qemu)
+        if isinstance(reached, Ended):
+            return reached
+        link, client = reached
         timeout = qemu.policy.freeze_timeout
         link.freeze_sent = True  # even unanswered, it may freeze the guest late: thaw then
         try:

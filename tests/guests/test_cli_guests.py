@@ -195,3 +195,20 @@ async def test_evidence_dir_gives_the_screenshot_on_the_progress_line_and_in_jso
     assert os.path.dirname(record["screenshot"]) == str(tmp_path)
     assert [s["stage"] for s in record["steps"]] == ["powerdown", "agent", "screenshot", "quit"]
     assert record["steps"][2]["path"] == record["screenshot"]
+
+
+@pytest.mark.asyncio
+async def test_agent_reaches_the_agent_rung_and_stops_a_guest_that_ignores_the_button(guests):
+    # Before 0.2 the CLI built its jobs without --agent: the rung was skipped, the guest forced.
+    guest = await guests.boot("ignores", agent=True)
+    run = await qmpshutdown("--json", *FAST, "--agent", guest.agent_path, guest.qmp_path)
+    assert run.status == 0, run.err
+    (record,) = run.records()
+    assert (record["stage"], record["graceful"], record["reason"], record["cause"]) == (
+        "agent", True, "guest-shutdown", "ignored-power-button"
+    )  # fmt: skip
+    assert [(s["stage"], s["outcome"]) for s in record["steps"]] == [
+        ("powerdown", "timeout"), ("agent", "done")
+    ]  # fmt: skip
+    assert record["guest_users"] == []  # the agent answered: nobody is logged in
+    assert await guest.wait_exit(5) == 0

@@ -171,12 +171,44 @@ async def test_leaves_an_ignoring_vm_and_passes(qemu_launcher, tmp_path):
 """
 
 
+SYNC_EVIDENCE = """
+import time
+
+import pytest
+from support.guests import guest_argv
+from qmpshutdown import ShutdownPolicy
+
+@pytest.fixture
+def qemu_shutdown_policy():
+    return ShutdownPolicy(powerdown_timeout=1.0, repress_interval=None)
+
+def test_leaves_an_ignoring_vm_then_fails(qemu_launcher_sync, tmp_path):
+    argv = guest_argv("ignores", workdir=tmp_path, qmp=False, display=True,
+                      extra_args=["-name", "MARKER"])
+    qemu_launcher_sync.launch(argv, name="failing", console_log=True)
+    for _ in range(1200):
+        serial = tmp_path / "serial.log"
+        if serial.exists() and "GUEST-READY" in serial.read_text(errors="replace"):
+            break
+        time.sleep(0.05)
+    assert False, "this test fails on purpose"
+
+def test_leaves_an_ignoring_vm_and_passes(qemu_launcher_sync, tmp_path):
+    argv = guest_argv("ignores", workdir=tmp_path, qmp=False, display=True,
+                      extra_args=["-name", "MARKER"])
+    qemu_launcher_sync.launch(argv, name="passing")
+"""
+
+
 @pytest.mark.qemu
+@pytest.mark.parametrize("source", [EVIDENCE, SYNC_EVIDENCE], ids=["async", "sync"])
 def test_the_report_names_the_screenshot_kept_for_a_failing_test(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, source: str
 ) -> None:
+    # Both launchers keep a failing test's evidence in its tmp_path and drop a passing one's
+    # (before 0.2 the sync one silently dropped evidence_dir and keep_evidence).
     marker = "qsd-plugin-evidence"
-    pytester.makepyfile(test_inner=EVIDENCE.replace("MARKER", marker))
+    pytester.makepyfile(test_inner=source.replace("MARKER", marker))
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     result = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-o", "asyncio_mode=strict", "-rA", timeout=120
