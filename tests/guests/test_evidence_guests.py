@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,7 +160,8 @@ async def test_a_ladder_that_ends_with_qemu_running_takes_one_more(guests, tmp_p
         await stop(guest.qmp_path, no_force, evidence_dir=tmp_path)
     result = caught.value.result
     assert outcomes(result) == [("powerdown", "timeout"), ("screenshot", "done")]
-    assert result.screenshot is not None and result.screenshot.endswith("-end.png")
+    assert result.screenshot is not None
+    assert re.fullmatch(r"qmp-[0-9a-f]{8}-end-\d{6}-\d+\.png", Path(result.screenshot).name)
     assert read_png(result.screenshot)[:2] == (720, 400)
     assert guest.alive()
 
