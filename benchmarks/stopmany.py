@@ -1,6 +1,9 @@
 """Stop N guests at once in a fresh process and measure it (run by run.py, one process per run).
 
-    python benchmarks/stopmany.py [--nofile=SOFT[:HARD]] qmpshutdown|raw SOCKET...
+    python benchmarks/stopmany.py [--nofile=SOFT[:HARD]] qmpshutdown|bare|raw SOCKET...
+
+``bare`` is a bare qemu.qmp client (bareqmp.py, all at once with asyncio.gather),
+``raw`` the raw socket client (rawqmp.py, one thread each).
 
 Prints one JSON object: ``wall_s`` (start of the stop to the last exit
 known), ``cpu_s`` (this process's CPU time, all threads, over the same span),
@@ -96,6 +99,26 @@ def measure_raw(paths: list[str]) -> dict[str, Any]:
             "errors": errors}  # fmt: skip
 
 
+def measure_bare(paths: list[str]) -> dict[str, Any]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bareqmp
+
+    async def run() -> dict[str, Any]:
+        await asyncio.sleep(0)
+        rss0, cpu0, wall0 = _reset_peak_rss(), time.process_time(), time.perf_counter()
+        outcomes = await asyncio.gather(*(bareqmp.stop(p) for p in paths), return_exceptions=True)
+        wall1, cpu1, rss1 = time.perf_counter(), time.process_time(), _peak_rss_kib()
+        errors = [
+            f"{path}: {seen!r}"
+            for path, seen in zip(paths, outcomes, strict=True)
+            if not isinstance(seen, list) or "SHUTDOWN" not in seen
+        ]
+        return {"wall_s": wall1 - wall0, "cpu_s": cpu1 - cpu0, "peak_rss_kib": rss1 - rss0,
+                "errors": errors}  # fmt: skip
+
+    return asyncio.run(run())
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0].startswith("--nofile="):  # SOFT or SOFT:HARD, set before anything opens
         import resource
@@ -104,7 +127,7 @@ def main(argv: list[str]) -> int:
         limits = (int(soft), int(hard) if hard else resource.getrlimit(resource.RLIMIT_NOFILE)[1])
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
     tool, paths = argv[0], argv[1:]
-    measure = {"qmpshutdown": measure_qmpshutdown, "raw": measure_raw}[tool]
+    measure = {"qmpshutdown": measure_qmpshutdown, "bare": measure_bare, "raw": measure_raw}[tool]
     print(json.dumps(measure(paths)))
     return 0
 

@@ -34,6 +34,8 @@ import attrs
 from ._policy import ShutdownPolicy
 from ._result import Activity
 
+#: The longest the baseline reading waits after the press (see ``Sampler.sample_forever``).
+FIRST_READING_AFTER = 0.25
 #: Asks QEMU one QMP command for a reading; None when it cannot answer.
 Ask = Callable[[str], Awaitable[object]]
 
@@ -146,18 +148,30 @@ class Sampler:
         self.ended = None
 
     async def sample_forever(self, ask: Ask, name: str = "qemu") -> None:
-        """Read the guest every ``sample_interval`` until cancelled.
+        """Read the guest every ``sample_interval`` from now (the press) until cancelled.
+
+        The first reading, the baseline, waits a short grace (a quarter of the
+        interval, at most :data:`FIRST_READING_AFTER`): a guest that powers off at
+        once costs no reading at all. The others keep the schedule (one interval
+        after the press, two, ...), so the first interval is that much shorter.
 
         :param ask: runs one QMP command and returns its reply (None when it failed).
         """
         if self.pid is None:
             return
+        interval = self.policy.sample_interval
+        start = anyio.current_time()
+        await anyio.sleep(min(FIRST_READING_AFTER, interval / 4))
         previous = await self.reading(ask)
+        due = start + interval
         while not self.blind:
-            await anyio.sleep(self.policy.sample_interval)
+            await anyio.sleep_until(due)
             current = await self.reading(ask)
             self.take(previous, current, name)
             previous = current
+            due += interval
+            if due < previous.at + interval / 2:  # a reading ran late: keep whole intervals
+                due = previous.at + interval
 
     async def reading(self, ask: Ask) -> Reading:
         """Read the totals now (a failing source is dropped for the rest of the ladder)."""

@@ -116,7 +116,8 @@ class Recorder:
     def event(self, event: EventRecord) -> None:
         """Report a QMP event (logged at DEBUG only)."""
         self._update(f"event {event.event}", None, ProgressKind.EVENT, event=event, log=False)
-        logger.debug("%s: event %s %s", self.name, event.event, dict(event.data))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: event %s %s", self.name, event.event, dict(event.data))
 
     def gone(self, at: float) -> None:
         """Report that QEMU was seen gone, *at* seconds since the call."""
@@ -133,8 +134,10 @@ class Recorder:
         elapsed: float | None = None,
         log: bool = True,
     ) -> None:
+        if not (self.report.callback is not None or (log and logger.isEnabledFor(logging.INFO))):
+            return  # nobody listens: build nothing (the fast path's CPU, benchmarks/phases.py)
         elapsed = self.now() if elapsed is None else elapsed
-        if log:
+        if log and logger.isEnabledFor(logging.INFO):
             logger.info(
                 "%s: [%6.2fs] %s",
                 self.name,

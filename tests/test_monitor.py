@@ -95,3 +95,23 @@ async def test_events_sent_before_an_exit_survive_a_write_that_meets_epipe() -> 
         go.set()
         server.join(10)
         ours.close()
+
+
+def test_a_stop_formats_no_traceback_for_qemu_hanging_up(fakes, monkeypatch):
+    # qemu.qmp formats a whole traceback for a DEBUG line when it closes a stream QEMU
+    # already hung up, DEBUG on or off; our client closes it the same way without one.
+    import qemu.qmp.protocol
+
+    import qmpshutdown
+
+    formatted: list[str] = []
+
+    def counting(prefix: str = "  | ") -> str:
+        formatted.append(prefix)
+        return ""
+
+    monkeypatch.setattr(qemu.qmp.protocol, "pretty_traceback", counting)
+    (path,) = fakes(1)
+    result = qmpshutdown.shutdown_sync(path)
+    assert result.graceful
+    assert formatted == []

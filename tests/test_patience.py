@@ -18,7 +18,7 @@ from qmpshutdown._cli import parse_command_line
 from qmpshutdown._patience import Reading, Sampler, vcpu_times
 from qmpshutdown._policy import wait_budget
 from qmpshutdown._verdict import likely_cause, press_cause
-from support.fakes import FakeQemu
+from support.fakes import FakeMonitor, FakeQemu
 
 ADAPTIVE = ShutdownPolicy(
     patience="adaptive", powerdown_timeout=60, max_powerdown_timeout=120, idle_cutoff=5,
@@ -191,6 +191,24 @@ def test_a_cooperative_guest_is_as_quick_under_adaptive_patience(monkeypatch):
     assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 1)
     assert result.elapsed < 0.01
     assert result.activity is None  # gone before the first interval ended
+
+
+@pytest.mark.parametrize("policy", [ADAPTIVE, FIXED])
+def test_a_guest_that_powers_off_at_once_costs_no_reading(monkeypatch, policy):
+    # Pay only for what runs: the baseline reading waits its grace; the guest is off by then.
+    commands: list[str] = []
+    monkeypatch.setattr(FakeMonitor, "execute", recording(FakeMonitor.execute, commands))
+    result = run(monkeypatch, policy, off_at=0.1)
+    assert result.graceful and result.activity is None
+    assert commands == ["query-status", "system_powerdown"]
+
+
+def recording(execute, commands):
+    async def execute_and_note(self, command, arguments=None):
+        commands.append(command)
+        return await execute(self, command, arguments)
+
+    return execute_and_note
 
 
 def test_a_monitor_without_the_queries_leaves_the_guest_unread(monkeypatch):

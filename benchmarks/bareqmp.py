@@ -1,0 +1,55 @@
+"""The floor our mandated dependency sets: a bare qemu.qmp client doing a cooperative stop.
+
+The same exchange as qmpshutdown's fast path and as ``rawqmp.py``, with nothing
+else: open the unix socket, read its peer's pid (``SO_PEERCRED``) and pin it
+(``pidfd_open``), let ``QMPClient`` greet and negotiate, ``query-status``,
+``system_powerdown``, wait for SHUTDOWN among the client's events, wait for the
+pidfd, disconnect. Plain asyncio, no policy, no checks, no record: qmpshutdown
+is measured against this in the same run (``benchmarks/fastpath.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+
+from qemu.qmp import QMPClient
+
+_UCRED = struct.Struct("3i")
+
+
+async def stop(path: str, limit: float = 30.0) -> list[str]:
+    """Stop the QEMU behind *path* with one press; return the events seen, by name."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, path)
+    pid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
+    pidfd = os.pidfd_open(pid)
+    client = QMPClient("bare")
+
+    async def exchange() -> list[str]:
+        await client.connect(sock)
+        await client.execute("query-status")
+        await client.execute("system_powerdown")
+        seen: list[str] = []
+        while "SHUTDOWN" not in seen:
+            seen.append((await client.events.get())["event"])
+        exited = loop.create_future()
+        loop.add_reader(pidfd, exited.set_result, None)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+        return seen
+
+    try:
+        return await asyncio.wait_for(exchange(), limit)
+    finally:
+        # QEMU hung up first, as it does when it exits: qemu.qmp re-raises that here.
+        with contextlib.suppress(EOFError):
+            await client.disconnect()
+        os.close(pidfd)
