@@ -10,7 +10,9 @@ always ending with QEMU really gone and a record of what happened and why::
     print(result.stage, result.reason, result.cause)
 """
 
+import importlib as _importlib
 import logging as _logging
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from ._errors import (
     CommandError,
@@ -27,15 +29,34 @@ from ._errors import (
 from ._fleet import shutdown_many
 from ._job import Job, Target
 from ._ladder import climb
-from ._launch import VM, launch
 from ._monitor import Monitor
 from ._policy import Patience, ShutdownPolicy, Stage
 from ._process import Process
 from ._progress import Progress, ProgressKind
 from ._result import Activity, Cause, EventRecord, Outcome, ShutdownResult, Step
 from ._shutdown import shutdown, shutdown_sync
-from ._sync import SyncVM, launch_sync
 from ._version import __version__ as __version__
+
+if _TYPE_CHECKING:
+    from ._launch import VM, launch
+    from ._sync import SyncVM, launch_sync
+
+#: Names imported on first use: ``launch()`` and its harnesses need subprocess, anyio's
+#: threads and more, which a tool that only stops VMs never pays for.
+_LAZY = {"VM": "._launch", "launch": "._launch", "SyncVM": "._sync", "launch_sync": "._sync"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 # In order of importance: what stops a VM, what it returns, then the seams for
 # callers that reach QEMU their own way (climb() over any Monitor and Process).

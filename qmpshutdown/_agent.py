@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,7 +84,7 @@ class AgentClient:
 
         :raises AgentError: no 0xFF and matching reply within the bound (or EOF).
         """
-        token = secrets.randbelow(2**31 - 1) + 1
+        token = int.from_bytes(os.urandom(4), "big") % (2**31 - 1) + 1  # not secrets: its import
         try:
             with anyio.fail_after(self.timeout):
                 await self._send("guest-sync-delimited", {"id": token})

@@ -22,15 +22,21 @@ import functools
 import os
 from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ._launch import VM, launch
 from ._policy import DEFAULT_POLICY, ShutdownPolicy
-from ._sync import SyncVM, refuse_in_event_loop, wait_through
+
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
+
+    from ._launch import VM
+    from ._sync import SyncVM
+
+# This module is loaded into every pytest run of an environment with qmpshutdown (its
+# pytest11 entry point): what only booting a VM needs is imported when a test does.
 
 
 class QemuLauncher:
@@ -54,6 +60,8 @@ class QemuLauncher:
         """
         if self.evidence_dir is not None:
             kwargs.setdefault("evidence_dir", self.evidence_dir)
+        from ._launch import launch
+
         vm = launch(argv, policy or self.policy, name or f"vm{len(self.vms) + 1}", **kwargs)
         await vm.__aenter__()
         self.vms.append(vm)
@@ -113,6 +121,8 @@ class SyncQemuLauncher:
         :raises RuntimeError: called from async code (use ``qemu_launcher`` there).
         :raises qmpshutdown.LaunchError: QEMU exited early or did not greet in time.
         """
+        from ._sync import SyncVM, refuse_in_event_loop, wait_through
+
         refuse_in_event_loop("qemu_launcher_sync.launch()")
         name = name or f"vm{len(self.vms) + 1}"
         start = self.portal.start_task_soon(
@@ -129,6 +139,8 @@ class SyncQemuLauncher:
 
         :param keep_evidence: keep the screenshots (a failing test); else remove them.
         """
+        from ._sync import wait_through
+
         close = functools.partial(self._launcher.aclose, keep_evidence=keep_evidence)
         return wait_through(self.portal.start_task_soon(close), cancel=False)
 
@@ -205,6 +217,8 @@ def qemu_launcher_sync(
     """
     evidence = tmp_path / "qmpshutdown-evidence"
     evidence.mkdir(exist_ok=True)
+    from anyio.from_thread import start_blocking_portal
+
     with start_blocking_portal(backend="asyncio") as portal:
         launcher = SyncQemuLauncher(qemu_shutdown_policy, portal, evidence)
         try:

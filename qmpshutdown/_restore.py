@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 
 from ._connect import open_client
 from ._errors import CommandError, LaunchError, MonitorClosedError
@@ -45,7 +44,7 @@ async def load_state(socket_path: str, fd: int, limit: float, name: str) -> str:
     """
     client = await open_client(socket_path, limit, f"{name}-restore")
     monitor = QMPMonitor(client, client_socket(client), owned=True)
-    fdname = f"qmpshutdown-restore-{secrets.token_hex(4)}"
+    fdname = f"qmpshutdown-restore-{os.urandom(4).hex()}"
     try:
         capability = {"capability": "events", "state": True}
         await monitor.execute("migrate-set-capabilities", {"capabilities": [capability]})

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import re
-import secrets
 import time
 from collections.abc import Mapping
 
@@ -53,7 +52,7 @@ def state_file_name(target: str) -> str:
     """A new state file's name: the target made safe (any characters), the time, a random tag."""
     safe = _UNSAFE.sub("_", target).strip("._-")[:64] or "qemu"
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    return f"{safe}-{stamp}-{secrets.token_hex(4)}{SUFFIX}"
+    return f"{safe}-{stamp}-{os.urandom(4).hex()}{SUFFIX}"
 
 
 def _mib(size: int) -> str:
@@ -159,7 +158,7 @@ async def _migrate_to(qemu: Qemu, step: OpenStep, fd: int, path: str) -> Ended |
     """Have QEMU write its state to *fd*; None once it completed, else how the rung ended."""
     assert qemu.monitor is not None
     policy = qemu.policy
-    fdname = f"qmpshutdown-save-{secrets.token_hex(4)}"
+    fdname = f"qmpshutdown-save-{os.urandom(4).hex()}"
     try:
         await qemu.command(
             "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}

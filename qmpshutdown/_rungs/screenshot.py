@@ -15,9 +15,7 @@ file is never overwritten) and removed again when no screenshot came.
 
 from __future__ import annotations
 
-import datetime
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -59,6 +57,9 @@ def screenshot_name(target: str, pid: int | None, when: str) -> str:
     else:
         target_name = target
     safe = _UNSAFE.sub("_", target_name).strip("._-")[:16].rstrip("._-") or "qemu"
+    import datetime  # only when a screenshot is taken (the fast path never imports them)
+    import hashlib
+
     digest = hashlib.sha256(target.encode(errors="surrogateescape")).hexdigest()[:8]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%H%M%S")
     return f"{safe}-{digest}-{when}-{stamp}-{next(_counter)}.png"
