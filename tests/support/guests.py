@@ -417,7 +417,9 @@ class GuestFactory:
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ready_timeout
-        while guest.qmp_path is not None and not guest.qmp_path.exists():
+        # QEMU binds the socket, then listens: a connect in between is refused (seen on a
+        # crowded host). Wait for the listening socket, not only for its file.
+        while guest.qmp_path is not None and not listening(guest.qmp_path):
             if not guest.alive():
                 raise RuntimeError(f"QEMU exited during start-up\n{guest.describe()}")
             if loop.time() >= deadline:
@@ -482,6 +484,23 @@ def kill_leftovers() -> list[int]:
     for popen in _started:
         _kill_and_reap(popen)
     return leftovers
+
+
+def listening(path: Path) -> bool:
+    """True once a unix socket at *path* listens (``/proc/net/unix``: __SO_ACCEPTCON)."""
+    if not path.exists():
+        return False
+    wanted = os.fspath(path)
+    try:
+        with open("/proc/net/unix") as table:
+            next(table)  # the header
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7] == wanted and int(fields[3], 16) & 0x10000:
+                    return True
+    except (OSError, ValueError, StopIteration):
+        return True  # cannot tell: the file's existence is all there is
+    return False
 
 
 # --------------------------------------------------------------------------- QMP helpers
