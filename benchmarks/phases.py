@@ -1,6 +1,6 @@
 """Where one cooperative stop's CPU goes, phase by phase (cProfile on a CPU clock).
 
-    .venv/bin/python benchmarks/phases.py [--stops 200] [--delay-ms 5]
+    .venv/bin/python benchmarks/phases.py [--stops 200] [--delay-ms 5] [--dump FILE]
 
 One stop at a time against stand-in QEMUs (tests/support/fakeqemu.py, pinned like
 QEMU), default policy, ``shutdown(path)``. First the CPU per stop without a
@@ -50,8 +50,12 @@ PHASES: list[tuple[str, list[tuple[str, str]]]] = [
         ("_qemu.py", "for_guest"), ("_patience.py", "for_guest"),  # (0.1: in _patience.py)
     ]),
     ("the sampler", [("_patience.py", "sample_forever")]),
-    ("the event pump (ours)", [("_qemu.py", "pump_events")]),
-    ("the exit (pidfd readable)", [("_qemu.py", "wait_gone")]),
+    ("the events (ours: a task till 0.2, a callback since)", [
+        ("_qemu.py", "pump_events"), ("_qemu.py", "note"),
+    ]),
+    ("the exit (pidfd readable: a task till 0.2, a callback since)", [
+        ("_qemu.py", "wait_gone"), ("_qemu.py", "exited"),
+    ]),
     ("QEMU's last events (settle)", [("_qemu.py", "settle")]),
     ("the agent rung's skip", [("_steps.py", "skip")]),
     ("before-force actions' finish (screenshot, freeze)", [
@@ -139,6 +143,8 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     stats = pstats.Stats(profiler)
+    if args.dump:
+        stats.dump_stats(args.dump)
     lib, bare = statistics.median(cpu["qmpshutdown"]), statistics.median(cpu["bare"])
     print(f"CPU per cooperative stop, median of {args.stops} (process_time, no profiler): "
           f"qmpshutdown {lib * 1000:.2f} ms, bare qemu.qmp {bare * 1000:.2f} ms "
@@ -183,4 +189,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stops", type=int, default=200)
     parser.add_argument("--delay-ms", type=float, default=5.0)
+    parser.add_argument("--dump", metavar="FILE", help="also write the profile (pstats) here")
     asyncio.run(main(parser.parse_args()))

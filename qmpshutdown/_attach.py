@@ -28,6 +28,7 @@ from ._monitor import (
     Monitor,
     QMPMonitor,
     client_socket,
+    readable,
     wrap_client,
 )
 from ._policy import Stage
@@ -68,6 +69,10 @@ async def stop(
     if isinstance(job.target, QMPClient):
         return await _stop_client(job, job.target, started, on_progress)
     return await _stop_at(job, started, on_progress, pinned, rungs)
+
+
+#: How long to wait for QEMU to accept our connection before its holder is checked without it.
+ACCEPT_GRACE = 0.1
 
 
 async def _stop_at(
@@ -117,10 +122,16 @@ async def _stop_at(
                 raise PidMismatchError(f"{name}: the socket's peer is pid {peer}, not {pinned.pid}")
             no_signal_why = ""
         else:
-            if pid is not None and isinstance(address, tuple):
-                # Until QEMU accept()s, /proc cannot tell who holds the connection;
-                # its greeting says it has.
-                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            if not readable(sock):
+                # Until QEMU accept()s, who holds the connection is the listener with our
+                # connection in its queue: finding it means listing every listener of the
+                # host, and for a TCP monitor it cannot be told at all. Its greeting says it
+                # accepted: wait a moment for it (a TCP monitor: as long as connecting may
+                # take), so that the check finds our peer by itself. A QEMU that does not
+                # greet (stopped, hung) is pinned after the moment, while it is still there.
+                wait = ACCEPT_GRACE if pid is None or not isinstance(address, tuple) else None
+                left = max(0.0, deadline - anyio.current_time())
+                with anyio.move_on_after(left if wait is None else min(wait, left)):
                     await anyio.wait_readable(sock)
             process, no_signal_why = _pin_process(sock, pid, may_signal, name)
         signallable = pinned or process
@@ -157,11 +168,12 @@ async def _stop_at(
             return await climb_with(None, signallable, no_monitor_why=str(err))
         return await climb_with(monitor, signallable, no_signal_why=no_signal_why)
     finally:
-        with anyio.CancelScope(shield=True):
+        try:
             if monitor is not None:
-                await monitor.close()
+                await monitor.close()  # bounded and shielded, never raises
             else:
                 sock.close()
+        finally:
             if process is not None:
                 process.close()
 

@@ -26,6 +26,7 @@ from ._monitor import (
     QMPMonitor,
     disconnect,
     new_client,
+    readable,
 )
 
 #: A unix socket path, or a ``(host, port)`` TCP address.
@@ -107,25 +108,27 @@ async def first_words(sock: socket.socket, limit: float) -> None:
     :raises HandshakeTimeout: nothing within *limit* seconds.
     :raises HandshakeFailed: the peer hung up, or its first words are not JSON.
     """
-    with anyio.move_on_after(limit):
-        await anyio.wait_readable(sock)
-        try:
-            head = sock.recv(256, socket.MSG_PEEK)
-        except OSError as err:
-            raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
-        text = head.lstrip()
-        if not head:
-            raise HandshakeFailed("not a QMP monitor: the peer hung up")
-        if text.startswith(b"{"):
-            return
-        if re.match(rb"QEMU \S+ monitor", text):
-            raise HandshakeFailed(
-                "this is QEMU's human monitor (HMP), not QMP: pass the socket of "
-                "QEMU's -qmp option (or of a -mon mode=control chardev)"
-            )
-        shown = text[:40].decode("ascii", "replace").splitlines()[0] if text else ""
-        raise HandshakeFailed(f"not a QMP monitor: it says {shown!r}")
-    raise HandshakeTimeout("no QMP greeting in time")
+    if not readable(sock):  # (most often it is: the caller waited for QEMU's accept())
+        with anyio.move_on_after(limit):
+            await anyio.wait_readable(sock)
+        if not readable(sock):
+            raise HandshakeTimeout("no QMP greeting in time")
+    try:
+        head = sock.recv(256, socket.MSG_PEEK)
+    except OSError as err:
+        raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
+    text = head.lstrip()
+    if not head:
+        raise HandshakeFailed("not a QMP monitor: the peer hung up")
+    if text.startswith(b"{"):
+        return
+    if re.match(rb"QEMU \S+ monitor", text):
+        raise HandshakeFailed(
+            "this is QEMU's human monitor (HMP), not QMP: pass the socket of "
+            "QEMU's -qmp option (or of a -mon mode=control chardev)"
+        )
+    shown = text[:40].decode("ascii", "replace").splitlines()[0] if text else ""
+    raise HandshakeFailed(f"not a QMP monitor: it says {shown!r}")
 
 
 async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:

@@ -1,8 +1,8 @@
 """The ladder: read the runstate, then each rung of the plan in turn until QEMU is gone.
 
-:func:`climb` races the ladder against a watcher for "QEMU is gone" (its
-pidfd, or without a pid its monitor's EOF): whichever finishes first cancels
-the other, so a rung never waits a moment longer than QEMU lives. The rungs
+:func:`climb` runs the ladder until "QEMU is gone" (its pidfd turns readable,
+or without a pid its monitor's EOF) cancels it, so a rung never waits a moment
+longer than QEMU lives. QEMU's events reach the watch as they are read. The rungs
 are values (:mod:`._rungs`); the record's verdict is a pure function of what
 happened (:mod:`._verdict`).
 """
@@ -29,7 +29,6 @@ from ._result import Outcome, ShutdownResult
 from ._rungs import BEFORE_FORCE, Action, Rung, plan
 from ._steps import Ended, OpenStep, Recorder
 from ._verdict import decide, saved_state, screenshot_of, shutdown_reason
-from ._watch import race
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -136,19 +135,21 @@ async def run_plan(
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
     rungs = plan(qemu.policy) if rungs is None else list(rungs)
     actions = BEFORE_FORCE if actions is None else tuple(actions)
+    if monitor is not None:
+        monitor.on_event(qemu.note)  # events go to the watch as they are read: no task
     try:
-        async with anyio.create_task_group() as events:
-            if monitor is not None:
-                events.start_soon(qemu.pump_events)
-            await race(qemu.wait_gone, lambda: ladder(qemu, rungs, actions))
-            events.cancel_scope.cancel()
+        try:
+            await qemu.until_gone(lambda: ladder(qemu, rungs, actions))
+        finally:
+            with anyio.CancelScope(shield=True):
+                for action in actions:
+                    await action.finish(qemu)
+                if qemu.agent is not None:
+                    await qemu.agent.close()
+        await qemu.settle()
     finally:
-        with anyio.CancelScope(shield=True):
-            for action in actions:
-                await action.finish(qemu)
-            if qemu.agent is not None:
-                await qemu.agent.close()
-    await qemu.settle()
+        if monitor is not None:
+            monitor.on_event(None)
     return record(qemu)
 
 

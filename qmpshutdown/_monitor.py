@@ -3,7 +3,8 @@
 qemu.qmp has no timeouts of its own and a few sharp edges (see QEMU-FACTS):
 connecting is run in its own asyncio task so that a timeout never cancels it
 half-way, event listeners never wake on disconnect (so callers race
-:meth:`Monitor.next_event` against :meth:`Monitor.wait_closed`), and
+:meth:`Monitor.next_event` against :meth:`Monitor.wait_closed`, or have the
+events handed to a callback as they are read: :meth:`Monitor.on_event`), and
 ``disconnect()`` is bounded and its exceptions always retrieved.
 """
 
@@ -16,7 +17,7 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -65,6 +66,13 @@ class Monitor(Protocol):
 
     async def next_event(self) -> EventRecord:
         """Return the next event; after the monitor closes this may wait forever."""
+        ...
+
+    def on_event(self, callback: EventCallback | None) -> None:
+        """Hand each event to *callback* as it is read (the waiting ones first), instead of
+        queuing it for :meth:`next_event`; None queues them again. *callback* runs in the
+        reader, so it must not block; what it raises is logged and dropped.
+        """
         ...
 
     def pending_events(self) -> list[EventRecord]:
@@ -130,12 +138,27 @@ class _Client(QMPClient):
                 self.logger.debug("Discarding an exception from wait_closed", exc_info=True)
 
 
+#: Takes one event as it is read (:meth:`Monitor.on_event`).
+EventCallback = Callable[[EventRecord], None]
+
+
 class _EventQueue(EventListener):
-    """A listener that queues events without keeping a history (the default keeps all)."""
+    """A listener that queues events without keeping a history (the default keeps all), or
+    hands each to a callback as qemu.qmp's reader reads it (no task, no queue).
+    """
+
+    callback: EventCallback | None = None
 
     async def put(self, event: Any) -> None:
-        if self.accept(event):
-            await self._queue.put(event)
+        if not self.accept(event):
+            return
+        if self.callback is None:
+            self._queue.put_nowait(event)  # unbounded: never waits
+            return
+        try:
+            self.callback(event_record(event))
+        except Exception:  # the reader must go on: one bad event is not the connection's end
+            logger.exception("an event callback failed on %s", event.get("event"))
 
 
 class _RecentEvents(EventListener):
@@ -216,7 +239,7 @@ class QMPMonitor:
         """
         sock = self._sock if self._sock is not None else client_socket(self.client)
         for _ in range(_READ_FIRST_ROUNDS):
-            if sock is None or self.is_closed() or not _readable(sock):
+            if sock is None or self.is_closed() or not readable(sock):
                 return
             await asyncio.sleep(0)
         await asyncio.sleep(0)  # the reader task handles the lines the transport just read
@@ -238,6 +261,12 @@ class QMPMonitor:
 
     async def next_event(self) -> EventRecord:
         return event_record(await self._events.get())
+
+    def on_event(self, callback: EventCallback | None) -> None:
+        self._events.callback = callback
+        if callback is not None:
+            for msg in self._events.clear():
+                callback(event_record(msg))
 
     def pending_events(self) -> list[EventRecord]:
         queued = [event_record(msg) for msg in self._events.clear()]
@@ -366,7 +395,7 @@ def new_client(name: str | None = None) -> QMPClient:
     return _Client(name)
 
 
-def _readable(sock: Any) -> bool:
+def readable(sock: Any) -> bool:
     """True when *sock* has bytes (or an EOF) waiting to be read; never blocks."""
     try:
         fd = sock.fileno()

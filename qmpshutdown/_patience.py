@@ -147,23 +147,33 @@ class Sampler:
         self.quiet_since = started
         self.ended = None
 
-    async def sample_forever(self, ask: Ask, name: str = "qemu") -> None:
-        """Read the guest every ``sample_interval`` from now (the press) until cancelled.
+    @property
+    def first_reading_after(self) -> float:
+        """How long after the press the baseline reading waits (see :meth:`sample_forever`)."""
+        return min(FIRST_READING_AFTER, self.policy.sample_interval / 4)
 
-        The first reading, the baseline, waits a short grace (a quarter of the
-        interval, at most :data:`FIRST_READING_AFTER`): a guest that powers off at
-        once costs no reading at all. The others keep the schedule (one interval
-        after the press, two, ...), so the first interval is that much shorter.
+    async def sample_forever(
+        self, ask: Ask, name: str = "qemu", *, pressed: float | None = None
+    ) -> None:
+        """Read the guest every ``sample_interval`` from the press until cancelled.
+
+        The first reading, the baseline, waits a short grace
+        (:attr:`first_reading_after`): a guest that powers off at once costs no
+        reading at all. The others keep the schedule (one interval after the
+        press, two, ...), so the first interval is that much shorter.
 
         :param ask: runs one QMP command and returns its reply (None when it failed).
+        :param pressed: when the press was (anyio clock), for a caller that waited the
+            grace itself; None: now, and the grace is waited here.
         """
         if self.pid is None:
             return
         interval = self.policy.sample_interval
-        start = anyio.current_time()
-        await anyio.sleep(min(FIRST_READING_AFTER, interval / 4))
+        if pressed is None:
+            pressed = anyio.current_time()
+            await anyio.sleep(self.first_reading_after)
         previous = await self.reading(ask)
-        due = start + interval
+        due = pressed + interval
         while not self.blind:
             await anyio.sleep_until(due)
             current = await self.reading(ask)

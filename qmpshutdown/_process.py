@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import ipaddress
@@ -11,6 +12,7 @@ import select
 import signal
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -57,6 +59,14 @@ class Process(Protocol):
 
     async def wait_exited(self) -> None:
         """Return once the process has exited (it may still await its reaper)."""
+        ...
+
+    def on_exit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call *callback* once, from the event loop, when the process exits (no task).
+
+        :return: a function that withdraws the callback (idempotent); call it before
+            :meth:`close`, and do not :meth:`wait_exited` while a callback is set.
+        """
         ...
 
     def close(self) -> None:
@@ -269,6 +279,20 @@ class PidfdProcess:
 
     async def wait_exited(self) -> None:
         await anyio.wait_readable(self._fd())
+
+    def on_exit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        # The pidfd turns readable at the exit: one reader on the loop, no task waiting.
+        loop, fd = asyncio.get_running_loop(), self._fd()
+
+        def exited() -> None:
+            loop.remove_reader(fd)  # level-triggered: once is enough
+            callback()
+
+        def withdraw() -> None:
+            loop.remove_reader(fd)
+
+        loop.add_reader(fd, exited)
+        return withdraw
 
     def close(self) -> None:
         if self._pidfd is not None:

@@ -7,11 +7,12 @@ recorder that turns each rung into a step.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import anyio
 
@@ -24,9 +25,10 @@ from ._policy import GRACEFUL_STAGES, RUNGS, Patience, ShutdownPolicy, Stage, wa
 from ._process import Process
 from ._result import Cause, EventRecord, Outcome
 from ._steps import Ended, OpenStep, Recorder
-from ._watch import Watch
+from ._watch import Watch, race
 
 logger = logging.getLogger("qmpshutdown")
+T = TypeVar("T")
 
 #: Stages whose end is not announced by a SHUTDOWN event (SIGKILL gives none).
 _SIGNAL_STAGES = frozenset({Stage.TERMINATE, Stage.KILL})
@@ -75,8 +77,6 @@ class Qemu:
         self.presses = 0
         #: What the guest does while graceful rungs wait.
         self.sampler = Sampler(self.policy, None if process is None else process.pid)
-        #: Tasks that watch the guest while a graceful rung waits.
-        self.samplers: list[Callable[[Qemu], Coroutine[Any, Any, None]]] = [_sample]
         #: The way to the guest agent (the job's socket), shared by the agent rung and the
         #: freeze; None without an agent socket.
         agent = job.agent_path
@@ -229,29 +229,68 @@ class Qemu:
 
     @contextlib.asynccontextmanager
     async def sampling(self) -> AsyncIterator[None]:
-        """Run the samplers while a graceful rung waits for the guest."""
-        async with anyio.create_task_group() as tg:
-            for sampler in self.samplers:
-                tg.start_soon(sampler, self)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()
+        """Read the guest while a graceful rung waits for it.
+
+        Nothing runs before the first reading is due (a timer, no task): a guest
+        that powers off within :attr:`~._patience.Sampler.first_reading_after`
+        costs no task and no reading.
+        """
+        sampler = self.sampler
+        if sampler.pid is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        pressed = anyio.current_time()
+        task: asyncio.Task[None] | None = None
+
+        def start() -> None:
+            nonlocal task
+            task = loop.create_task(
+                sampler.sample_forever(self.ask, self.recorder.name, pressed=pressed)
+            )
+
+        timer = loop.call_later(sampler.first_reading_after, start)
+        try:
+            yield
+        finally:
+            timer.cancel()
+            if task is not None:
+                task.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([task])
+                error = None if task.cancelled() else task.exception()
+                if error is not None:  # a sampler's own failure, not the guest's
+                    raise error
 
     # ---- the race --------------------------------------------------------------
-
-    async def pump_events(self) -> None:
-        """Read QMP events into the watch until the monitor closes (then wait forever)."""
-        assert self.monitor is not None
-        try:
-            while True:
-                self.note(await self.monitor.next_event())
-        except Exception as err:  # events stop; the ladder goes on without them
-            logger.warning("%s: reading events failed: %r", self.recorder.name, err)
 
     def note(self, event: EventRecord) -> None:
         self.watch.note(event)
         self.recorder.event(event)
+
+    async def until_gone(self, work: Callable[[], Awaitable[T]]) -> T | None:
+        """Run *work* until it returns, or until QEMU is seen gone (which cancels it).
+
+        With a process, its exit is a callback on the loop that cancels *work*'s
+        scope (no task waits for it); without one, :func:`~._watch.race` against
+        :meth:`wait_gone`. What *work* raises is raised as it is.
+
+        :return: what *work* returned, or None when QEMU went first.
+        """
+        if self.process is None:
+            return await race(self.wait_gone, work)
+        with anyio.CancelScope() as scope:
+
+            def exited() -> None:
+                self.mark_gone()
+                scope.cancel()
+
+            withdraw = self.process.on_exit(exited)
+            try:
+                return await work()
+            finally:
+                withdraw()
+        return None
 
     async def wait_gone(self) -> None:
         """Return once QEMU is seen gone: its pidfd, or without a pid its monitor's EOF."""
@@ -271,7 +310,7 @@ class Qemu:
             self.mark_gone()
         if self.monitor is None:
             return
-        if self.gone:  # read what it said before its socket closed (bounded)
+        if self.gone and not self.monitor.is_closed():  # read its last words (bounded)
             with anyio.move_on_after(min(1.0, self.policy.command_timeout)):
                 await self.monitor.wait_closed()
         for event in self.monitor.pending_events():
@@ -280,10 +319,6 @@ class Qemu:
 
 def _join(so_far: str, what: str) -> str:
     return f"{so_far}; {what}" if so_far else what
-
-
-async def _sample(qemu: Qemu) -> None:
-    await qemu.sampler.sample_forever(qemu.ask, qemu.recorder.name)
 
 
 class GuestWait:

@@ -67,6 +67,8 @@ class Watch:
 
     async def wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
         """Wait for *predicate* to hold, until *deadline* (anyio clock); tell whether it held."""
+        if predicate():
+            return True
         with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
             while not predicate():
                 await self._changed.wait()

@@ -6,6 +6,7 @@ qmpshutdown.Process); a FakeQemu ties the two together and scripts the guest.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,6 +19,12 @@ from qmpshutdown import CommandError, EventRecord, MonitorClosedError
 Handler = Callable[["FakeQemu", Mapping[str, object] | None], Awaitable[object]]
 
 
+def _fire(callback: Callable[[], None], waiting: list[bool]) -> None:
+    if waiting[0]:
+        waiting[0] = False
+        callback()
+
+
 class FakeProcess:
     """A process that exits when told to, or on the signals it does not ignore."""
 
@@ -28,6 +35,7 @@ class FakeProcess:
         self.signals: list[int] = []
         self.queued: list[int] = []  # a stopped process acts on SIGTERM when continued
         self.exited = anyio.Event()
+        self._on_exit: list[tuple[Callable[[], None], list[bool]]] = []
         self.closed = False
 
     @property
@@ -46,7 +54,11 @@ class FakeProcess:
             self.queued.append(signum)
 
     def exit(self) -> None:
+        if self.exited.is_set():
+            return
         self.exited.set()
+        for callback, waiting in self._on_exit:
+            asyncio.get_running_loop().call_soon(_fire, callback, waiting)
 
     def has_exited(self) -> bool:
         return self.exited.is_set()
@@ -56,6 +68,18 @@ class FakeProcess:
 
     async def wait_exited(self) -> None:
         await self.exited.wait()
+
+    def on_exit(self, callback: Callable[[], None]) -> Callable[[], None]:
+        # As a pidfd's reader: called from the loop, once, after the exit happened.
+        waiting = [True]
+        self._on_exit.append((callback, waiting))
+        if self.exited.is_set():
+            asyncio.get_running_loop().call_soon(_fire, callback, waiting)
+
+        def withdraw() -> None:
+            waiting[0] = False
+
+        return withdraw
 
     def close(self) -> None:
         self.closed = True
@@ -69,6 +93,7 @@ class FakeMonitor:
         self.commands: list[str] = []
         self._events: list[EventRecord] = []
         self._arrived = anyio.Event()
+        self._callback: Callable[[EventRecord], None] | None = None
         self.closed = anyio.Event()
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> object:
@@ -88,6 +113,12 @@ class FakeMonitor:
             self._arrived = anyio.Event()
         return self._events.pop(0)
 
+    def on_event(self, callback: Callable[[EventRecord], None] | None) -> None:
+        self._callback = callback
+        if callback is not None:
+            for event in self.pending_events():
+                callback(event)
+
     def pending_events(self) -> list[EventRecord]:
         events, self._events = self._events, []
         return events
@@ -105,8 +136,18 @@ class FakeMonitor:
         self.closed.set()
 
     def emit(self, name: str, **data: Any) -> None:
-        self._events.append(EventRecord(name, time.time(), data))
-        self._arrived.set()
+        event = EventRecord(name, time.time(), data)
+        if self._callback is None:
+            self._deliver(event)
+        else:  # as qemu.qmp's reader would: from the loop, once the emitting task yields
+            asyncio.get_running_loop().call_soon(self._deliver, event)
+
+    def _deliver(self, event: EventRecord) -> None:
+        if self._callback is not None:
+            self._callback(event)
+        else:
+            self._events.append(event)
+            self._arrived.set()
 
 
 class FakeQemu:
