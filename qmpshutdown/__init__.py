@@ -14,6 +14,7 @@ import importlib as _importlib
 import logging as _logging
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
+from ._discover import discover
 from ._errors import (
     CommandError,
     ConnectError,
@@ -65,6 +66,7 @@ __all__ = (
     "shutdown",
     "shutdown_sync",
     "shutdown_many",
+    "discover",
     "launch",
     "launch_sync",
     "climb",

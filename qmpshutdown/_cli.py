@@ -13,6 +13,7 @@ import anyio
 import attrs
 
 from ._cli_output import (
+    EPILOG,
     EXIT_INTERRUPTED,
     EXIT_RUNNING,
     EXIT_UNREACHED,
@@ -24,8 +25,20 @@ from ._cli_output import (
 from ._errors import Error
 from ._fleet import check_deadline, shutdown_many
 from ._fleetfile import FleetFileError, load_fleet
+from ._host import (
+    HOST_EPILOG,
+    HostAction,
+    HostRequest,
+    add_host_options,
+    find_fleet,
+    host_request,
+    list_vms,
+    restore_vms,
+)
 from ._job import Job
+from ._notify import Notifier, extension_for
 from ._policy import DEFAULT_POLICY, PATIENCES, RUNGS, ShutdownPolicy, Stage
+from ._progress import Progress
 from ._result import ShutdownResult
 from ._version import __version__
 
@@ -63,74 +76,6 @@ _PATIENCE_OPTIONS = (
      "(up to --max-timeout), escalate once it is idle for --idle-cutoff"),
 )  # fmt: skip
 
-_EPILOG = f"""\
-targets:
-  PATH             a QMP unix socket (anything containing "/", or an existing file)
-  HOST:PORT        a QMP TCP monitor, e.g. 127.0.0.1:4444 (PORT all digits)
-  [ADDR]:PORT      an IPv6 TCP monitor, e.g. [::1]:4444
-  Several targets are stopped concurrently. Over TCP QEMU's pid is unknown, so
-  SIGTERM and SIGKILL are impossible unless --pid is given.
-
-the ladder (--stages picks rungs, in this order): {", ".join(s.value for s in RUNGS)}
-  The power button is pressed (again every --repress seconds) until the guest
-  powers off or --timeout runs out; with --agent PATH (the guest agent's chardev
-  socket) the agent is asked for guest-shutdown next (--agent-timeout), and the
-  guest's filesystems are frozen right before any force (not with --no-freeze);
-  then 'quit', SIGTERM, SIGKILL, each waited for. Windows' agent closes open
-  applications by force on guest-shutdown.
-
-causes (why a guest did not power itself off):
-  ignored-power-button   pressed and delivered, but the guest did not react at all
-  busy                   the guest was still working (CPU or disk) when it was forced
-  stalled                it worked after the press, then idled without powering off
-  asleep                 suspended to RAM (S3)
-  paused                 paused (or prelaunch, debug, io-error, watchdog)
-  panicked               the guest panicked
-  migrating              a migration or snapshot is running
-  rebooted               the guest rebooted instead of powering off
-  monitor-unresponsive   QMP gave no greeting or no reply
-  no-logon               Windows (its agent said so) with nobody logged in
-
-exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
-  0    every target powered off gracefully (or was already off)
-  1    all are off, but at least one needed force (quit or a signal)
-  2    bad usage, or a target could not be reached at all (or --pid is not its QEMU)
-  3    a QEMU is still running, or its state is unknown, after its ladder
-  130  interrupted (Ctrl-C)
-
-fleets (the VMs of a group are stopped concurrently):
-  --then           between targets starts the next group: every VM of a group
-                   is done before the next group starts (web1 web2 --then db)
-  --deadline S     every VM done by S seconds from now: the graceful wait is
-                   shortened to leave at most 2 s for the forced rungs
-  --fleet FILE     the VMs from a JSON file instead of TARGETs:
-                   {{"vms": [{{"target": "/run/db.qmp", "name": "db", "group": 1,
-                     "pid": 4242, "policy": {{"powerdown_timeout": 120}}}}, ...]}}
-                   "policy" holds ShutdownPolicy fields over the options' policy
-
---json prints one object per target, in the order given:
-  {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
-   "pid", "elapsed_s", "events", "steps", "saved_state", "screenshot",
-  "console_tail", "guest_os", "guest_users", "activity"}}, or
-  {{"target", "error"}} when it was not reached; a target still running has
-  "error" and the record, with "stage": null.
-  Progress and errors then stay off stderr (-v still logs there).
-
---evidence-dir DIR saves a PNG of a guest's screen (QMP screendump; needs a
-  display device) right before the first forced rung, and again if QEMU still
-  runs at the end; never on a graceful stop. The progress line
-  "screenshot done: saved PATH" and "screenshot" in --json give its path.
-  After a save, "saved_state_bytes" gives the state file's size.
-
-saving (--save-dir DIR):
-  Adds the 'save' rung before 'quit' (unless --stages says otherwise): a guest
-  that did not power off has its whole state (RAM and devices) written to a new
-  file in DIR (mode 0600), then QEMU quits. Start it again from there with the
-  same command line plus  -incoming 'exec:cat FILE'  (or qmpshutdown.launch(argv,
-  restore=FILE)), with the same QEMU version and the disk images untouched.
-"""
-
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -158,6 +103,8 @@ class Invocation:
     deadline: float | None = None
     save_dir: str | None = None  #: --save-dir: where the save rung keeps the state
     evidence_dir: str | None = None  #: where to save a forced guest's screen (--evidence-dir)
+    host: HostRequest | None = None  #: --list, --all or --restore (then no TARGETs)
+    names: tuple[str, ...] = ()  #: --all: each VM's name, as progress lines say it
 
 
 def _positive_pid(text: str) -> int:
@@ -190,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qmpshutdown",
         description="Stop QEMU VMs over QMP: the ACPI power button first, then quit,\n"
         "SIGTERM and SIGKILL only as needed. QEMU is really gone when this returns.",
-        epilog=_EPILOG,
+        epilog=EPILOG + "\n" + HOST_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("targets", nargs="*", metavar="TARGET", help="PATH, HOST:PORT, [ADDR]:PORT")
@@ -244,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     chatter.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
     chatter.add_argument("-v", "--verbose", action="store_true", help="debug logging, qemu.qmp too")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_host_options(parser)
     return parser
 
 
@@ -298,6 +246,13 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
         parser.error(f"--agent names one guest, but {len(given_targets)} targets were given")
     if args.agent == "":
         parser.error("--agent: a socket path must not be empty")
+    host = host_request(parser, args)
+    if host is not None:
+        return Invocation(
+            targets=(), addresses=(), policy=policy, pid=None, json=args.json, host=host,
+            verbosity=-1 if args.quiet else 1 if args.verbose else 0, deadline=args.deadline,
+            save_dir=args.save_dir, evidence_dir=args.evidence_dir,
+        )  # fmt: skip
     if args.fleet is not None:
         return _fleet_invocation(parser, args, policy)
     targets = [target for target in args.targets if target != _THEN]
@@ -363,11 +318,28 @@ def _fleet_invocation(
 async def _stop_all(invocation: Invocation) -> list[ShutdownResult | Error]:
     # With -v the log says it all; with --json or -q nothing but errors goes to stderr.
     quiet = invocation.json or invocation.verbosity != 0
-    on_progress = None if quiet else print_progress
-    return await shutdown_many(
-        invocation.jobs, invocation.policy, on_progress=on_progress, deadline=invocation.deadline,
-        save_dir=invocation.save_dir, evidence_dir=invocation.evidence_dir,
-    )  # fmt: skip
+    extend_by = extension_for(invocation.policy)
+    notifier = Notifier.from_environment(len(invocation.jobs), extend_by)
+    shown = None if quiet else print_progress
+
+    def on_progress(update: Progress) -> None:
+        if shown is not None:
+            shown(update)
+        if notifier is not None:
+            notifier(update)
+
+    if notifier is not None:
+        notifier.status(f"stopping {len(invocation.jobs)} VMs")
+    try:
+        return await shutdown_many(
+            invocation.jobs, invocation.policy, on_progress=on_progress,
+            deadline=invocation.deadline, save_dir=invocation.save_dir,
+            evidence_dir=invocation.evidence_dir,
+        )  # fmt: skip
+    finally:
+        if notifier is not None:
+            notifier.status(f"done: {len(notifier.gone)} of {len(invocation.jobs)} VMs off")
+            notifier.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,7 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # --help, --version, or a usage error already printed
         return exit.code if isinstance(exit.code, int) else EXIT_UNREACHED
     verbose = invocation.verbosity > 0
+    host, fleet = invocation.host, None
     with logging_to_stderr(invocation.verbosity):
+        if host is not None and host.action is HostAction.LIST:
+            return list_vms(host, json=invocation.json)
+        if host is not None and host.action is HostAction.RESTORE:
+            return restore_vms(host, json=invocation.json)
+        if host is not None:  # --all: the VMs found here, those left alone reported unreached
+            fleet = find_fleet(host)
+            invocation = attrs.evolve(invocation, jobs=fleet.jobs)
         try:
             outcomes = anyio.run(_stop_all, invocation, backend="asyncio")
         except KeyboardInterrupt:
@@ -393,5 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             print(f"internal error: {type(err).__name__}: {err}", file=sys.stderr)
             return EXIT_RUNNING
-        report(invocation.targets, outcomes, json=invocation.json, verbosity=invocation.verbosity)
-    return max(exit_status(outcome) for outcome in outcomes)
+        targets, names = invocation.targets, None
+        if fleet is not None:
+            fleet.keep_manifests(outcomes)
+            found, outcomes = fleet.outcomes(outcomes)
+            targets, names = tuple(vm.monitor or "" for vm in found), [vm.name for vm in found]
+        report(targets, outcomes, json=invocation.json, verbosity=invocation.verbosity, names=names)
+    return max((exit_status(outcome) for outcome in outcomes), default=0)

@@ -12,11 +12,80 @@ from json import dumps
 from typing import Any
 
 from ._errors import ConnectError, Error, InternalError, PidMismatchError, ShutdownFailed
+from ._policy import RUNGS
 from ._progress import Progress, ProgressKind
 from ._result import ShutdownResult
 
 EXIT_OK, EXIT_FORCED, EXIT_UNREACHED, EXIT_RUNNING = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
+
+#: The end of ``--help``: targets, the ladder, causes, exit statuses, fleets, output.
+EPILOG = f"""\
+targets:
+  PATH             a QMP unix socket (anything containing "/", or an existing file)
+  HOST:PORT        a QMP TCP monitor, e.g. 127.0.0.1:4444 (PORT all digits)
+  [ADDR]:PORT      an IPv6 TCP monitor, e.g. [::1]:4444
+  Several targets are stopped concurrently. Over TCP QEMU's pid is unknown, so
+  SIGTERM and SIGKILL are impossible unless --pid is given.
+
+the ladder (--stages picks rungs, in this order): {", ".join(s.value for s in RUNGS)}
+  The power button is pressed (again every --repress seconds) until the guest
+  powers off or --timeout runs out; with --agent PATH (the guest agent's chardev
+  socket) the agent is asked for guest-shutdown next (--agent-timeout), and the
+  guest's filesystems are frozen right before any force (not with --no-freeze);
+  then 'quit', SIGTERM, SIGKILL, each waited for. Windows' agent closes open
+  applications by force on guest-shutdown.
+
+causes (why a guest did not power itself off):
+  ignored-power-button   pressed and delivered, but the guest did not react at all
+  busy                   the guest was still working (CPU or disk) when it was forced
+  stalled                it worked after the press, then idled without powering off
+  asleep                 suspended to RAM (S3)
+  paused                 paused (or prelaunch, debug, io-error, watchdog)
+  panicked               the guest panicked
+  migrating              a migration or snapshot is running
+  rebooted               the guest rebooted instead of powering off
+  monitor-unresponsive   QMP gave no greeting or no reply
+  no-logon               Windows (its agent said so) with nobody logged in
+
+exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
+  0    every target powered off gracefully (or was already off)
+  1    all are off, but at least one needed force (quit or a signal)
+  2    bad usage, or a target could not be reached at all (or --pid is not its QEMU)
+  3    a QEMU is still running, or its state is unknown, after its ladder
+  130  interrupted (Ctrl-C)
+
+fleets (the VMs of a group are stopped concurrently):
+  --then           between targets starts the next group: every VM of a group
+                   is done before the next group starts (web1 web2 --then db)
+  --deadline S     every VM done by S seconds from now: the graceful wait is
+                   shortened to leave at most 2 s for the forced rungs
+  --fleet FILE     the VMs from a JSON file instead of TARGETs:
+                   {{"vms": [{{"target": "/run/db.qmp", "name": "db", "group": 1,
+                     "pid": 4242, "policy": {{"powerdown_timeout": 120}}}}, ...]}}
+                   "policy" holds ShutdownPolicy fields over the options' policy
+
+--json prints one object per target, in the order given:
+  {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
+   "pid", "elapsed_s", "events", "steps", "saved_state", "screenshot",
+  "console_tail", "guest_os", "guest_users", "activity"}}, or
+  {{"target", "error"}} when it was not reached; a target still running has
+  "error" and the record, with "stage": null.
+  Progress and errors then stay off stderr (-v still logs there).
+
+--evidence-dir DIR saves a PNG of a guest's screen (QMP screendump; needs a
+  display device) right before the first forced rung, and again if QEMU still
+  runs at the end; never on a graceful stop. The progress line
+  "screenshot done: saved PATH" and "screenshot" in --json give its path.
+  After a save, "saved_state_bytes" gives the state file's size.
+
+saving (--save-dir DIR):
+  Adds the 'save' rung before 'quit' (unless --stages says otherwise): a guest
+  that did not power off has its whole state (RAM and devices) written to a new
+  file in DIR (mode 0600), then QEMU quits. Start it again from there with the
+  same command line plus  -incoming 'exec:cat FILE'  (or qmpshutdown.launch(argv,
+  restore=FILE)), with the same QEMU version and the disk images untouched.
+"""
 
 
 class _LineFormatter(logging.Formatter):
@@ -111,11 +180,20 @@ def report(
     *,
     json: bool,
     verbosity: int,
+    names: Sequence[str] | None = None,
 ) -> None:
-    """Print each target's outcome: a JSON line each (*json*), else a line on stderr."""
-    for target, outcome in zip(targets, outcomes, strict=True):
+    """Print each target's outcome: a JSON line each (*json*), else a line on stderr.
+
+    :param names: each VM's name (``--all``): JSON rows get ``"name"`` (and a
+        ``"target"`` of null for a VM with no monitor), lines are labelled by it.
+    """
+    for index, (address, outcome) in enumerate(zip(targets, outcomes, strict=True)):
+        target = address if names is None else names[index]
         if json:
-            record: dict[str, Any] = {"target": target}
+            record: dict[str, Any] = {"target": address}
+            if names is not None:
+                record["target"] = address or None
+                record["name"] = names[index]
             if isinstance(outcome, Error):
                 record["error"] = str(outcome)
             if isinstance(outcome, (ShutdownResult, ShutdownFailed)):

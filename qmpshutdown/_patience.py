@@ -153,7 +153,12 @@ class Sampler:
         return min(FIRST_READING_AFTER, self.policy.sample_interval / 4)
 
     async def sample_forever(
-        self, ask: Ask, name: str = "qemu", *, pressed: float | None = None
+        self,
+        ask: Ask,
+        name: str = "qemu",
+        on_sample: Callable[[bool], object] | None = None,
+        *,
+        pressed: float | None = None,
     ) -> None:
         """Read the guest every ``sample_interval`` from the press until cancelled.
 
@@ -163,6 +168,7 @@ class Sampler:
         press, two, ...), so the first interval is that much shorter.
 
         :param ask: runs one QMP command and returns its reply (None when it failed).
+        :param on_sample: told after each interval whether the guest worked in it.
         :param pressed: when the press was (anyio clock), for a caller that waited the
             grace itself; None: now, and the grace is waited here.
         """
@@ -177,7 +183,9 @@ class Sampler:
         while not self.blind:
             await anyio.sleep_until(due)
             current = await self.reading(ask)
-            self.take(previous, current, name)
+            busy = self.take(previous, current, name)
+            if on_sample is not None and busy is not None:
+                on_sample(busy)
             previous = current
             due += interval
             if due < previous.at + interval / 2:  # a reading ran late: keep whole intervals
@@ -198,11 +206,11 @@ class Sampler:
         ran, wanted = times if times is not None else (None, None)
         return Reading(anyio.current_time(), ran, wanted, io)
 
-    def take(self, before: Reading, after: Reading, name: str = "qemu") -> None:
-        """Count one interval between two readings: busy or idle, CPU, bytes."""
+    def take(self, before: Reading, after: Reading, name: str = "qemu") -> bool | None:
+        """Count one interval between two readings: busy or idle, CPU, bytes; return busy."""
         seconds = after.at - before.at
         if seconds <= 0:
-            return
+            return None
         busy = False
         if before.ran is not None and after.ran is not None:
             self.ran += max(0.0, after.ran - before.ran)
@@ -231,6 +239,7 @@ class Sampler:
             self.last_busy = self.quiet_since = after.at
         elif self.quiet_since is not None:
             self.longest_idle = max(self.longest_idle, after.at - self.quiet_since)
+        return busy
 
     def idle_until(self, now: float) -> None:
         """Count the idle stretch up to *now* (a wait's end), not only up to the last reading."""

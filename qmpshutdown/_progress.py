@@ -22,6 +22,8 @@ class ProgressKind(str, enum.Enum):
     END = "end"  #: a step has ended (``step`` set)
     EVENT = "event"  #: a QMP event arrived (``event`` set)
     GONE = "gone"  #: QEMU was seen gone
+    #: a reading of the guest while a graceful rung waits (``busy`` set): is it still working?
+    SAMPLE = "sample"
 
     def __str__(self) -> str:
         return self.value
@@ -38,7 +40,9 @@ class Progress:
     :ivar message: the human line the ``qmpshutdown`` command prints.
     :ivar step: set when a step has just ended: its record.
     :ivar event: set when a QMP event has just arrived.
-    :ivar kind: what the update is about (begin, note, end, event, gone).
+    :ivar kind: what the update is about (begin, note, end, event, gone, sample).
+    :ivar busy: set on a ``sample`` update: whether the guest worked (CPU or disk)
+        since the previous reading, by the policy's ``busy_cpu`` and ``busy_io``.
     """
 
     target: str
@@ -48,6 +52,7 @@ class Progress:
     step: Step | None = None
     event: EventRecord | None = None
     kind: ProgressKind = ProgressKind.NOTE
+    busy: bool | None = None
 
 
 #: What ``on_progress`` takes: called in order, before the call returns; must be quick.

@@ -246,7 +246,9 @@ class Qemu:
         def start() -> None:
             nonlocal task
             task = loop.create_task(
-                sampler.sample_forever(self.ask, self.recorder.name, pressed=pressed)
+                sampler.sample_forever(
+                    self.ask, self.recorder.name, self.recorder.sample, pressed=pressed
+                )
             )
 
         timer = loop.call_later(sampler.first_reading_after, start)

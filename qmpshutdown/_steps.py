@@ -119,6 +119,11 @@ class Recorder:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: event %s %s", self.name, event.event, dict(event.data))
 
+    def sample(self, busy: bool) -> None:
+        """Report a reading of the guest: busy or idle since the last one (not logged)."""
+        message = "guest busy" if busy else "guest idle"
+        self._update(message, None, ProgressKind.SAMPLE, busy=busy, log=False)
+
     def gone(self, at: float) -> None:
         """Report that QEMU was seen gone, *at* seconds since the call."""
         self._update("QEMU is gone", None, ProgressKind.GONE, elapsed=at)
@@ -133,6 +138,7 @@ class Recorder:
         event: EventRecord | None = None,
         elapsed: float | None = None,
         log: bool = True,
+        busy: bool | None = None,
     ) -> None:
         if not (self.report.callback is not None or (log and logger.isEnabledFor(logging.INFO))):
             return  # nobody listens: build nothing (the fast path's CPU, benchmarks/phases.py)
@@ -147,6 +153,6 @@ class Recorder:
             )
         update = Progress(
             target=self.name, elapsed=elapsed, stage=stage, message=message,
-            step=step, event=event, kind=kind,
+            step=step, event=event, kind=kind, busy=busy,
         )  # fmt: skip
         self.report(update)

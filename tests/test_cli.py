@@ -296,3 +296,30 @@ def test_agent_names_one_target_only(capsys):
         parse_command_line(["--agent", "/a", "/one.sock", "/two.sock"])
     assert exit.value.code == 2
     assert "--agent names one guest, but 2 targets were given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--all", "x.sock"], "--all finds the VMs itself: no TARGETs (or --then)"),
+        (["--list", "--pid", "4"], "--pid cannot be used with --list"),
+        (["--all", "--agent", "a"], "--agent cannot be used with --all"),
+        (["--restore", "d", "--match", "x"], "--match goes with --list or --all"),
+        (["--match", "x", "a.sock"], "--match goes with --list or --all"),
+        (["--list", "--all"], "argument --all: not allowed with argument --list"),
+        (["--all", "--match", ""], "--match: a glob must not be empty"),
+    ],
+)
+def test_host_modes_refuse_what_does_not_go_with_them(argv: list[str], error: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        parse_command_line(argv)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"qmpshutdown: error: {error} (see --help)\n"
+
+
+def test_all_takes_the_usual_options(tmp_path: Path) -> None:
+    invocation = parse_command_line(["--all", "--match", "web*", "--match", "/run/vm/*",
+                                     "--deadline", "60", "--save-dir", str(tmp_path)])  # fmt: skip
+    assert invocation.host is not None
+    assert (invocation.host.action.value, invocation.host.match) == ("all", ("web*", "/run/vm/*"))
+    assert (invocation.deadline, invocation.save_dir, invocation.jobs) == (60, str(tmp_path), ())

@@ -1,0 +1,306 @@
+"""``discover()``, ``--list`` and ``--all --match`` against QEMUs started as users start them.
+
+Plain ``Popen`` (and ``-daemonize -pidfile``) with each monitor syntax, the agent
+chardev, ``-name`` in both forms, a human monitor only, a libvirt-looking one.
+Every test matches only its own QEMUs (a glob on its own tmp dir or a unique
+name): other QEMUs of this host are not ours to list or stop. Each QEMU a test
+starts is killed and reaped by that test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import anyio
+import pytest
+from test_cli import qmpshutdown as run_cli
+
+import qmpshutdown
+from qmpshutdown._discover import scan
+from support.guests import QEMU_BINARY, GuestFactory, accel_args
+
+pytestmark = [pytest.mark.qemu]
+
+FAST = ["--timeout", "2", "--repress", "1", "--quit-timeout", "5", "--term-timeout", "5",
+        "--kill-timeout", "5", "--connect-timeout", "3", "--command-timeout", "3"]  # fmt: skip
+AGENT = [
+    "-device", "virtio-serial-pci,id=vser0",
+    "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+]  # fmt: skip
+
+
+def bare(*args: str) -> list[str]:
+    """A QEMU that needs no guest: stopped vCPUs (-S), nothing but its monitors."""
+    return [QEMU_BINARY, *accel_args(), "-machine", "q35", "-m", "64", "-nodefaults",
+            "-no-user-config", "-display", "none", "-S", *args]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Started:
+    """QEMUs a test started itself (children or daemons), killed and reaped at the end."""
+
+    def __init__(self) -> None:
+        self.popens: list[subprocess.Popen[bytes]] = []
+        self.daemons: list[int] = []
+        self.files: list[IO[bytes]] = []
+
+    def popen(self, argv: list[str], cwd: Path) -> int:
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.files.append(open(cwd / "stderr", "wb"))  # noqa: SIM115 -- closed in cleanup()
+        self.popens.append(subprocess.Popen(
+            argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=self.files[-1], start_new_session=True,
+        ))  # fmt: skip
+        return self.popens[-1].pid
+
+    def daemonized(self, argv: list[str], cwd: Path, pidfile: Path) -> int:
+        cwd.mkdir(parents=True, exist_ok=True)
+        subprocess.run([*argv, "-daemonize", "-pidfile", str(pidfile)], cwd=cwd, check=True,
+                       stdin=subprocess.DEVNULL, timeout=30)  # fmt: skip
+        pid = int(pidfile.read_text())
+        self.daemons.append(pid)
+        return pid
+
+    def cleanup(self) -> None:
+        for popen in self.popens:
+            with contextlib.suppress(ProcessLookupError):
+                popen.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=10)
+        for pid in self.daemons:
+            reap_by_pid(pid)
+        for file in self.files:
+            file.close()
+
+
+def reap_by_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL a QEMU that is not our child (a daemon, a detached restore) and see it gone."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+
+
+@pytest.fixture
+def started() -> Iterator[Started]:
+    own = Started()
+    try:
+        yield own
+    finally:
+        own.cleanup()
+
+
+def accepts(path: Path) -> bool:
+    # Not support.guests.listening(): /proc/net/unix names a socket as it was bound (a
+    # relative path stays relative) and splits a path at its spaces.
+    with socket.socket(socket.AF_UNIX) as sock:
+        return sock.connect_ex(str(path)) == 0
+
+
+def wait_listening(*paths: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(accepts(path) for path in paths):
+        assert time.monotonic() < deadline, f"no listening sockets at {paths}"
+        time.sleep(0.05)
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert time.monotonic() < deadline, f"nothing listens on port {port}"
+        time.sleep(0.05)
+
+
+def test_discover_finds_each_qemu_with_its_target_pid_agent_and_name(
+    tmp_path: Path, started: Started
+) -> None:
+    tag = tmp_path.name
+    rel, tcp, odd, hmp, virt = (tmp_path / d for d in ("rel", "tcp", "o d", "hmp", "virt"))
+    # relative paths (against its cwd), -qmp unix, -name guest=..., an agent chardev
+    alpha = started.popen(bare(
+        "-name", f"guest=alpha-{tag},debug-threads=on", "-qmp", "unix:qmp.sock,server=on,wait=off",
+        "-chardev", "socket,id=qga0,path=qga.sock,server=on,wait=off", *AGENT,
+    ), rel)  # fmt: skip
+    # -qmp-pretty over TCP in the old spelling, -name NAME
+    port = free_port()
+    beta = started.popen(
+        bare("-name", f"beta-{tag}", "-qmp-pretty", f"tcp:127.0.0.1:{port},server,nowait"), tcp
+    )
+    # -chardev + -mon mode=control at a path with a space, quotes and a comma; -daemonize
+    strange = odd / 'it\'s "a",vm.sock'
+    gamma = started.daemonized(bare(
+        "-chardev", f"socket,id=mon0,path={str(strange).replace(',', ',,')},server=on,wait=off",
+        "-mon", "chardev=mon0,mode=control",
+    ), odd, odd / "qemu.pid")  # fmt: skip
+    # a human monitor only
+    delta = started.popen(
+        bare("-name", f"delta-{tag}", "-monitor", "unix:hmp.sock,server=on,wait=off"), hmp
+    )
+    # a monitor where libvirt keeps its own (a tmp root stands in for /run/libvirt/)
+    managed = virt / "run" / "libvirt" / "q" / "m.sock"  # within 108 bytes
+    managed.parent.mkdir(parents=True)
+    epsilon = started.popen(bare("-name", "guest=web,debug-threads=on",
+                                 "-qmp", f"unix:{managed},server=on,wait=off"), virt)  # fmt: skip
+    wait_listening(rel / "qmp.sock", rel / "qga.sock", hmp / "hmp.sock", managed, strange)
+    wait_port(port)
+
+    mine = [f"{tmp_path}/*", f"*-{tag}"]
+    roots = (("libvirt", f"{virt}/run/libvirt/*"),)
+    found = {vm.pid: vm for vm in scan(mine, managers=roots)}
+    assert sorted(found) == sorted([alpha, beta, gamma, delta, epsilon])
+    rows = {pid: (vm.name, vm.target, vm.agent, vm.why) for pid, vm in found.items()}
+    assert rows[alpha] == (f"alpha-{tag}", str(rel / "qmp.sock"), str(rel / "qga.sock"), None)
+    assert rows[beta] == (f"beta-{tag}", ("127.0.0.1", port), None, None)
+    assert rows[gamma] == (str(strange), str(strange), None, None)
+    assert rows[delta] == (
+        f"delta-{tag}",
+        None,
+        None,
+        "only a human monitor (HMP) at hmp.sock: it needs a QMP monitor (-qmp)",
+    )
+    assert rows[epsilon][:3] == ("web", str(managed), None)
+    assert rows[epsilon][3].startswith(f"managed by libvirt (its monitor is {managed})")
+
+    jobs = {job.pid: job for job in qmpshutdown.discover(mine)}
+    assert sorted(jobs) == sorted([alpha, beta, gamma, epsilon])  # the real roots: not managed
+    assert jobs[alpha] == qmpshutdown.Job(
+        str(rel / "qmp.sock"), pid=alpha, agent=str(rel / "qga.sock"), name=f"alpha-{tag}"
+    )
+    assert jobs[beta] == qmpshutdown.Job(("127.0.0.1", port), pid=beta, name=f"beta-{tag}")
+    assert [job.pid for job in qmpshutdown.discover(f"alpha-{tag}")] == [alpha]
+    assert [job.pid for job in qmpshutdown.discover(f"{odd}/*")] == [gamma]
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "qmpshutdown", "--list", "--json", *(f"--match={m}" for m in mine)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    by_pid = {row["pid"]: row for row in map(json.loads, listed.stdout.splitlines())}
+    assert sorted(by_pid) == sorted([alpha, beta, gamma, delta, epsilon])
+    assert by_pid[beta] == {"pid": beta, "name": f"beta-{tag}", "target": f"127.0.0.1:{port}",
+                            "agent": None}  # fmt: skip
+    assert by_pid[delta]["target"] is None and "human monitor" in by_pid[delta]["why"]
+    text = subprocess.run(
+        [sys.executable, "-m", "qmpshutdown", "--list", "--match", f"alpha-{tag}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert text.stdout == f"{alpha}  alpha-{tag}  {rel / 'qmp.sock'}  agent={rel / 'qga.sock'}\n"
+    for pid in (alpha, beta, gamma, delta, epsilon):  # --list stops nothing
+        os.kill(pid, 0)
+
+
+@pytest.mark.asyncio
+async def test_all_with_match_stops_exactly_the_matched_ones(
+    guests: GuestFactory, tmp_path: Path, started: Started
+) -> None:
+    first, second = await guests.boot_many("cooperative", "cooperative")
+    human = started.popen(bare("-monitor", "unix:hmp.sock,server=on,wait=off"), tmp_path / "hmp")
+    wait_listening(tmp_path / "hmp" / "hmp.sock")
+
+    run = await run_cli("--all", "--match", f"{first.workdir}/*", *FAST)
+    assert run.status == 0, run.err
+    assert run.err.splitlines()[-1].startswith(f"{first.qmp_path}  powerdown graceful ")
+    assert await first.wait_exit(10) == 0
+    assert second.alive()
+
+    run = await run_cli("--all", "--json", "--match", f"{tmp_path}/*", *FAST)
+    assert run.status == 2, run.err  # the human monitor's QEMU: unreachable, untouched
+    rows = [json.loads(line) for line in run.out.splitlines()]
+    assert [(r["name"], r["target"], r.get("stage")) for r in rows] == [
+        (str(second.qmp_path), str(second.qmp_path), "powerdown"),
+        (f"qemu-{human}", None, None),
+    ]
+    assert rows[0]["pid"] == second.pid and rows[0]["graceful"] is True
+    assert rows[1]["error"].startswith(f"qemu-{human}: left alone (pid {human}): "
+                                       "only a human monitor (HMP)")  # fmt: skip
+    assert await second.wait_exit(10) == 0
+    os.kill(human, 0)  # still running
+
+
+@pytest.mark.asyncio
+async def test_systemd_notify_extends_only_for_a_guest_that_works(
+    guests: GuestFactory, tmp_path: Path
+) -> None:
+    busy, idle = await guests.boot_many({"mode": "updating", "arg": 5}, "ignores")
+    notify = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify))
+    datagrams: list[str] = []
+
+    async def drain() -> None:  # as systemd does: the socket's queue holds only a few
+        while True:
+            await anyio.wait_readable(listener)
+            datagrams.append(listener.recv(4096).decode())
+
+    argv = [
+        sys.executable,
+        "-m",
+        "qmpshutdown",
+        "--all",
+        "--match",
+        f"{tmp_path}/*",
+        "--patience",
+        "adaptive",
+        "--timeout",
+        "2",
+        "--max-timeout",
+        "20",
+        "--idle-cutoff",
+        "2",
+        "--repress",
+        "1",
+        "--stages",
+        "powerdown,quit",
+        "--json",
+    ]
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drain)
+            with anyio.fail_after(60):
+                proc = await anyio.run_process(argv, env=env, check=False, stdin=subprocess.DEVNULL)
+            await anyio.sleep(0.2)
+            tg.cancel_scope.cancel()
+    finally:
+        listener.close()
+    assert proc.returncode == 1, proc.stderr.decode()  # the idle one was forced (quit)
+    rows = {row["pid"]: row for row in map(json.loads, proc.stdout.decode().splitlines())}
+    assert (rows[busy.pid]["stage"], rows[idle.pid]["stage"]) == ("powerdown", "quit")
+    assert datagrams[0] == "STATUS=stopping 2 VMs\n"
+    assert datagrams[-1] == "STATUS=done: 2 of 2 VMs off\n"
+    extended = [d for d in datagrams if "EXTEND_TIMEOUT_USEC=" in d]
+    assert len(extended) >= 2, datagrams
+    for datagram in extended:
+        status, extend = datagram.splitlines()
+        assert status.startswith(f"STATUS={busy.qmp_path} is still working (")
+        assert extend == "EXTEND_TIMEOUT_USEC=15000000"  # idle cut-off 2 + 3 readings + 10
+    assert not any(str(idle.qmp_path) in d and "working" in d for d in datagrams)
+    assert any(d.startswith(f"STATUS={idle.qmp_path} is off (") for d in datagrams)
