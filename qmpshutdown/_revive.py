@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import tempfile
 import warnings
@@ -46,6 +47,10 @@ VERSION = 1
 RESTORE_TIMEOUT = 120.0
 #: Outcomes of a restore.
 RESTORED = "restored"
+#: Runstates of a VM that runs again; with -S on its command line ``paused`` too. (QEMU
+#: pauses a VM whose disks it cannot lock once loaded: "Failed to get "write" lock".)
+RUNNING = frozenset({"running"})
+STOPPED_BY_S = frozenset({"running", "paused", "prelaunch"})
 
 
 class ManifestError(ValueError):
@@ -190,19 +195,35 @@ async def restore_one(manifest: Manifest) -> Restored:
                 )
         except (LaunchError, ConnectError, TimeoutError) as err:
             if not process.has_exited():
-                process.send_signal(9)  # ours, half started: it must not linger
+                process.send_signal(signal.SIGKILL)  # ours, half started: it must not linger
                 with anyio.move_on_after(10):
                     await process.wait_exited()
-            return attrs.evolve(row, outcome="did-not-load", error=f"{err}{_tail(log)}")
+            # No monitor: QEMU did not start (it exits on a bad command line); else the load failed.
+            outcome = "did-not-start" if isinstance(err, ConnectError) else "did-not-load"
+            return attrs.evolve(row, outcome=outcome, error=f"{err}{_tail(log)}")
         finally:
             process.close()
         if runstate is None:
             return attrs.evolve(row, outcome="did-not-start", error=f"QEMU exited{_tail(log)}")
     finally:
         os.close(fd)
+    if runstate not in (STOPPED_BY_S if "-S" in manifest.argv else RUNNING):
+        # Loaded, yet not running: it is ours and must not linger half restored.
+        _kill(pid)
+        why = f"runstate {runstate} after the load{_tail(log)}"
+        return attrs.evolve(row, outcome="did-not-load", error=why)
     os.replace(manifest.path, manifest.path + RETIRED_SUFFIX)
     logger.info("%s: restored, pid %d (runstate %s)", manifest.name, pid, runstate)
     return attrs.evolve(row, outcome=RESTORED)
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        pidfd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
 
 
 def _tail(log: str) -> str:
@@ -210,7 +231,7 @@ def _tail(log: str) -> str:
         lines = Path(log).read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
-    return f": {lines[-1]}" if lines else ""
+    return f": {' '.join(lines[-2:])}" if lines else ""
 
 
 async def restore_dir(directory: str) -> list[Restored]:

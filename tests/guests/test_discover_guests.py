@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -28,7 +31,7 @@ from test_cli import qmpshutdown as run_cli
 
 import qmpshutdown
 from qmpshutdown._discover import scan
-from support.guests import QEMU_BINARY, GuestFactory, accel_args
+from support.guests import QEMU_BINARY, GuestFactory, accel_args, images_dir
 
 pytestmark = [pytest.mark.qemu]
 
@@ -40,10 +43,10 @@ AGENT = [
 ]  # fmt: skip
 
 
-def bare(*args: str) -> list[str]:
-    """A QEMU that needs no guest: stopped vCPUs (-S), nothing but its monitors."""
+def bare(*args: str, stopped: bool = True) -> list[str]:
+    """A QEMU that needs no guest: stopped vCPUs (-S; else the firmware finds nothing to boot)."""
     return [QEMU_BINARY, *accel_args(), "-machine", "q35", "-m", "64", "-nodefaults",
-            "-no-user-config", "-display", "none", "-S", *args]  # fmt: skip
+            "-no-user-config", "-display", "none", *(["-S"] if stopped else []), *args]  # fmt: skip
 
 
 def free_port() -> int:
@@ -101,6 +104,15 @@ def reap_by_pid(pid: int, timeout: float = 10.0) -> None:
         select.select([pidfd], [], [], timeout)
     finally:
         os.close(pidfd)
+
+
+def exited(pid: int) -> bool:
+    """True when *pid* is gone or a zombie (a detached QEMU's new parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture
@@ -304,3 +316,94 @@ async def test_systemd_notify_extends_only_for_a_guest_that_works(
         assert extend == "EXTEND_TIMEOUT_USEC=15000000"  # idle cut-off 2 + 3 readings + 10
     assert not any(str(idle.qmp_path) in d and "working" in d for d in datagrams)
     assert any(d.startswith(f"STATUS={idle.qmp_path} is off (") for d in datagrams)
+
+
+_TICK = re.compile(r"QMPSHUTDOWN-GUEST-TICK n=(\d+)")
+
+
+@pytest.mark.asyncio
+async def test_all_save_dir_then_restore_goes_on_counting_and_a_second_restore_starts_nothing(
+    guests: GuestFactory, tmp_path: Path
+) -> None:
+    guest = await guests.boot("counts")
+    await guest.wait_for_serial("QMPSHUTDOWN-GUEST-TICK n=3\n", 20)
+    states = tmp_path / "states"
+    states.mkdir()
+    run = await run_cli("--all", "--json", "--match", f"{guest.workdir}/*", "--save-dir", states,
+                        "--timeout", "1", "--no-repress")  # fmt: skip
+    assert run.status == 1, run.err  # saved, then quit: forced
+    (row,) = run.records()
+    assert (row["stage"], row["pid"]) == ("save", guest.pid)
+    state = Path(row["saved_state"])
+    assert await guest.wait_exit(10) == 0
+    before = max(int(n) for n in _TICK.findall(guest.serial_text()))
+    manifest = Path(f"{state}.manifest.json")
+    assert stat.S_IMODE(manifest.stat().st_mode) == 0o600
+    saved = json.loads(manifest.read_text())
+    assert (saved["argv"], saved["cwd"], saved["name"]) == (
+        guest.argv, str(guest.workdir), str(guest.qmp_path)
+    )  # fmt: skip
+    assert saved["state"] == state.name
+
+    run = await run_cli("--restore", states, "--json")
+    assert run.status == 0, run.err
+    (restored,) = run.records()
+    pid = restored["pid"]
+    try:
+        assert restored["outcome"] == "restored" and restored["name"] == str(guest.qmp_path)
+        os.kill(pid, 0)  # it outlived the command
+        with anyio.fail_after(20):
+            while not _TICK.search(guest.serial_text()):
+                await anyio.sleep(0.1)
+        after = guest.serial_text()  # QEMU opened the serial file anew: only what came since
+        assert "QMPSHUTDOWN-GUEST-READY" not in after and "Linux version" not in after
+        assert before < min(int(n) for n in _TICK.findall(after)) <= before + 3
+        assert not manifest.exists() and Path(f"{manifest}.restored").exists()
+
+        again = await run_cli("--restore", states, "--json")
+        assert (again.status, again.out) == (0, "")  # nothing left to start
+        os.kill(pid, 0)
+    finally:
+        reap_by_pid(pid)
+
+
+@pytest.mark.asyncio
+async def test_restore_reports_a_disk_in_use_and_a_command_line_that_no_longer_starts(
+    tmp_path: Path, started: Started
+) -> None:
+    disk = tmp_path / "disk.qcow2"
+    await anyio.run_process(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"])
+    drive = ["-drive", f"file={disk},format=qcow2,if=none,id=d0"]
+    kernel = tmp_path / "vmlinuz"
+    shutil.copyfile(images_dir() / "vmlinuz", kernel)  # it starts with it, not once it is gone
+    # Running (no -S): a VM restored paused keeps its images inactive, unlocked, until `cont`.
+    for name, extra in (("locked", drive), ("gone", ["-kernel", str(kernel)])):
+        started.popen(bare("-name", f"{name}-{tmp_path.name}", *extra, "-qmp",
+                           "unix:qmp.sock,server=on,wait=off", stopped=False),
+                      tmp_path / name)  # fmt: skip
+    wait_listening(tmp_path / "locked" / "qmp.sock", tmp_path / "gone" / "qmp.sock")
+    states = tmp_path / "states"
+    states.mkdir()
+    run = await run_cli("--all", "--json", "--match", f"*-{tmp_path.name}", "--save-dir", states,
+                        "--stages", "save,quit,kill")  # fmt: skip
+    assert run.status == 1, run.err
+    assert [row["stage"] for row in run.records()] == ["save", "save"]
+    kernel.unlink()
+    holder = ["-qmp", "unix:qmp.sock,server=on,wait=off"]
+    started.popen(bare(*drive, *holder), tmp_path / "holder")  # another QEMU uses the disk now
+    wait_listening(tmp_path / "holder" / "qmp.sock")
+
+    for _ in range(2):  # reported each time, never retried in a loop
+        run = await run_cli("--restore", states, "--json")
+        lingering = [row["pid"] for row in run.records() if not exited(row["pid"])]
+        for pid in lingering:
+            reap_by_pid(pid)  # ours: never left running, even when the assert below fails
+        assert lingering == []
+        assert run.status == 2, run.err
+        rows = {row["name"]: row for row in run.records()}
+        gone, locked = rows[f"gone-{tmp_path.name}"], rows[f"locked-{tmp_path.name}"]
+        assert gone["outcome"] == "did-not-start", gone
+        assert "vmlinuz" in gone["error"]
+        assert locked["outcome"] == "did-not-load", locked
+        assert "lock" in locked["error"], locked
+    assert len(list(states.glob("*.manifest.json"))) == 2  # kept, for after the fix
