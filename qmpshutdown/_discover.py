@@ -4,15 +4,16 @@ Each process whose executable is a QEMU system emulator is read from
 ``/proc/PID/cmdline`` (relative paths against ``/proc/PID/cwd``) and its QMP
 monitor found among the ways QEMU is given one:
 
-- ``-qmp`` / ``-qmp-pretty`` with ``unix:PATH,server=on,...`` or
-  ``tcp:HOST:PORT,server=on,...``;
+- ``-qmp`` with ``unix:PATH,server=on,...`` or ``tcp:HOST:PORT,server=on,...``;
 - ``-chardev socket,id=ID,path=PATH|host=H,port=P,server=on`` with
   ``-mon chardev=ID,mode=control``.
 
 ``-monitor`` and a ``-mon`` without ``mode=control`` are human monitors (HMP),
-not QMP. The guest agent is the unix socket chardev that backs a
-``virtserialport`` named ``org.qemu.guest_agent.0``. A QEMU whose monitor lives
-where a manager keeps its own (libvirt, Proxmox) is left alone, with why.
+not QMP. ``-qmp-pretty`` (and ``pretty=on``) is found but left alone: its
+replies span lines, and qemu.qmp reads one message per line. The guest agent
+is the unix socket chardev that backs a ``virtserialport`` named
+``org.qemu.guest_agent.0``. A QEMU whose monitor lives where a manager keeps
+its own (libvirt, Proxmox) is left alone, with why.
 
 Knowingly not covered: monitors given by descriptor (``fd=``, ``-add-fd``) or
 in a ``-readconfig`` file, abstract unix sockets, and QEMUs in another mount
@@ -58,6 +59,8 @@ _WITH_ARGUMENT = frozenset(
 )
 
 Address = str | tuple[str, int]
+#: Why a pretty-printing QMP monitor (``-qmp-pretty``, ``pretty=on``) is left alone.
+PRETTY = "pretty-printed (-qmp-pretty or pretty=on), which qemu.qmp cannot read"
 
 
 @attrs.frozen(kw_only=True)
@@ -230,6 +233,7 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
     """Read a QEMU command line's name, monitors and agent (no I/O)."""
     chardevs: dict[str, Chardev] = {}
     qmp: list[Chardev | str] = []  # a str: a chardev id, resolved at the end
+    pretty: list[bool] = []  # for each of qmp: does it pretty-print?
     human: list[Chardev | str] = []
     agent_id: str | None = None
     name: str | None = None
@@ -242,12 +246,15 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
         value = items[index + 1]
         if option in ("-qmp", "-qmp-pretty"):
             qmp.append(parse_chardev_spec(value))
+            pretty.append(option == "-qmp-pretty")
         elif option == "-monitor":
             human.append(parse_chardev_spec(value))
         elif option == "-mon":
             options = parse_options(value, implied="chardev")
             wanted = qmp if options.get("mode") == "control" else human
             wanted.append(options.get("chardev", ""))
+            if wanted is qmp:
+                pretty.append(_on(options.get("pretty")))
         elif option == "-chardev":
             options = parse_options(value, implied="backend")
             chardevs.setdefault(options.get("id", ""), _chardev(options))
@@ -264,9 +271,14 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
     def resolve(monitors: list[Chardev | str]) -> tuple[Chardev, ...]:
         return tuple(m if isinstance(m, Chardev) else chardevs.get(m, missing) for m in monitors)
 
+    # qemu.qmp reads one JSON message per line: a pretty-printed monitor cannot be driven.
+    monitors = tuple(
+        attrs.evolve(dev, why=PRETTY) if wide and dev.why is None else dev
+        for dev, wide in zip(resolve(qmp), pretty, strict=True)
+    )
     return CommandLine(
         name=name,
-        qmp=resolve(qmp),
+        qmp=monitors,
         human=resolve(human),
         agent=None if agent_id is None else chardevs.get(agent_id),
         chardevs=tuple(chardevs.values()) + resolve(qmp) + resolve(human),
@@ -305,9 +317,11 @@ def describe(
     """What one QEMU process is, from its command line and working directory (no I/O)."""
     line = parse_command_line(argv)
     sockets = tuple(
-        path
-        for dev in line.chardevs
-        if dev.path is not None and (path := _absolute(dev.path, cwd)) is not None
+        dict.fromkeys(
+            path
+            for dev in line.chardevs
+            if dev.path is not None and (path := _absolute(dev.path, cwd)) is not None
+        )
     )
     target: Address | None = None
     why: str | None = None

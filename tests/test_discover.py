@@ -51,8 +51,20 @@ def test_bare_flags_and_the_old_no_spelling() -> None:
 def test_qmp_unix_in_every_spelling(spec: str) -> None:
     vm = found("-qmp", spec)
     assert (vm.target, vm.why, vm.name) == ("/run/vm/qmp.sock", None, "/run/vm/qmp.sock")
-    assert found("-qmp-pretty", spec).target == "/run/vm/qmp.sock"
     assert found("--qmp", spec).target == "/run/vm/qmp.sock"
+
+
+def test_a_pretty_printing_monitor_is_found_but_left_alone() -> None:
+    why = (
+        "its QMP monitor is pretty-printed (-qmp-pretty or pretty=on), which qemu.qmp "
+        "cannot read: it cannot be reached"
+    )
+    vm = found("-qmp-pretty", "unix:/q,server=on")
+    assert (vm.target, vm.why) == (None, why)
+    vm = found("-chardev", "socket,id=c0,path=/q,server=on", "-mon", "c0,mode=control,pretty=on")
+    assert (vm.target, vm.why) == (None, why)
+    vm = found("-qmp-pretty", "unix:/p,server=on", "-qmp", "unix:/q,server=on")
+    assert (vm.target, vm.why) == ("/q", None)
 
 
 def test_qmp_tcp_with_and_without_a_host() -> None:
@@ -67,7 +79,7 @@ def test_chardev_and_mon_control_in_any_order() -> None:
                "-chardev", "socket,id=c0,path=/run/vm/m.sock,server=on,wait=off")  # fmt: skip
     assert vm.target == "/run/vm/m.sock"
     vm = found("-chardev", "socket,id=c0,host=localhost,port=5555,server=on",
-               "-mon", "c0,mode=control,pretty=on")  # fmt: skip
+               "-mon", "c0,mode=control,pretty=off")  # fmt: skip
     assert vm.target == ("localhost", 5555)
 
 

@@ -158,11 +158,14 @@ def test_discover_finds_each_qemu_with_its_target_pid_agent_and_name(
         "-name", f"guest=alpha-{tag},debug-threads=on", "-qmp", "unix:qmp.sock,server=on,wait=off",
         "-chardev", "socket,id=qga0,path=qga.sock,server=on,wait=off", *AGENT,
     ), rel)  # fmt: skip
-    # -qmp-pretty over TCP in the old spelling, -name NAME
+    # -qmp over TCP in the old spelling, -name NAME
     port = free_port()
     beta = started.popen(
-        bare("-name", f"beta-{tag}", "-qmp-pretty", f"tcp:127.0.0.1:{port},server,nowait"), tcp
+        bare("-name", f"beta-{tag}", "-qmp", f"tcp:127.0.0.1:{port},server,nowait"), tcp
     )
+    # -qmp-pretty: found, but left alone (qemu.qmp reads one message per line)
+    pretty = tmp_path / "pretty"
+    zeta = started.popen(bare("-qmp-pretty", "unix:p.sock,server=on,wait=off"), pretty)
     # -chardev + -mon mode=control at a path with a space, quotes and a comma; -daemonize
     strange = odd / 'it\'s "a",vm.sock'
     gamma = started.daemonized(bare(
@@ -179,12 +182,13 @@ def test_discover_finds_each_qemu_with_its_target_pid_agent_and_name(
     epsilon = started.popen(bare("-name", "guest=web,debug-threads=on",
                                  "-qmp", f"unix:{managed},server=on,wait=off"), virt)  # fmt: skip
     wait_listening(rel / "qmp.sock", rel / "qga.sock", hmp / "hmp.sock", managed, strange)
+    wait_listening(pretty / "p.sock")
     wait_port(port)
 
     mine = [f"{tmp_path}/*", f"*-{tag}"]
     roots = (("libvirt", f"{virt}/run/libvirt/*"),)
     found = {vm.pid: vm for vm in scan(mine, managers=roots)}
-    assert sorted(found) == sorted([alpha, beta, gamma, delta, epsilon])
+    assert sorted(found) == sorted([alpha, beta, gamma, delta, epsilon, zeta])
     rows = {pid: (vm.name, vm.target, vm.agent, vm.why) for pid, vm in found.items()}
     assert rows[alpha] == (f"alpha-{tag}", str(rel / "qmp.sock"), str(rel / "qga.sock"), None)
     assert rows[beta] == (f"beta-{tag}", ("127.0.0.1", port), None, None)
@@ -196,6 +200,8 @@ def test_discover_finds_each_qemu_with_its_target_pid_agent_and_name(
         "only a human monitor (HMP) at hmp.sock: it needs a QMP monitor (-qmp)",
     )
     assert rows[epsilon][:3] == ("web", str(managed), None)
+    assert rows[zeta][:3] == (f"qemu-{zeta}", None, None)
+    assert rows[zeta][3].startswith("its QMP monitor is pretty-printed (-qmp-pretty")
     assert rows[epsilon][3].startswith(f"managed by libvirt (its monitor is {managed})")
 
     jobs = {job.pid: job for job in qmpshutdown.discover(mine)}
@@ -213,7 +219,7 @@ def test_discover_finds_each_qemu_with_its_target_pid_agent_and_name(
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     by_pid = {row["pid"]: row for row in map(json.loads, listed.stdout.splitlines())}
-    assert sorted(by_pid) == sorted([alpha, beta, gamma, delta, epsilon])
+    assert sorted(by_pid) == sorted([alpha, beta, gamma, delta, epsilon, zeta])
     assert by_pid[beta] == {"pid": beta, "name": f"beta-{tag}", "target": f"127.0.0.1:{port}",
                             "agent": None}  # fmt: skip
     assert by_pid[delta]["target"] is None and "human monitor" in by_pid[delta]["why"]
@@ -225,8 +231,27 @@ def test_discover_finds_each_qemu_with_its_target_pid_agent_and_name(
         check=False,
     )
     assert text.stdout == f"{alpha}  alpha-{tag}  {rel / 'qmp.sock'}  agent={rel / 'qga.sock'}\n"
-    for pid in (alpha, beta, gamma, delta, epsilon):  # --list stops nothing
+    for pid in (alpha, beta, gamma, delta, epsilon, zeta):  # --list stops nothing
         os.kill(pid, 0)
+
+    # --all stops exactly the matched ones: over TCP (its pid from /proc) and at the odd path.
+    stop = subprocess.run(
+        [sys.executable, "-m", "qmpshutdown", "--all", "--json", "--stages", "quit",
+         "--match", f"{odd}/*", "--match", f"beta-{tag}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert stop.returncode == 1, stop.stdout + stop.stderr  # quit is force
+    stopped = {row["pid"]: row for row in map(json.loads, stop.stdout.splitlines())}
+    assert sorted(stopped) == sorted([beta, gamma])
+    assert stopped[beta]["target"] == f"127.0.0.1:{port}"
+    assert [stopped[p]["reason"] for p in (beta, gamma)] == ["host-qmp-quit"] * 2
+    assert started.popens[1].wait(timeout=10) == 0  # beta
+    deadline = time.monotonic() + 10
+    while not exited(gamma):
+        assert time.monotonic() < deadline, "the daemonized QEMU did not exit"
+        time.sleep(0.05)
+    for pid in (alpha, delta, epsilon, zeta):  # the others run on
+        assert not exited(pid)
 
 
 @pytest.mark.asyncio
