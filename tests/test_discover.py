@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 import qmpshutdown
-from qmpshutdown._discover import (
-    MANAGER_ROOTS,
-    describe,
-    manager_of,
-    parse_options,
-    scan,
-    split_options,
-)
+from qmpshutdown._discover import MANAGER_ROOTS, describe, manager_of, scan
+from qmpshutdown._qemuargs import parse_options, split_options
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 
