@@ -93,7 +93,7 @@ def host_request(parser: argparse.ArgumentParser, args: argparse.Namespace) -> H
 
 
 def list_vms(request: HostRequest, *, json: bool) -> int:
-    """Print what runs here; exit 0 (2 when nothing of it could be stopped by us)."""
+    """Print what runs here, the QEMUs left alone with why; exit 0 (it stops nothing)."""
     found = scan(request.match or None)
     for vm in found:
         if json:

@@ -242,8 +242,9 @@ def test_an_interval_is_busy_on_cpu_or_disk_and_idle_stretches_are_counted():
         Reading(4.0, 0.9, 1.01, (0, 2**20, 8)),  # idle
         Reading(6.0, 0.9, 1.02, (0, 2**20, 8)),  # idle
     ]
-    for before, after in itertools.pairwise(readings):
-        patience.take(before, after)
+    busy = [patience.take(before, after) for before, after in itertools.pairwise(readings)]
+    assert busy == [True, False, True, False, False]  # what a 'sample' progress update says
+    assert patience.take(readings[1], readings[1]) is None  # no time between: no interval
     activity = patience.activity(powered_off=False)
     assert activity == Activity(
         samples=5, vcpu_seconds=0.9, bytes_read=0, bytes_written=2**20, longest_idle=3.0,
