@@ -14,7 +14,6 @@ import importlib as _importlib
 import logging as _logging
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from ._discover import discover
 from ._errors import (
     CommandError,
     ConnectError,
@@ -39,12 +38,20 @@ from ._shutdown import shutdown, shutdown_sync
 from ._version import __version__ as __version__
 
 if _TYPE_CHECKING:
+    from ._discover import discover
     from ._launch import VM, launch
     from ._sync import SyncVM, launch_sync
 
 #: Names imported on first use: ``launch()`` and its harnesses need subprocess, anyio's
-#: threads and more, which a tool that only stops VMs never pays for.
-_LAZY = {"VM": "._launch", "launch": "._launch", "SyncVM": "._sync", "launch_sync": "._sync"}
+#: threads and more, and ``discover()`` a QEMU command-line parser, which a tool that only
+#: stops VMs never pays for.
+_LAZY = {
+    "VM": "._launch",
+    "launch": "._launch",
+    "SyncVM": "._sync",
+    "launch_sync": "._sync",
+    "discover": "._discover",  # reads /proc: host tools only
+}
 
 
 def __getattr__(name: str) -> object:
