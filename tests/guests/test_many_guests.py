@@ -132,6 +132,7 @@ async def test_group_1_starts_only_after_group_0_ended_and_a_failure_stops_nothi
 
 
 @pytest.mark.qemu
+@pytest.mark.alone  # fitted to 8 s, each QMP command gets ~60 ms: no neighbours on the CPUs
 @pytest.mark.timeout(400)
 async def test_deadline_8_s_six_ignoring_two_cooperative(guests):
     deadline, margin = 8.0, 1.0
