@@ -346,12 +346,15 @@ def import_scenario(runs: int) -> tuple[list[float], list[tuple[float, str]]]:
         "print(time.perf_counter() - t)"
     )
     cmd = [sys.executable, "-c", code]
-    subprocess.run(cmd, check=True, capture_output=True)  # warm the .pyc caches
-    times = [float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-             for _ in range(runs)]  # fmt: skip
+    # .pyc cached, as an installed package has them: a shell with PYTHONDONTWRITEBYTECODE
+    # set (this machine's) would otherwise compile every module on every import.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(cmd, check=True, capture_output=True, env=env)  # warm the .pyc caches
+    times = [float(subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                  env=env).stdout) for _ in range(runs)]  # fmt: skip
     trace = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import qmpshutdown"],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env=env,
     ).stderr  # fmt: skip
     # -X importtime prints children before their parent; the block of lines ending with
     # the top-level " qmpshutdown" is what the import statement cost. Keep the first

@@ -27,7 +27,18 @@ import attrs
 from ._attach import stop
 from ._errors import ConnectError, DescriptorsExhausted, Error, InternalError, PidMismatchError
 from ._job import Job, Target
-from ._policy import COMMAND, DEFAULT_POLICY, GRACEFUL_WAITS, WAITS, ShutdownPolicy, Stage
+from ._policy import (
+    COMMAND,
+    DEFAULT_POLICY,
+    GRACEFUL_WAITS,
+    POWERDOWN,
+    WAITS,
+    Patience,
+    ShutdownPolicy,
+    Stage,
+    Wait,
+    wait_budget,
+)
 from ._process import out_of_descriptors
 from ._progress import ProgressCallback
 from ._result import ShutdownResult
@@ -75,8 +86,10 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
     policy module's table of timeouts; the commands share the rest; ``quit``
     ends QEMU within milliseconds, signals as fast). The graceful waits
     (``powerdown_timeout``, and ``agent_timeout`` when the agent rung stays;
-    halves each when both do) then get all the rest, never more than the
-    policy's own: a cooperative guest has nearly all of *left* to power itself
+    halves each when both do; under adaptive patience the button's wait is its
+    cap, ``max_powerdown_timeout``, which is held to the share, and
+    ``powerdown_timeout`` to no more than the cap) then get all the rest, never
+    more than the policy's own: a cooperative guest has nearly all of *left* to power itself
     off. *left* below :data:`MIN_LEFT` counts as :data:`MIN_LEFT`.
 
     :return: the policy, or a shortened copy (``attrs.evolve``, validated again).
@@ -92,7 +105,7 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
     waits = [wait for stage, wait in GRACEFUL_WAITS if policy.allows(stage)]
 
     def overhead(p: ShutdownPolicy) -> float:
-        return p.bound - sum(wait.seconds(p) for wait in waits)
+        return p.bound - sum(_graceful(p, wait) for wait in waits)
 
     if overhead(policy) > reserve:
         shared = [wait for wait in WAITS if wait.reserve_share is not None]
@@ -105,8 +118,23 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
     if waits:
         share = (left - overhead(policy)) / len(waits)
         for wait in waits:
-            policy = wait.shortened(policy, min(wait.seconds(policy), share))
+            policy = _shorten_graceful(policy, wait, share)
     return policy
+
+
+def _graceful(policy: ShutdownPolicy, wait: Wait) -> float:
+    """What a graceful wait may last as the bound counts it (adaptive: the button's cap)."""
+    seconds = wait.seconds(policy)
+    return wait_budget(policy, seconds) if wait is POWERDOWN else seconds
+
+
+def _shorten_graceful(policy: ShutdownPolicy, wait: Wait, share: float) -> ShutdownPolicy:
+    """*policy* with the graceful *wait* held to *share* seconds (adaptive: its cap too)."""
+    if wait is POWERDOWN and policy.patience is Patience.ADAPTIVE:
+        cap = min(policy.max_powerdown_timeout, share)
+        return attrs.evolve(policy, powerdown_timeout=min(policy.powerdown_timeout, cap),
+                            max_powerdown_timeout=cap)  # fmt: skip
+    return wait.shortened(policy, min(wait.seconds(policy), share))
 
 
 def open_descriptors() -> int:

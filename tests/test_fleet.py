@@ -48,6 +48,9 @@ def test_a_policy_that_fits_is_kept():
         ShutdownPolicy(stages=("powerdown",)),
         ShutdownPolicy(stages=("quit", "kill")),
         ShutdownPolicy(stages=("powerdown", "kill"), connect_timeout=60.0),
+        # adaptive: the bound counts the cap, not powerdown_timeout (the host unit's policy)
+        ShutdownPolicy(patience="adaptive", max_powerdown_timeout=600.0),
+        ShutdownPolicy(patience="adaptive", powerdown_timeout=30.0, max_powerdown_timeout=90.0),
     ],
 )
 def test_a_fitted_policy_ends_within_what_is_left(policy, left):
@@ -65,6 +68,10 @@ def test_a_fitted_policy_ends_within_what_is_left(policy, left):
         waits = 1 + policy.allows(Stage.AGENT)
         wanted = min(policy.powerdown_timeout, (left - reserve) / waits)
         assert fitted.powerdown_timeout >= wanted - 1e-9
+        if policy.patience == "adaptive":
+            assert fitted.patience == "adaptive"
+            cap = min(policy.max_powerdown_timeout, (left - reserve) / waits)
+            assert fitted.max_powerdown_timeout >= cap - 1e-9
 
 
 def test_the_default_policy_at_8_s_as_documented():
