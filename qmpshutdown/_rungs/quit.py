@@ -30,6 +30,10 @@ async def quit_and_wait(qemu: Qemu, step: OpenStep, *, kept: str = "") -> Ended:
     """
     so_far = f"{step.so_far}; " if step.so_far else ""
     timeout = qemu.policy.quit_timeout
+    if not so_far:
+        # Said before the reply: QEMU exits right after it, and its exit cancels the step
+        # (the pidfd's reader) as soon as the loop sees it, maybe before the reply is read.
+        step.note("sent quit")
     try:
         await qemu.command("quit")
     except MonitorClosedError:
@@ -39,8 +43,6 @@ async def quit_and_wait(qemu: Qemu, step: OpenStep, *, kept: str = "") -> Ended:
         return Ended(Outcome.FAILED, f"{so_far}{no_reply}{kept}", Cause.MONITOR_UNRESPONSIVE)
     except CommandError as err:
         return Ended(Outcome.FAILED, f"{so_far}quit refused: {err}{kept}")
-    if not so_far:
-        step.note("sent quit")
     return await qemu.wait_gone_or(
         timeout, step, f"{so_far}QEMU still running {timeout:g} s after quit"
     )
