@@ -1,0 +1,197 @@
+"""The collection ``qmpshutdown.qemu`` run by a real ``ansible-playbook`` against real guests.
+
+``ansible-playbook -i localhost, -c local`` with this interpreter on the managed
+host (tests/support/playbooks.py); each test runs one play of several tasks
+(ansible-playbook takes seconds to start). ``all: true`` always comes with a
+``match`` only the test's own guests fit (its tmp dir): other QEMUs of this
+host are not ours to stop. Each guest is killed and reaped by its test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from support.playbooks import play
+
+pytestmark = [pytest.mark.qemu]
+
+#: Short but safe on 2 TCG cores (as the command's real-guest tests use).
+FAST = {"powerdown_timeout": 2, "repress_interval": 1, "quit_timeout": 5,
+        "terminate_timeout": 5, "kill_timeout": 5, "connect_timeout": 3,
+        "command_timeout": 3}  # fmt: skip
+
+
+def shutdown(register: str, **options: object) -> dict[str, object]:
+    """A task of the module ``qmpshutdown.qemu.shutdown`` (failures do not end the play)."""
+    return {"qmpshutdown.qemu.shutdown": options, "register": register, "ignore_errors": True}
+
+
+@contextlib.contextmanager
+def human_monitor(path: Path) -> Iterator[Path]:
+    """A unix socket that answers like QEMU's human monitor (HMP), not QMP."""
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen(4)
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(b"QEMU 7.2.0 monitor - type 'help' for more information\r\n(qemu) ")
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    conn.recv(1024)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        thread.join(5)
+        server.close()
+
+
+def stages(record: dict[str, object]) -> list[tuple[object, object]]:
+    return [(step["stage"], step["outcome"]) for step in record["steps"]]  # type: ignore[index,union-attr]
+
+
+@pytest.mark.asyncio
+async def test_stops_a_cooperative_and_an_ignoring_guest_once_and_check_mode_presses_nothing(
+    guests, tmp_path
+):
+    good, deaf = await guests.boot_many("cooperative", "ignores")
+    targets = [str(good.qmp_path), str(deaf.qmp_path)]
+    tasks = [
+        {**shutdown("checked", targets=targets, policy=FAST), "check_mode": True},
+        shutdown("stopped", targets=targets, policy=FAST),
+        shutdown("again", targets=targets, policy=FAST),
+        {**shutdown("checked_after", targets=targets, policy=FAST), "check_mode": True},
+    ]
+    run = await anyio.to_thread.run_sync(lambda: play(tmp_path, tasks))
+    assert run.status == 0, run.out + run.err
+    # Check mode: both run, and nothing was pressed (the real run found them running,
+    # its first press the first the guests saw).
+    assert run["checked"]["changed"] is True
+    assert run["checked"]["running"] == targets
+    assert run["checked"]["results"] == []
+    stopped = run["stopped"]
+    assert stopped["changed"] is True and not stopped.get("failed")
+    first, second = stopped["results"]
+    assert (first["target"], first["error"]) == (targets[0], None)
+    assert (first["stage"], first["graceful"], first["reason"], first["presses"]) == (
+        "powerdown", True, "guest-shutdown", 1,
+    )
+    assert (first["runstate"], first["pid"]) == ("running", good.pid)
+    assert (second["target"], second["stage"], second["graceful"]) == (targets[1], "quit", False)
+    assert (second["reason"], second["cause"], second["runstate"]) == (
+        "host-qmp-quit", "ignored-power-button", "running",
+    )
+    assert second["presses"] in (2, 3)  # at 0 and 1 s, and maybe as the 2 s run out
+    assert stages(second)[0] == ("powerdown", "timeout")
+    assert ("quit", "done") in stages(second)
+    assert good.serial_lines("QMPSHUTDOWN-GUEST-PRESS") == ["QMPSHUTDOWN-GUEST-PRESS n=1"]
+    assert await good.wait_exit(5) == 0
+    await deaf.wait_exit(5)
+    # The same task again: both are stopped already, nothing changes.
+    again = run["again"]
+    assert again["changed"] is False and not again.get("failed")
+    assert [r["stage"] for r in again["results"]] == ["already-off", "already-off"]
+    assert [r["presses"] for r in again["results"]] == [0, 0]
+    assert all(r["error"].startswith(t) for r, t in zip(again["results"], targets, strict=True))
+    assert run["checked_after"]["changed"] is False
+    assert run["checked_after"]["running"] == []
+
+
+@pytest.mark.asyncio
+async def test_a_guest_that_will_not_stop_fails_the_task_with_its_record(guests, tmp_path):
+    deaf = await guests.boot("ignores")
+    target = str(deaf.qmp_path)
+    no_force = {**FAST, "stages": ["powerdown"]}
+    with human_monitor(tmp_path / "hmp.sock") as hmp:
+        tasks = [
+            shutdown("refused", targets=[target], policy=no_force),
+            shutdown("bad_value", targets=[target], policy={"powerdown_timeout": -1}),
+            shutdown("bad_field", targets=[target], policy={"powerdown_timeot": 5}),
+            shutdown("not_qmp", targets=[str(hmp), str(tmp_path / "gone.sock")], policy=FAST),
+            {**shutdown("not_qmp_checked", targets=[str(hmp)], policy=FAST), "check_mode": True},
+            shutdown("both", targets=[target], all=True, match=[f"{tmp_path}/*"]),
+        ]
+        run = await anyio.to_thread.run_sync(lambda: play(tmp_path, tasks))
+    assert run.status == 0, run.out + run.err
+    refused = run["refused"]
+    assert refused["failed"] is True and refused["changed"] is False
+    assert refused["msg"].startswith(f"1 of 1 VMs not stopped: {target}: ")
+    (record,) = refused["results"]
+    assert (record["stage"], record["graceful"], record["cause"]) == (
+        None, False, "ignored-power-button",
+    )
+    assert record["presses"] in (2, 3) and record["pid"] == deaf.pid
+    assert stages(record) == [("powerdown", "timeout")]
+    assert deaf.alive()
+    # The policy is the library's to validate: its message.
+    assert run["bad_value"]["failed"] is True
+    assert run["bad_value"]["msg"] == (
+        "policy: powerdown_timeout must be a finite number of seconds > 0, not -1"
+    )
+    assert run["bad_field"]["failed"] is True
+    assert "unexpected keyword argument 'powerdown_timeot'" in run["bad_field"]["msg"]
+    assert "the fields are powerdown_timeout, repress_interval," in run["bad_field"]["msg"]
+    # A peer that is not QMP fails; a socket that is gone beside it is already stopped.
+    not_qmp = run["not_qmp"]
+    assert not_qmp["failed"] is True and not_qmp["changed"] is False
+    hmp_record, gone = not_qmp["results"]
+    assert "human monitor (HMP), not QMP" in hmp_record["error"]
+    assert (hmp_record["stage"], gone["stage"]) == (None, "already-off")
+    assert gone["error"] == f"{tmp_path / 'gone.sock'}: No such file or directory"
+    assert not_qmp["msg"].startswith(f"1 of 2 VMs not stopped: {hmp}: ")
+    assert run["not_qmp_checked"]["failed"] is True
+    assert "human monitor (HMP), not QMP" in run["not_qmp_checked"]["msg"]
+    assert run["both"]["msg"] == "targets and all: true are exclusive: all finds the VMs itself"
+    assert deaf.alive()
+
+
+@pytest.mark.asyncio
+async def test_info_lists_the_guests_and_all_with_match_stops_only_the_matched_one(
+    guests, tmp_path
+):
+    mine, other = await guests.boot_many("cooperative", "cooperative")
+    match = [f"{mine.workdir}/*"]
+    tasks = [
+        {"qmpshutdown.qemu.info": {"match": [f"{tmp_path}/*"]}, "register": "before"},
+        {**shutdown("checked", all=True, match=match, policy=FAST), "check_mode": True},
+        shutdown("stopped", all=True, match=match, policy=FAST),
+        {"qmpshutdown.qemu.info": {"match": [f"{tmp_path}/*"]}, "register": "after"},
+    ]
+    run = await anyio.to_thread.run_sync(lambda: play(tmp_path, tasks))
+    assert run.status == 0, run.out + run.err
+    before = run["before"]
+    assert before["changed"] is False
+    assert before["vms"] == [
+        {"pid": guest.pid, "name": str(guest.qmp_path), "target": str(guest.qmp_path),
+         "agent": None, "why": None, "runstate": "running"}
+        for guest in sorted((mine, other), key=lambda g: g.pid)
+    ]  # fmt: skip
+    assert run["checked"]["running"] == [str(mine.qmp_path)]
+    assert run["checked"]["left_alone"] == []
+    stopped = run["stopped"]
+    assert stopped["changed"] is True and stopped["left_alone"] == []
+    (record,) = stopped["results"]
+    assert (record["target"], record["pid"], record["stage"], record["graceful"]) == (
+        str(mine.qmp_path), mine.pid, "powerdown", True,
+    )
+    assert [vm["pid"] for vm in run["after"]["vms"]] == [other.pid]
+    assert await mine.wait_exit(5) == 0
+    assert other.alive()
