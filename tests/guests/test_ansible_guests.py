@@ -10,6 +10,8 @@ host are not ours to stop. Each guest is killed and reaped by its test.
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -18,7 +20,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from support.playbooks import play
+from support.guests import REPO_ROOT
+from support.playbooks import play, run_playbook
 
 pytestmark = [pytest.mark.qemu]
 
@@ -195,3 +198,34 @@ async def test_info_lists_the_guests_and_all_with_match_stops_only_the_matched_o
     assert [vm["pid"] for vm in run["after"]["vms"]] == [other.pid]
     assert await mine.wait_exit(5) == 0
     assert other.alive()
+
+
+@pytest.mark.asyncio
+async def test_the_documented_rolling_stop_keeps_the_records_and_fetches_the_evidence(
+    guests, tmp_path
+):
+    """docs/examples/ansible/stop-vms.yml (docs/many-hosts.md), on this host's own guests."""
+    good, deaf = await guests.boot_many("cooperative", {"mode": "ignores", "display": True})
+    playbook = tmp_path / "stop-vms.yml"
+    shutil.copy(REPO_ROOT / "docs" / "examples" / "ansible" / "stop-vms.yml", playbook)
+    no_save = {**FAST, "stages": ["powerdown", "quit", "terminate", "kill"]}
+    extra = {
+        "target_hosts": "localhost", "ansible_become": False, "vm_match": [f"{tmp_path}/*"],
+        "vm_policy": no_save, "state_dir": str(tmp_path / "state"),
+    }  # fmt: skip
+    run = await anyio.to_thread.run_sync(lambda: run_playbook(tmp_path, playbook, extra))
+    assert run.returncode == 0, run.stdout + run.stderr
+    records = json.loads((tmp_path / "records" / "localhost.json").read_text())
+    assert sorted(vm["pid"] for vm in records["before"]) == sorted([good.pid, deaf.pid])
+    by_pid = {vm["pid"]: vm for vm in records["stopped"]}
+    assert (by_pid[good.pid]["stage"], by_pid[good.pid]["screenshot"]) == ("powerdown", None)
+    forced = by_pid[deaf.pid]
+    assert (forced["stage"], forced["cause"]) == ("quit", "ignored-power-button")
+    assert forced["screenshot"].startswith(str(tmp_path / "state" / "evidence") + "/")
+    fetched = tmp_path / "evidence" / "localhost" / Path(forced["screenshot"]).name
+    assert fetched.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "evidence" / "localhost").iterdir()) == [
+        fetched.name
+    ]
+    assert await good.wait_exit(5) == 0
+    await deaf.wait_exit(5)

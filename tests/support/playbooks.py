@@ -145,3 +145,15 @@ def run_tool(
         [tool(name), *map(str, args)], cwd=cwd or tmp, env=environment(tmp), capture_output=True,
         text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
     )  # fmt: skip
+
+
+def run_playbook(
+    tmp: Path, playbook: Path, extra_vars: Mapping[str, Any], *, timeout: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a playbook file on localhost (``-c local``) with *extra_vars* (``-e`` JSON)."""
+    argv = [tool("ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
+            "-e", json.dumps(dict(extra_vars))]  # fmt: skip
+    return subprocess.run(
+        argv, cwd=tmp, env=environment(tmp), capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip

@@ -45,7 +45,7 @@ attributes:
 seealso:
   - module: qmpshutdown.qemu.shutdown
 author:
-  - The qmpshutdown authors
+  - The qmpshutdown authors (@qmpshutdown)
 """
 
 EXAMPLES = r"""

@@ -107,7 +107,7 @@ seealso:
     description: What each rung does, the record's fields, and a rolling stop of many hosts.
     link: https://qmpshutdown.readthedocs.io/en/latest/many-hosts.html
 author:
-  - The qmpshutdown authors
+  - The qmpshutdown authors (@qmpshutdown)
 """
 
 EXAMPLES = r"""
