@@ -37,7 +37,7 @@ from ._host import (
 )
 from ._job import Job
 from ._notify import Notifier, extension_for
-from ._policy import DEFAULT_POLICY, PATIENCES, RUNGS, ShutdownPolicy, Stage
+from ._policy import DEFAULT_POLICY, PATIENCES, ShutdownPolicy, with_save_rung
 from ._progress import Progress
 from ._result import ShutdownResult
 from ._version import __version__
@@ -237,10 +237,8 @@ def parse_command_line(argv: Sequence[str] | None = None) -> Invocation:
     if args.save_dir is not None:
         if not os.path.isdir(args.save_dir):
             parser.error(f"--save-dir: {args.save_dir!r} is not a directory")
-        if "stages" not in given and Stage.SAVE not in policy.stages:
-            # The save rung goes where the ladder's order puts it: right before quit.
-            stages = sorted((*policy.stages, Stage.SAVE), key=RUNGS.index)
-            policy = attrs.evolve(policy, stages=stages)
+        if "stages" not in given:
+            policy = with_save_rung(policy)
     given_targets = [t for t in args.targets if t != _THEN]
     if args.agent is not None and len(given_targets) > 1:
         parser.error(f"--agent names one guest, but {len(given_targets)} targets were given")

@@ -253,6 +253,17 @@ class ShutdownPolicy:
 DEFAULT_POLICY = ShutdownPolicy()
 
 
+def with_save_rung(policy: ShutdownPolicy) -> ShutdownPolicy:
+    """*policy* with the ``save`` rung where the ladder's order puts it (right before quit).
+
+    What a save directory given without a list of rungs of its own means (the
+    command's ``--save-dir``, the Ansible collection's ``save_dir``).
+    """
+    if Stage.SAVE in policy.stages:
+        return policy
+    return attrs.evolve(policy, stages=sorted((*policy.stages, Stage.SAVE), key=RUNGS.index))
+
+
 def step_budgets(policy: ShutdownPolicy) -> list[Budget]:
     """The budget of each step the bound counts: the rungs, then the steps before force."""
     steps = [BUDGETS[stage] for stage in policy.stages]

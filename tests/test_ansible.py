@@ -51,6 +51,7 @@ def test_the_collection_version_is_the_library_s_and_ansible_core_is_only_a_test
     galaxy = yaml.safe_load((COLLECTION / "galaxy.yml").read_text())
     assert (galaxy["namespace"], galaxy["name"]) == ("qmpshutdown", "qemu")
     assert galaxy["version"] == qmpshutdown.__version__
+    assert qmpshutdown.__version__ == runner.NEEDS  # the library the glue is made with
     runtime = yaml.safe_load((COLLECTION / "meta" / "runtime.yml").read_text())
     assert runtime["requires_ansible"] == ">=2.16.0"
     config = yaml.safe_load((COLLECTION / "tests" / "config.yml").read_text())

@@ -12,24 +12,49 @@ from __future__ import annotations
 import logging
 import traceback
 
-try:
-    import anyio
-    import attrs
+from ansible.module_utils.basic import missing_required_lib
 
+#: The library's version this collection is made with: it uses the library's own parsing
+#: of targets, discovery and connection, which came with it.
+NEEDS = "0.2.0"
+
+try:
     import qmpshutdown
-    from qmpshutdown._cli import parse_target
-    from qmpshutdown._connect import connect_socket, handshake
-    from qmpshutdown._discover import scan
-    from qmpshutdown._monitor import HandshakeFailed, HandshakeTimeout
-    from qmpshutdown._policy import RUNGS, Stage
 except ImportError:
     LIBRARY_IMPORT_ERROR = traceback.format_exc()
+    LIBRARY_TOO_OLD = None
 else:
     LIBRARY_IMPORT_ERROR = None
+    try:
+        import anyio
+        import attrs
+
+        from qmpshutdown._cli import parse_target
+        from qmpshutdown._connect import connect_socket, handshake
+        from qmpshutdown._discover import scan
+        from qmpshutdown._monitor import HandshakeFailed, HandshakeTimeout
+        from qmpshutdown._policy import Stage, with_save_rung
+    except ImportError as err:
+        LIBRARY_TOO_OLD = (
+            f"qmpshutdown {getattr(qmpshutdown, '__version__', '?')} on this host lacks what "
+            f"the collection qmpshutdown.qemu needs ({err}): pip install 'qmpshutdown>={NEEDS}'"
+        )
+    else:
+        LIBRARY_TOO_OLD = None
 
 #: What the managed host needs, as missing_required_lib() says it.
 LIBRARY = "qmpshutdown"
 LIBRARY_URL = "https://pypi.org/project/qmpshutdown/"
+
+
+def library_problem():
+    """Why the library cannot serve here, as ``fail_json`` keywords; None when it can."""
+    if LIBRARY_IMPORT_ERROR is not None:
+        return {"msg": missing_required_lib(LIBRARY, url=LIBRARY_URL),
+                "exception": LIBRARY_IMPORT_ERROR}
+    if LIBRARY_TOO_OLD is not None:
+        return {"msg": LIBRARY_TOO_OLD}
+    return None
 
 
 class TaskError(Exception):
@@ -62,9 +87,8 @@ def policy_from(fields, save_dir=None):
         raise TaskError(f"policy: {err} (the fields are {known})") from err
     except ValueError as err:
         raise TaskError(f"policy: {err}") from err
-    if save_dir is not None and "stages" not in fields and Stage.SAVE not in policy.stages:
-        stages = sorted((*policy.stages, Stage.SAVE), key=RUNGS.index)
-        policy = attrs.evolve(policy, stages=stages)
+    if save_dir is not None and "stages" not in fields:
+        policy = with_save_rung(policy)
     return policy
 
 

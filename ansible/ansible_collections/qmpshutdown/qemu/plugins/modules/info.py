@@ -92,13 +92,11 @@ vms:
       type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.qmpshutdown.qemu.plugins.module_utils.runner import (
-    LIBRARY,
-    LIBRARY_IMPORT_ERROR,
-    LIBRARY_URL,
     host_vms,
+    library_problem,
     quiet_logging,
 )
 
@@ -111,9 +109,9 @@ def main():
         ),
         supports_check_mode=True,
     )
-    if LIBRARY_IMPORT_ERROR is not None:
-        module.fail_json(msg=missing_required_lib(LIBRARY, url=LIBRARY_URL),
-                         exception=LIBRARY_IMPORT_ERROR)
+    problem = library_problem()
+    if problem is not None:
+        module.fail_json(**problem)
     quiet_logging()
     match, timeout = module.params["match"], module.params["timeout"]
     if match is not None and not all(match):

@@ -240,15 +240,13 @@ left_alone:
 
 import os
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.qmpshutdown.qemu.plugins.module_utils.runner import (
-    LIBRARY,
-    LIBRARY_IMPORT_ERROR,
-    LIBRARY_URL,
     TaskError,
     entry,
     jobs_from,
+    library_problem,
     policy_from,
     probe_all,
     quiet_logging,
@@ -290,9 +288,9 @@ def check(module, jobs, labels, policy, found):
 
 def main():
     module = AnsibleModule(argument_spec=argument_spec(), supports_check_mode=True)
-    if LIBRARY_IMPORT_ERROR is not None:
-        module.fail_json(msg=missing_required_lib(LIBRARY, url=LIBRARY_URL),
-                         exception=LIBRARY_IMPORT_ERROR)
+    problem = library_problem()
+    if problem is not None:
+        module.fail_json(**problem)
     quiet_logging()
     params = module.params
     try:
