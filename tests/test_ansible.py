@@ -181,6 +181,8 @@ def test_bad_options_fail_before_anything_is_touched(tmp_path):
         ({"targets": ["::1:4444"]}, "targets: write an IPv6 address in brackets"),
         ({"targets": ["a.sock"], "save_dir": str(tmp_path / "no")}, "save_dir: "),
         ({"targets": ["a.sock"], "deadline": -1}, "deadline must be a finite number"),
+        ({"targets": ["a.sock"], "deadline": 0, "_ansible_check_mode": True},
+         "deadline must be a finite number"),
         ({"targets": ["a.sock"], "policy": {"stages": ["reboot"]}},
          "policy: unknown stage 'reboot'; the rungs are powerdown, agent, save, quit,"),
     ]  # fmt: skip

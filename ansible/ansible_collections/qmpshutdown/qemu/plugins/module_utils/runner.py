@@ -10,6 +10,7 @@ library's values and its outcomes into the module's return values.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 
 from ansible.module_utils.basic import missing_required_lib
@@ -32,6 +33,7 @@ else:
         from qmpshutdown._cli import parse_target
         from qmpshutdown._connect import connect_socket, handshake
         from qmpshutdown._discover import scan
+        from qmpshutdown._fleet import check_deadline
         from qmpshutdown._monitor import HandshakeFailed, HandshakeTimeout
         from qmpshutdown._policy import Stage, with_save_rung
     except ImportError as err:
@@ -186,15 +188,24 @@ def entry(label, job, outcome):
     return item, False, True
 
 
-def stop(jobs, policy, params):
-    """Stop *jobs* as one fleet; each a ShutdownResult or the library's Error, in order.
+def check_options(params):
+    """The options the library checks when a fleet starts, checked before anything else.
 
-    :raises TaskError: a deadline that is not a number of seconds > 0.
+    :raises TaskError: a deadline that is not a number of seconds > 0, or a
+        save_dir that is not a directory.
     """
     try:
-        return anyio.run(_stop, jobs, policy, params, backend="asyncio")
-    except (TypeError, ValueError) as err:  # raised before anything starts
+        check_deadline(params["deadline"])
+    except ValueError as err:
         raise TaskError(str(err)) from err
+    save_dir = params["save_dir"]
+    if save_dir is not None and not os.path.isdir(save_dir):
+        raise TaskError(f"save_dir: {save_dir!r} is not a directory")
+
+
+def stop(jobs, policy, params):
+    """Stop *jobs* as one fleet; each a ShutdownResult or the library's Error, in order."""
+    return anyio.run(_stop, jobs, policy, params, backend="asyncio")
 
 
 async def _stop(jobs, policy, params):

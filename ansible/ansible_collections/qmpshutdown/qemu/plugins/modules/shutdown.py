@@ -238,12 +238,11 @@ left_alone:
   elements: dict
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.qmpshutdown.qemu.plugins.module_utils.runner import (
     TaskError,
+    check_options,
     entry,
     jobs_from,
     library_problem,
@@ -294,8 +293,7 @@ def main():
     quiet_logging()
     params = module.params
     try:
-        if params["save_dir"] is not None and not os.path.isdir(params["save_dir"]):
-            raise TaskError(f"save_dir: {params['save_dir']!r} is not a directory")
+        check_options(params)
         policy = policy_from(params["policy"], params["save_dir"])
         jobs, labels, left_alone = jobs_from(params)
     except TaskError as err:
@@ -305,10 +303,7 @@ def main():
         module.warn(f"left alone: {row['name']} (pid {row['pid']}): {row['why']}")
     if module.check_mode:
         check(module, jobs, labels, policy, found)
-    try:
-        outcomes = stop(jobs, policy, params)
-    except TaskError as err:
-        module.fail_json(msg=str(err))
+    outcomes = stop(jobs, policy, params)
     results, changed, failures = [], False, []
     for label, job, outcome in zip(labels, jobs, outcomes, strict=True):
         item, was_changed, failed = entry(label, job, outcome)
