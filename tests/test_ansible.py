@@ -335,3 +335,22 @@ def test_ansible_test_sanity_passes_offline(tmp_path):
             idle.add(name)
     assert ran - idle == set(SANITY_RUN), out[-3000:]
     assert idle == set(SANITY_NOTHING_TO_CHECK)
+
+
+def test_targets_become_jobs_named_as_given_with_the_agent_and_all_finds_only_matches(
+    runner, tmp_path
+):
+    base = {"targets": None, "all": False, "match": None, "agent": None}
+    jobs, labels, left = runner.jobs_from(
+        {**base, "targets": ["/run/vm1/qmp.sock", "10.0.0.5:4444", "[::1]:4445"]}
+    )
+    assert [job.target for job in jobs] == [
+        "/run/vm1/qmp.sock", ("10.0.0.5", 4444), ("::1", 4445),
+    ]  # fmt: skip
+    assert labels == [job.name for job in jobs] == ["/run/vm1/qmp.sock", "10.0.0.5:4444",
+                                                    "[::1]:4445"]  # fmt: skip
+    assert (left, {job.agent for job in jobs}, {job.pid for job in jobs}) == ([], {None}, {None})
+    (job,), _, _ = runner.jobs_from({**base, "targets": ["/vm.sock"], "agent": "/qga.sock"})
+    assert job.agent == "/qga.sock"
+    assert runner.jobs_from({**base, "targets": []}) == ([], [], [])
+    assert runner.jobs_from({**base, "all": True, "match": [f"{tmp_path}/*"]}) == ([], [], [])
