@@ -171,34 +171,44 @@ async def test_a_guest_that_will_not_stop_fails_the_task_with_its_record(guests,
 async def test_info_lists_the_guests_and_all_with_match_stops_only_the_matched_one(
     guests, tmp_path
 ):
-    mine, other = await guests.boot_many("cooperative", "cooperative")
-    match = [f"{mine.workdir}/*"]
+    hmp_name = f"hmp-{tmp_path.name}"
+    hmp_spec = {"mode": "cooperative", "qmp": False, "extra_args": [
+        "-name", hmp_name, "-monitor", f"unix:{tmp_path / 'hmp.sock'},server=on,wait=off"]}
+    mine, other, hmp = await guests.boot_many("cooperative", "cooperative", hmp_spec)
+    everything = [f"{tmp_path}/*", hmp_name]
+    match = [f"{mine.workdir}/*", hmp_name]  # and the guest with a human monitor only
     tasks = [
-        {"qmpshutdown.qemu.info": {"match": [f"{tmp_path}/*"]}, "register": "before"},
+        {"qmpshutdown.qemu.info": {"match": everything}, "register": "before"},
         {**shutdown("checked", all=True, match=match, policy=FAST), "check_mode": True},
         shutdown("stopped", all=True, match=match, policy=FAST),
-        {"qmpshutdown.qemu.info": {"match": [f"{tmp_path}/*"]}, "register": "after"},
+        {"qmpshutdown.qemu.info": {"match": everything}, "register": "after"},
     ]
     run = await anyio.to_thread.run_sync(lambda: play(tmp_path, tasks))
     assert run.status == 0, run.out + run.err
     before = run["before"]
     assert before["changed"] is False
-    assert before["vms"] == [
-        {"pid": guest.pid, "name": str(guest.qmp_path), "target": str(guest.qmp_path),
-         "agent": None, "why": None, "runstate": "running"}
-        for guest in sorted((mine, other), key=lambda g: g.pid)
-    ]  # fmt: skip
+    why = "only a human monitor (HMP) at hmp.sock: it needs a QMP monitor (-qmp)"
+    rows = {guest.pid: {"pid": guest.pid, "name": str(guest.qmp_path),
+                        "target": str(guest.qmp_path), "agent": None, "why": None,
+                        "runstate": "running"} for guest in (mine, other)}  # fmt: skip
+    rows[hmp.pid] = {"pid": hmp.pid, "name": hmp_name, "target": None, "agent": None,
+                     "why": why.replace("hmp.sock", str(tmp_path / "hmp.sock")),
+                     "runstate": None}  # fmt: skip
+    assert before["vms"] == [rows[pid] for pid in sorted(rows)]
+    left_alone = [{k: v for k, v in rows[hmp.pid].items() if k != "runstate"}]
     assert run["checked"]["running"] == [str(mine.qmp_path)]
-    assert run["checked"]["left_alone"] == []
+    assert run["checked"]["left_alone"] == left_alone
     stopped = run["stopped"]
-    assert stopped["changed"] is True and stopped["left_alone"] == []
+    assert stopped["changed"] is True and stopped["left_alone"] == left_alone
+    warning = f"left alone: {hmp_name} (pid {hmp.pid}): {left_alone[0]['why']}"
+    assert stopped["warnings"] == [warning]
     (record,) = stopped["results"]
     assert (record["target"], record["pid"], record["stage"], record["graceful"]) == (
         str(mine.qmp_path), mine.pid, "powerdown", True,
     )
-    assert [vm["pid"] for vm in run["after"]["vms"]] == [other.pid]
+    assert sorted(vm["pid"] for vm in run["after"]["vms"]) == sorted([other.pid, hmp.pid])
     assert await mine.wait_exit(5) == 0
-    assert other.alive()
+    assert other.alive() and hmp.alive()
 
 
 @pytest.mark.asyncio
