@@ -385,7 +385,7 @@ def import_scenario(runs: int) -> tuple[list[float], list[tuple[float, str]]]:
 
 def fastpath_scenario(smoke: bool) -> tuple[str, str]:
     """phases.py's table and sampler_cost.py's line, each run in its own process."""
-    stops, readings = ("20", "50") if smoke else ("200", "500")
+    stops, readings = ("5", "50") if smoke else ("200", "500")
     phases = subprocess.run([sys.executable, str(HERE / "phases.py"), "--stops", stops],
                             check=True, capture_output=True, text=True).stdout  # fmt: skip
     sampler = subprocess.run([sys.executable, str(HERE / "sampler_cost.py"), readings],
@@ -579,7 +579,7 @@ def render(report: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, help="runs per client per case (default 10; smoke 2)")
+    parser.add_argument("--runs", type=int, help="runs per client per case (default 10; smoke 1)")
     parser.add_argument("--sizes", help="guests stopped at once, comma-separated (default 1,8,32)")
     parser.add_argument(
         "--large-runs", type=int, default=3,
@@ -588,7 +588,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-libvirt", action="store_true", help="leave the libvirt column out")
     parser.add_argument(
         "--smoke", action="store_true",
-        help="a quick check that all runs (2 runs, sizes 1,2, no libvirt)",
+        help="a quick check that all runs (1 run, size 2, no libvirt)",
     )  # fmt: skip
     parser.add_argument("--only", help=f"run only these cases, comma-separated: {','.join(CASES)}")
     parser.add_argument("--write", action="store_true", help="also write benchmarks/RESULTS.md")
@@ -598,8 +598,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"--only takes {', '.join(CASES)}")
     if args.smoke:
         args.no_libvirt = True
-    args.runs = args.runs or (2 if args.smoke else 10)
-    args.sizes = [int(s) for s in (args.sizes or ("1,2" if args.smoke else "1,8,32")).split(",")]
+    args.runs = args.runs or (1 if args.smoke else 10)
+    args.sizes = [int(s) for s in (args.sizes or ("2" if args.smoke else "1,8,32")).split(",")]
     if args.runs < 1 or any(s < 1 for s in args.sizes):
         parser.error("--runs and --sizes must be positive")
     return args
