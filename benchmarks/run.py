@@ -560,7 +560,7 @@ def render(report: dict[str, Any]) -> str:
             "interleaved; then the same stops under cProfile on a CPU clock) and "
             "`benchmarks/sampler_cost.py 500` (a real guest with a disk).\n")  # fmt: skip
         add(phases.rstrip() + "\n")
-        add(f"Sampler: {sampler.strip()}\n")
+        add(f"Sampler: {sampler.strip().removeprefix('sampler: ')}\n")
         first = phases.splitlines()[0]
         ratio = float(first.rsplit("(", 1)[1].split("x")[0])
         targets.append(("one stop's CPU ≤ 1.3x bare qemu.qmp", f"{ratio:.2f}x", ratio <= 1.3))
