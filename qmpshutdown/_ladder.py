@@ -135,9 +135,7 @@ async def run_plan(
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
     rungs = plan(qemu.policy) if rungs is None else list(rungs)
     actions = BEFORE_FORCE if actions is None else tuple(actions)
-    if monitor is not None:
-        monitor.on_event(qemu.note)  # events go to the watch as they are read: no task
-    try:
+    async with qemu.listening():  # events go to the watch as they are read
         try:
             await qemu.until_gone(lambda: ladder(qemu, rungs, actions))
         finally:
@@ -147,9 +145,6 @@ async def run_plan(
                 if qemu.agent is not None:
                     await qemu.agent.close()
         await qemu.settle()
-    finally:
-        if monitor is not None:
-            monitor.on_event(None)
     return record(qemu)
 
 

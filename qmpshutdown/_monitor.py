@@ -72,6 +72,9 @@ class Monitor(Protocol):
         """Hand each event to *callback* as it is read (the waiting ones first), instead of
         queuing it for :meth:`next_event`; None queues them again. *callback* runs in the
         reader, so it must not block; what it raises is logged and dropped.
+
+        New in 0.3; a monitor without it still works with :func:`~qmpshutdown.climb`
+        (a task then reads :meth:`next_event`).
         """
         ...
 

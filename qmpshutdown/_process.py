@@ -66,6 +66,9 @@ class Process(Protocol):
 
         :return: a function that withdraws the callback (idempotent); call it before
             :meth:`close`, and do not :meth:`wait_exited` while a callback is set.
+
+        New in 0.3; a process without it still works with :func:`~qmpshutdown.climb`
+        (a task then awaits :meth:`wait_exited`).
         """
         ...
 

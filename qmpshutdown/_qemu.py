@@ -266,6 +266,36 @@ class Qemu:
 
     # ---- the race --------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def listening(self) -> AsyncIterator[None]:
+        """QEMU's events go to the watch while this lasts, as the monitor's reader reads
+        them (:meth:`~._monitor.Monitor.on_event`); a caller's monitor without that method
+        is read by a task, as before 0.3.
+        """
+        monitor = self.monitor
+        on_event = None if monitor is None else getattr(monitor, "on_event", None)
+        if on_event is not None:
+            on_event(self.note)
+            try:
+                yield
+            finally:
+                on_event(None)
+            return
+        async with anyio.create_task_group() as pump:
+            if monitor is not None:
+                pump.start_soon(self._pump_events, monitor)
+            try:
+                yield
+            finally:
+                pump.cancel_scope.cancel()
+
+    async def _pump_events(self, monitor: Monitor) -> None:
+        try:
+            while True:
+                self.note(await monitor.next_event())
+        except Exception as err:  # events stop; the ladder goes on without them
+            logger.warning("%s: reading events failed: %r", self.recorder.name, err)
+
     def note(self, event: EventRecord) -> None:
         self.watch.note(event)
         self.recorder.event(event)
@@ -274,12 +304,14 @@ class Qemu:
         """Run *work* until it returns, or until QEMU is seen gone (which cancels it).
 
         With a process, its exit is a callback on the loop that cancels *work*'s
-        scope (no task waits for it); without one, :func:`~._watch.race` against
-        :meth:`wait_gone`. What *work* raises is raised as it is.
+        scope (no task waits for it); without one (or with a caller's process
+        that has no ``on_exit``), :func:`~._watch.race` against :meth:`wait_gone`.
+        What *work* raises is raised as it is.
 
         :return: what *work* returned, or None when QEMU went first.
         """
-        if self.process is None:
+        on_exit = getattr(self.process, "on_exit", None)  # a caller's Process may lack it
+        if on_exit is None:
             return await race(self.wait_gone, work)
         with anyio.CancelScope() as scope:
 
@@ -287,7 +319,7 @@ class Qemu:
                 self.mark_gone()
                 scope.cancel()
 
-            withdraw = self.process.on_exit(exited)
+            withdraw = on_exit(exited)
             try:
                 return await work()
             finally:

@@ -351,3 +351,32 @@ async def test_cancelling_the_caller_at_each_rung_propagates(at):
     commands, signals = list(qemu.monitor.commands), list(qemu.process.signals)
     await anyio.sleep(0.3)
     assert (qemu.monitor.commands, qemu.process.signals) == (commands, signals)
+
+
+class _Without:
+    """A caller's seam from before 0.3: everything but the one method named."""
+
+    def __init__(self, inner: object, missing: str) -> None:
+        self._inner, self._missing = inner, missing
+
+    def __getattr__(self, name: str) -> object:
+        if name == self._missing:
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("guest", ["cooperative", "ignores"])
+async def test_a_monitor_without_on_event_and_a_process_without_on_exit_still_climb(guest):
+    # climb() is the extension point: seams written before on_event/on_exit get tasks instead.
+    qemu = FakeQemu(guest=guest)
+    monitor, process = _Without(qemu.monitor, "on_event"), _Without(qemu.process, "on_exit")
+    assert not hasattr(monitor, "on_event") and not hasattr(process, "on_exit")
+    with anyio.fail_after(10):
+        result = await climb(monitor, process, FAST, started=anyio.current_time(), name="old")
+    if guest == "cooperative":
+        assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 1)
+        assert [e.event for e in result.events] == ["POWERDOWN", "SHUTDOWN"]
+    else:
+        assert (result.stage, result.cause) == (Stage.QUIT, Cause.IGNORED_POWER_BUTTON)
+        assert "SHUTDOWN" in [e.event for e in result.events]
+    assert result.pid == 4242 and qemu.process.has_exited()

@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: info
 short_description: List the QEMU VMs of a host, with their QMP monitors and runstates
-version_added: "0.2.0"
+version_added: "0.3.0"
 description:
   - Lists every QEMU process of the managed host, found from its own command line
     (C(/proc/PID/cmdline)) by the L(qmpshutdown,https://pypi.org/project/qmpshutdown/) library,

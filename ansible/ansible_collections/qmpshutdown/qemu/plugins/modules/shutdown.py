@@ -9,7 +9,7 @@ DOCUMENTATION = r"""
 ---
 module: shutdown
 short_description: Stop QEMU VMs over QMP, escalating only as needed, with the record of why
-version_added: "0.2.0"
+version_added: "0.3.0"
 description:
   - Stops QEMU virtual machines on the managed host with the L(qmpshutdown,https://pypi.org/project/qmpshutdown/)
     library, straight over their QMP monitor sockets (no libvirt, no daemon).
