@@ -29,6 +29,8 @@ from ._watch import Watch, race
 
 logger = logging.getLogger("qmpshutdown")
 T = TypeVar("T")
+#: Seconds from QEMU seen gone to cancelling a step that does not wait on the watch.
+GONE_GRACE = 0.05
 
 #: Stages whose end is not announced by a SHUTDOWN event (SIGKILL gives none).
 _SIGNAL_STAGES = frozenset({Stage.TERMINATE, Stage.KILL})
@@ -303,9 +305,10 @@ class Qemu:
     async def until_gone(self, work: Callable[[], Awaitable[T]]) -> T | None:
         """Run *work* until it returns, or until QEMU is seen gone (which cancels it).
 
-        With a process, its exit is a callback on the loop that cancels *work*'s
-        scope (no task waits for it); without one (or with a caller's process
-        that has no ``on_exit``), :func:`~._watch.race` against :meth:`wait_gone`.
+        With a process, its exit is a callback on the loop that marks QEMU gone
+        and cancels *work*'s scope :data:`GONE_GRACE` later (no task waits for
+        it); without one (or with a caller's process that has no ``on_exit``),
+        :func:`~._watch.race` against :meth:`wait_gone`.
         What *work* raises is raised as it is.
 
         :return: what *work* returned, or None when QEMU went first.
@@ -313,17 +316,26 @@ class Qemu:
         on_exit = getattr(self.process, "on_exit", None)  # a caller's Process may lack it
         if on_exit is None:
             return await race(self.wait_gone, work)
+        loop = asyncio.get_running_loop()
+        cancel: asyncio.TimerHandle | None = None
         with anyio.CancelScope() as scope:
 
             def exited() -> None:
+                nonlocal cancel
+                # Seen gone at once: every wait on the watch ends now. What the loop has
+                # already read runs first (the reply to a press read in the same turn as
+                # the exit: the press is counted and said); a step that waits on anything
+                # else is cancelled a moment later.
                 self.mark_gone()
-                scope.cancel()
+                cancel = loop.call_later(GONE_GRACE, scope.cancel)
 
             withdraw = on_exit(exited)
             try:
                 return await work()
             finally:
                 withdraw()
+                if cancel is not None:
+                    cancel.cancel()
         return None
 
     async def wait_gone(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
@@ -380,3 +381,23 @@ async def test_a_monitor_without_on_event_and_a_process_without_on_exit_still_cl
         assert (result.stage, result.cause) == (Stage.QUIT, Cause.IGNORED_POWER_BUTTON)
         assert "SHUTDOWN" in [e.event for e in result.events]
     assert result.pid == 4242 and qemu.process.has_exited()
+
+
+async def test_a_press_answered_in_the_same_turn_as_the_exit_is_counted():
+    # A loaded host: the reply to the press and QEMU's exit are seen in one turn of the loop
+    # (here the exit even comes first). The press made the guest go: it counts, and is said.
+    qemu = FakeQemu()
+    notes = []
+
+    async def powerdown_then_exit_before_the_reply(qemu_, arguments):
+        qemu_.monitor.emit("POWERDOWN")
+        qemu_.power_off()  # SHUTDOWN, and the process exits...
+        await anyio.lowlevel.checkpoint()  # ...seen by the loop before the reply is read
+        return {}
+
+    qemu.handlers["system_powerdown"] = powerdown_then_exit_before_the_reply
+    with anyio.fail_after(10):
+        result = await climb(qemu.monitor, qemu.process, FAST, started=anyio.current_time(),
+                             name="fake", on_progress=notes.append)  # fmt: skip
+    assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 1)
+    assert any(n.message == "pressed the power button" for n in notes)
