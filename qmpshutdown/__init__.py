@@ -26,6 +26,7 @@ from ._errors import (
     QemuExited,
     ShutdownFailed,
 )
+from ._finding import Finding
 from ._fleet import shutdown_many
 from ._job import Job, Target
 from ._ladder import climb
@@ -87,6 +88,7 @@ __all__ = (
     "Outcome",
     "Step",
     "Activity",
+    "Finding",
     "EventRecord",
     "Progress",
     "ProgressKind",
