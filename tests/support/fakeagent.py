@@ -10,13 +10,28 @@ does) inside the test's task group. Behaviours:
 * ``wrong-id``     answers syncs with another id;
 * ``closes``       sends half a reply and closes the connection;
 * ``hangs-freeze`` honest, but never answers ``guest-fsfreeze-freeze``.
+
+Running commands in the guest (the diagnose step's questions): ``guest-exec``
+(``path``, ``arg``, ``capture-output``) answers ``{"pid": N}`` and looks the argv up
+in ``exec_outputs`` (argv → ``(exitcode, stdout, stderr)``; an argv not there
+fails the way qemu-ga fails to spawn a program that is not installed);
+``guest-exec-status`` answers ``exited: false`` for the first ``slow_polls``
+polls of each pid, then the exit status and base64 output as qemu-ga does
+(``out-data``/``err-data`` only when not empty). ``guest-info`` lists the
+commands with ``guest-exec`` enabled unless ``exec_enabled=False``, which also
+makes both exec commands answer qemu-ga's "has been disabled" error
+(``qapi/qmp-dispatch.c``: class ``CommandNotFound``). ``silent_after=N`` answers
+the first N commands (syncs included) and then nothing at all: an agent that
+stops answering mid-diagnosis. A Windows guest: ``osinfo`` and ``exec_outputs``
+from ``support.windows``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -34,6 +49,11 @@ class FakeAgent:
         frozen: bool = False,
         on_shutdown: Callable[[], None] | None = None,
         stale: bytes = b"",
+        exec_outputs: Mapping[tuple[str, ...], tuple[int, str, str]] | None = None,
+        exec_enabled: bool = True,
+        slow_polls: int = 0,
+        silent_after: int | None = None,
+        version: str = "7.2.0",
     ) -> None:
         self.path = path
         self.behaviour = behaviour
@@ -43,6 +63,14 @@ class FakeAgent:
         self.on_shutdown = on_shutdown
         self.stale = stale  #: bytes sent before anything (a late reply to an old client)
         self.commands: list[str] = []
+        self.exec_outputs = dict(exec_outputs or {})
+        self.exec_enabled = exec_enabled
+        self.slow_polls = slow_polls  #: polls of a pid that answer ``exited: false`` first
+        self.silent_after = silent_after  #: answer this many commands, then none
+        self.version = version
+        self.execs: list[tuple[str, ...]] = []  #: every argv ``guest-exec`` was asked to run
+        self._running: dict[int, tuple[tuple[str, ...], int]] = {}  # pid -> (argv, polls so far)
+        self._next_pid = 4100
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED):
         listener = await anyio.create_unix_listener(self.path)
@@ -77,6 +105,8 @@ class FakeAgent:
     def _reply(self, command: str, arguments: dict[str, Any]) -> bytes | None:
         if self.behaviour == "silent":
             return None
+        if self.silent_after is not None and len(self.commands) > self.silent_after:
+            return None
         if self.behaviour == "garbage":
             return b"\xff<<not json>> \x00\x01{{{\n"
         if self.behaviour == "closes":
@@ -109,8 +139,58 @@ class FakeAgent:
             if self.on_shutdown is not None:
                 self.on_shutdown()
             return None  # no reply on success
+        elif command == "guest-info":
+            value = self._info()
+        elif command in ("guest-exec", "guest-exec-status"):
+            if not self.exec_enabled:
+                return _error("CommandNotFound", f"Command {command} has been disabled")
+            if self.frozen:
+                desc = f"Command {command} has been disabled: the agent is in frozen state"
+                return _error("CommandNotFound", desc)
+            return self._exec(arguments) if command == "guest-exec" else self._status(arguments)
         else:
             return _error("CommandNotFound", f"The command {command} has not been found")
+        return json.dumps({"return": value}).encode() + b"\n"
+
+    def _info(self) -> dict[str, Any]:
+        names = ["guest-sync", "guest-sync-delimited", "guest-ping", "guest-info",
+                 "guest-get-osinfo", "guest-get-users", "guest-fsfreeze-status",
+                 "guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-shutdown",
+                 "guest-exec", "guest-exec-status"]  # fmt: skip
+        commands = [
+            {"name": name, "enabled": self.exec_enabled or not name.startswith("guest-exec"),
+             "success-response": name != "guest-shutdown"}
+            for name in names
+        ]  # fmt: skip
+        return {"version": self.version, "supported_commands": commands}
+
+    def _exec(self, arguments: dict[str, Any]) -> bytes:
+        argv = (arguments["path"], *arguments.get("arg", []))
+        self.execs.append(argv)
+        if argv not in self.exec_outputs:
+            # qemu-ga's g_spawn error for a program that is not there (qga/commands.c)
+            why = f"Failed to execute child process “{argv[0]}” (No such file or directory)"
+            return _error("GenericError", f"Guest agent command failed, error was '{why}'")
+        pid = self._next_pid
+        self._next_pid += 1
+        self._running[pid] = (argv, 0)
+        return json.dumps({"return": {"pid": pid}}).encode() + b"\n"
+
+    def _status(self, arguments: dict[str, Any]) -> bytes:
+        pid = arguments.get("pid")
+        if pid not in self._running:
+            return _error("GenericError", "Invalid parameter 'pid'")
+        argv, polls = self._running[pid]
+        if polls < self.slow_polls:
+            self._running[pid] = (argv, polls + 1)
+            return json.dumps({"return": {"exited": False}}).encode() + b"\n"
+        del self._running[pid]  # qemu-ga forgets a process once its exit was read
+        exitcode, out, err = self.exec_outputs[argv]
+        value: dict[str, Any] = {"exited": True, "exitcode": exitcode}
+        if out:
+            value["out-data"] = base64.b64encode(out.encode()).decode()
+        if err:
+            value["err-data"] = base64.b64encode(err.encode()).decode()
         return json.dumps({"return": value}).encode() + b"\n"
 
 
