@@ -47,7 +47,8 @@ PHASES: list[tuple[str, list[tuple[str, str]]]] = [
     ("query-status", [("_qemu.py", "arrive")]),
     ("the press (system_powerdown)", [("_qemu.py", "try_command")]),
     ("waiting for the guest (deadlines, events)", [
-        ("_qemu.py", "for_guest"), ("_patience.py", "for_guest"),  # (0.1: in _patience.py)
+        ("_waits.py", "for_guest"),  # (0.1: in _patience.py; 0.3: in _qemu.py)
+        ("_qemu.py", "for_guest"), ("_patience.py", "for_guest"),
     ]),
     ("the sampler", [("_patience.py", "sample_forever")]),
     ("the events (ours: a task till 0.2, a callback since)", [

@@ -67,6 +67,7 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
+
 # In order of importance: what stops a VM, what it returns, then the seams for
 # callers that reach QEMU their own way (climb() over any Monitor and Process).
 __all__ = (

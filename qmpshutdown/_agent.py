@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
 import anyio.abc
 import attrs
+
+from ._finding import Finding
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -211,10 +213,12 @@ class GuestInfo:
 
     :ivar os: ``pretty-name`` of ``guest-get-osinfo``, else ``name``, else None.
     :ivar users: the logged-in users (``guest-get-users``), None if it did not say.
+    :ivar os_id: ``id`` of ``guest-get-osinfo`` (``mswindows``, ``debian`` …), else None.
     """
 
     os: str | None
     users: tuple[str, ...] | None
+    os_id: str | None = None
 
 
 class AgentLink:
@@ -236,6 +240,9 @@ class AgentLink:
         self.unreachable: str | None = None  #: why it did not answer, once it did not
         self.info: GuestInfo | None = None  #: set by the agent rung when the agent answered
         self.freeze_sent = False  #: a freeze was asked for (it may finish late): thaw at the end
+        self.diagnosed = False  #: the diagnose step ran (it runs at most once per ladder)
+        #: what the diagnose step found (``()``: nothing); None when the guest was not asked
+        self.diagnosis: tuple[Finding, ...] | None = None
 
     async def connect(self) -> AgentClient | None:
         """The open connection, opened (and resynced) now if need be; None if no answer."""
@@ -269,12 +276,14 @@ async def read_guest_info(client: AgentClient) -> tuple[GuestInfo, str]:
     """
     notes = []
     os_name: str | None = None
+    os_id: str | None = None
     users: tuple[str, ...] | None = None
     try:
         osinfo = await client.execute("guest-get-osinfo")
         if isinstance(osinfo, Mapping):
             name = osinfo.get("pretty-name") or osinfo.get("name")
             os_name = str(name) if name else None
+            os_id = str(osinfo["id"]) if osinfo.get("id") else None
     except (AgentError, TimeoutError) as err:
         notes.append(f"guest-get-osinfo failed: {str(err) or 'no reply'}")
     try:
@@ -283,8 +292,85 @@ async def read_guest_info(client: AgentClient) -> tuple[GuestInfo, str]:
             users = tuple(str(u.get("user")) for u in listed if isinstance(u, Mapping))
     except (AgentError, TimeoutError) as err:
         notes.append(f"guest-get-users failed: {str(err) or 'no reply'}")
-    info = GuestInfo(os_name, users)
+    info = GuestInfo(os_name, users, os_id)
     said = [f"os {os_name or '?'}"]
     if users is not None:
         said.append(f"users: {', '.join(users) if users else 'nobody logged in'}")
     return info, "; ".join(said + notes)
+
+
+# ---- running a command in the guest (guest-exec) -------------------------------------
+
+#: The first wait between two ``guest-exec-status`` polls; each next one doubles, up to
+#: :data:`_POLL_MAX` (a command that ends at once costs one poll).
+_POLL_FIRST = 0.02
+_POLL_MAX = 0.25
+
+
+@attrs.frozen
+class ExecOutput:
+    """What a command run through ``guest-exec`` did.
+
+    :ivar exitcode: its exit status, None when it ended by a signal.
+    :ivar stdout: its standard output, at most the cap asked for.
+    :ivar stderr: its standard error, as capped.
+    :ivar truncated: the agent or the cap cut some of it.
+    """
+
+    exitcode: int | None
+    stdout: bytes
+    stderr: bytes
+    truncated: bool
+
+
+def enabled_commands(info: object) -> frozenset[str] | None:
+    """The commands ``guest-info`` lists as enabled; None when its answer has no list."""
+    if not isinstance(info, Mapping) or not isinstance(info.get("supported_commands"), list):
+        return None
+    return frozenset(
+        str(entry.get("name"))
+        for entry in info["supported_commands"]
+        if isinstance(entry, Mapping) and entry.get("enabled", True)
+    )
+
+
+async def guest_exec(client: AgentClient, argv: Sequence[str], *, cap: int) -> ExecOutput:
+    """Run *argv* in the guest (``guest-exec``, output captured) and wait for its end.
+
+    Nothing of *argv* goes through a shell: ``path`` is ``argv[0]``, ``arg`` the rest.
+    Each agent call is bounded by ``command_timeout``; the caller bounds the whole (a
+    command that never ends keeps polling until then).
+
+    :param cap: keep at most this many bytes of each stream.
+    :raises AgentRefused: the agent refused (guest-exec disabled, no such program).
+    :raises AgentError: the agent closed or sent garbage.
+    :raises TimeoutError: the agent did not answer one call in time.
+    """
+    import base64  # only when a guest is asked (the fast path never is)
+
+    started = await client.execute(
+        "guest-exec", {"path": argv[0], "arg": list(argv[1:]), "capture-output": True}
+    )
+    if not isinstance(started, Mapping) or not isinstance(started.get("pid"), int):
+        raise AgentError(f"guest-exec gave no pid: {started!r:.80}")
+    pause = _POLL_FIRST
+    while True:
+        status = await client.execute("guest-exec-status", {"pid": started["pid"]})
+        if not isinstance(status, Mapping):
+            raise AgentError(f"guest-exec-status gave {status!r:.80}")
+        if status.get("exited"):
+            break
+        await anyio.sleep(pause)
+        pause = min(pause * 2, _POLL_MAX)
+    streams = []
+    truncated = bool(status.get("out-truncated") or status.get("err-truncated"))
+    for key in ("out-data", "err-data"):
+        try:
+            data = base64.b64decode(str(status.get(key) or ""), validate=False)
+        except ValueError as err:
+            raise AgentError(f"guest-exec-status: {key} is not base64: {err}") from err
+        truncated = truncated or len(data) > cap
+        streams.append(data[:cap])
+    code = status.get("exitcode")
+    exitcode = code if isinstance(code, int) and not isinstance(code, bool) else None
+    return ExecOutput(exitcode, streams[0], streams[1], truncated)

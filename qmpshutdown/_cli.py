@@ -55,6 +55,7 @@ _SECONDS_OPTIONS = (
     ("--command-timeout", "command_timeout", "seconds for any single QMP command"),
     ("--stages", "stages", "comma-separated rungs allowed"),
     ("--agent-timeout", "agent_timeout", "seconds the guest gets to power off after the agent"),
+    ("--diagnose-timeout", "diagnose_timeout", "the longest asking the guest why may take"),
 )
 #: (option, field, the value it sets, help), each exclusive with the option of its field.
 _FLAG_OPTIONS = (
@@ -63,6 +64,7 @@ _FLAG_OPTIONS = (
     ("--no-wake", "wake_suspended", False, "do not wake an S3-suspended guest to press"),
     ("--resume-paused", "resume_paused", True, "resume a paused guest to press its button"),
     ("--no-freeze", "freeze_before_force", False, "do not freeze the guest before force"),
+    ("--no-diagnose", "diagnose", False, "do not ask the guest (through --agent) why it stays"),
 )
 #: Patience that reads the guest: (option, field, type, help); the cap before the patience,
 #: so that ``--timeout 900 --max-timeout 1200 --patience adaptive`` validates in order.

@@ -31,7 +31,9 @@ targets:
 the ladder (--stages picks rungs, in this order): {", ".join(s.value for s in RUNGS)}
   The power button is pressed (again every --repress seconds) until the guest
   powers off or --timeout runs out; with --agent PATH (the guest agent's chardev
-  socket) the agent is asked for guest-shutdown next (--agent-timeout), and the
+  socket) the guest is first asked why it stays (read-only commands through the
+  agent's guest-exec, at most --diagnose-timeout; not with --no-diagnose), the
+  agent is asked for guest-shutdown next (--agent-timeout), and the
   guest's filesystems are frozen right before any force (not with --no-freeze);
   then 'quit', SIGTERM, SIGKILL, each waited for. Windows' agent closes open
   applications by force on guest-shutdown.
@@ -47,6 +49,8 @@ causes (why a guest did not power itself off):
   rebooted               the guest rebooted instead of powering off
   monitor-unresponsive   QMP gave no greeting or no reply
   no-logon               Windows (its agent said so) with nobody logged in
+  inhibited              an application holds a block inhibitor (the guest said so)
+  What the guest itself said comes first: a "guest said:" line per finding.
 
 exit status (with several targets the worst wins: 3 over 2 over 1 over 0):
   0    every target powered off gracefully (or was already off)
@@ -68,7 +72,7 @@ fleets (the VMs of a group are stopped concurrently):
 --json prints one object per target, in the order given:
   {{"target": ..., "stage", "graceful", "reason", "presses", "runstate", "cause",
    "pid", "elapsed_s", "events", "steps", "saved_state", "screenshot",
-  "console_tail", "guest_os", "guest_users", "activity"}}, or
+  "console_tail", "guest_os", "guest_users", "activity", "diagnosis"}}, or
   {{"target", "error"}} when it was not reached; a target still running has
   "error" and the record, with "stage": null.
   Progress and errors then stay off stderr (-v still logs there).
@@ -205,13 +209,21 @@ def report(
             continue
         if isinstance(outcome, ShutdownFailed) and verbosity >= 0:
             print(f"{target}  {outcome.result.summary()}", file=sys.stderr)
+            _said(target, outcome.result)
         if isinstance(outcome, Error):
             print(error_line(target, outcome), file=sys.stderr)
         elif verbosity >= 0:
             print(f"{target}  {outcome.summary()}", file=sys.stderr)
+            _said(target, outcome)
         if isinstance(outcome, ShutdownResult) and outcome.saved_state is not None:
             size = _size(outcome.saved_state)
             print(f"{target}  saved state: {outcome.saved_state} ({size} bytes)", file=sys.stderr)
+
+
+def _said(target: str, result: ShutdownResult) -> None:
+    """One line per finding of the guest's own diagnosis: ``TARGET  guest said: KIND: DETAIL``."""
+    for finding in result.diagnosis or ():
+        print(f"{target}  guest said: {finding}", file=sys.stderr)
 
 
 def _size(path: str) -> int | None:

@@ -54,10 +54,5 @@ class Finding:
         """The finding as a JSON-ready dict (``kind``, ``detail``, ``source``)."""
         return {"kind": self.kind, "detail": self.detail, "source": self.source}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Finding:
-        """The finding :meth:`to_dict` wrote."""
-        return cls(str(data["kind"]), str(data["detail"]), str(data["source"]))
-
     def __str__(self) -> str:
         return f"{self.kind}: {self.detail}"

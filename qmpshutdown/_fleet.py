@@ -30,6 +30,7 @@ from ._job import Job, Target
 from ._policy import (
     COMMAND,
     DEFAULT_POLICY,
+    DIAGNOSE,
     GRACEFUL_WAITS,
     POWERDOWN,
     WAITS,
@@ -79,7 +80,8 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
     """Shorten *policy* so that its ladder ends within *left* seconds (``bound <= left``).
 
     A policy that fits is returned as is. Otherwise, without an agent socket
-    (*agent* False) the ``agent`` rung is left out (it would only be skipped),
+    (*agent* False) the ``agent`` rung and the diagnosis are left out (they would
+    only be skipped),
     and everything but the graceful waits is held to a reserve of
     ``min(FORCED_RESERVE, left / 4)`` seconds: if the policy's own timeouts take
     more, each is cut to its share of the reserve (``reserve_share`` in the
@@ -96,10 +98,12 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
     """
     if policy.bound <= left:
         return policy
+    if not agent and policy.diagnose:
+        policy = attrs.evolve(policy, diagnose=False)  # nothing to ask without an agent
     if not agent and Stage.AGENT in policy.stages and len(policy.stages) > 1:
         policy = attrs.evolve(policy, stages=[s for s in policy.stages if s is not Stage.AGENT])
-        if policy.bound <= left:
-            return policy
+    if policy.bound <= left:
+        return policy
     left = max(left, MIN_LEFT)
     reserve = min(FORCED_RESERVE, left / 4)
     waits = [wait for stage, wait in GRACEFUL_WAITS if policy.allows(stage)]
@@ -108,7 +112,8 @@ def fit_policy(policy: ShutdownPolicy, left: float, *, agent: bool = True) -> Sh
         return p.bound - sum(_graceful(p, wait) for wait in waits)
 
     if overhead(policy) > reserve:
-        shared = [wait for wait in WAITS if wait.reserve_share is not None]
+        shared = [wait for wait in WAITS if wait.reserve_share is not None
+                  and (wait is not DIAGNOSE or policy.diagnose)]  # fmt: skip
         spare = 1.0 - sum(wait.reserve_share or 0.0 for wait in shared)
         per_command = min(policy.command_timeout, spare * reserve / max(policy.commands, 1))
         for wait in shared:

@@ -26,7 +26,7 @@ from ._process import Process
 from ._progress import ProgressCallback
 from ._qemu import Qemu
 from ._result import Outcome, ShutdownResult
-from ._rungs import BEFORE_FORCE, Action, Rung, plan
+from ._rungs import AFTER_GRACEFUL, BEFORE_FORCE, Action, Rung, plan
 from ._steps import Ended, OpenStep, Recorder
 from ._verdict import decide, saved_state, screenshot_of, shutdown_reason
 
@@ -57,6 +57,10 @@ async def ladder(qemu: Qemu, rungs: Sequence[Rung], actions: Sequence[Action]) -
             qemu.recorder.skip(rung.stage, skip)
         else:
             await take_step(qemu, rung.stage, rung.budget(qemu.policy), rung.run)
+            if not rung.forced and not qemu.gone and not qemu.guest_off:
+                for action in AFTER_GRACEFUL:  # the guest stays: ask it why, once
+                    if action.applies(qemu):
+                        await take_step(qemu, action.stage, action.budget(qemu.policy), action.run)
     if qemu.guest_off and not qemu.gone and not any(rung.forced for rung in rungs):
         qemu.recorder.say("guest is off; QEMU is left in runstate 'shutdown' (no force allowed)")
 
@@ -154,8 +158,10 @@ def record(qemu: Qemu) -> ShutdownResult:
     activity = qemu.sampler.activity(powered_off=qemu.watch.guest_shut_down)
     info = None if qemu.agent is None else qemu.agent.info
     guest_os, guest_users = (None, None) if info is None else (info.os, info.users)
+    diagnosis = None if qemu.agent is None else qemu.agent.diagnosis
     verdict = decide(steps, events, runstate=qemu.runstate, presses=qemu.presses, gone=qemu.gone,
-                     guest_os=guest_os, guest_users=guest_users, activity=activity)  # fmt: skip
+                     guest_os=guest_os, guest_users=guest_users, activity=activity,
+                     diagnosis=diagnosis)  # fmt: skip
     gone_at = qemu.watch.gone_at
     result = ShutdownResult(
         stage=verdict.stage,
@@ -174,6 +180,7 @@ def record(qemu: Qemu) -> ShutdownResult:
         guest_os=guest_os,
         guest_users=guest_users,
         activity=activity,
+        diagnosis=diagnosis,
     )
     if result.stage is None:
         tried = ", ".join(f"{s.stage.value} {s.outcome.value}" for s in steps) or "none"

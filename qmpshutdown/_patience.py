@@ -11,10 +11,10 @@ it has been idle for ``idle_cutoff`` after the press.
 
 One :class:`Sampler` per ladder (``Qemu.sampler``); it asks QEMU through a
 callable it is given (so it knows nothing of the ladder above it). A graceful
-rung runs its wait as (``GuestWait`` in :mod:`._qemu`)::
+rung runs its wait as (``GuestWait`` in :mod:`._waits`)::
 
     async with qemu.sampling():
-        wait = qemu.wait_for(policy.powerdown_timeout)
+        wait = GuestWait.begin(qemu, policy.powerdown_timeout)
         ...  # press, then
         seen = await wait.for_guest(next_press)
         if wait.over: ...  # why: wait.over ("timeout", "idle-cutoff", "cap")

@@ -18,7 +18,9 @@ class Stage(str, enum.Enum):
     ``SCREENSHOT`` is a step, not a rung: the guest's screen saved as evidence
     right before the first forced rung (see ``evidence_dir``).
     ``FREEZE`` and ``THAW`` are never rungs either: they are steps the ladder
-    records around force (a policy cannot list them).
+    records around force (a policy cannot list them). Nor is ``DIAGNOSE``: the
+    step that asks the guest, through its agent, why a graceful rung did not
+    end it (see ``ShutdownPolicy.diagnose``).
     """
 
     ALREADY_OFF = "already-off"
@@ -31,6 +33,8 @@ class Stage(str, enum.Enum):
     SCREENSHOT = "screenshot"
     FREEZE = "freeze"  #: a step, not a rung: the guest's filesystems frozen before force
     THAW = "thaw"  #: a step, not a rung: the guest's filesystems thawed
+    #: a step, not a rung: the guest asked through its agent why it has not gone
+    DIAGNOSE = "diagnose"
 
     def __str__(self) -> str:
         return self.value
@@ -189,6 +193,13 @@ class ShutdownPolicy:
         with fsync reads ~0.5 MiB/s).
     :param sample_interval: seconds between readings of the guest while a
         graceful rung waits (under both patiences; the readings refine the cause).
+    :param diagnose: when a graceful rung ends with the guest still running and
+        an agent answers, ask the guest why (read-only commands through the
+        agent's ``guest-exec``, chosen by its OS) before anything changes it: the
+        ``diagnose`` step, at most once per ladder; its findings go into the
+        result's ``diagnosis`` and, when they name a cause, into its ``cause``.
+    :param diagnose_timeout: the longest the whole ``diagnose`` step may take (each
+        command in it is also held to ``command_timeout``).
     """
 
     powerdown_timeout: float = attrs.field(default=60.0, validator=_seconds)
@@ -213,6 +224,8 @@ class ShutdownPolicy:
     busy_cpu: float = attrs.field(default=0.4, validator=_rate)
     busy_io: float = attrs.field(default=256 * 1024, validator=_rate)
     sample_interval: float = attrs.field(default=1.0, validator=_seconds)
+    diagnose: bool = attrs.field(default=True, validator=_flag)
+    diagnose_timeout: float = attrs.field(default=10.0, validator=_seconds)
 
     def __attrs_post_init__(self) -> None:
         adaptive = self.patience is Patience.ADAPTIVE
@@ -267,6 +280,8 @@ def with_save_rung(policy: ShutdownPolicy) -> ShutdownPolicy:
 def step_budgets(policy: ShutdownPolicy) -> list[Budget]:
     """The budget of each step the bound counts: the rungs, then the steps before force."""
     steps = [BUDGETS[stage] for stage in policy.stages]
+    if policy.diagnose and any(stage in GRACEFUL_STAGES for stage in policy.stages):
+        steps.append(BUDGETS[Stage.DIAGNOSE])
     if any(stage not in GRACEFUL_STAGES for stage in policy.stages):
         steps += [BUDGETS[stage] for stage in BEFORE_FORCE_STAGES]
     return steps
@@ -299,9 +314,7 @@ class Wait:
     reserve_share: float | None = None
 
 
-CONNECT = Wait(
-    lambda p: p.connect_timeout, lambda p, s: attrs.evolve(p, connect_timeout=s), 0.15
-)
+CONNECT = Wait(lambda p: p.connect_timeout, lambda p, s: attrs.evolve(p, connect_timeout=s), 0.15)
 COMMAND = Wait(lambda p: p.command_timeout, lambda p, s: attrs.evolve(p, command_timeout=s))
 POWERDOWN = Wait(lambda p: p.powerdown_timeout, lambda p, s: attrs.evolve(p, powerdown_timeout=s))
 AGENT = Wait(lambda p: p.agent_timeout, lambda p, s: attrs.evolve(p, agent_timeout=s))
@@ -312,9 +325,14 @@ TERMINATE = Wait(
 )
 KILL = Wait(lambda p: p.kill_timeout, lambda p, s: attrs.evolve(p, kill_timeout=s), 0.05)
 FREEZE = Wait(lambda p: p.freeze_timeout, lambda p, s: attrs.evolve(p, freeze_timeout=s), 0.05)
+DIAGNOSE = Wait(
+    lambda p: p.diagnose_timeout, lambda p, s: attrs.evolve(p, diagnose_timeout=s), 0.05
+)
 
 #: Every timeout, in the order a fleet deadline shortens them.
-WAITS: tuple[Wait, ...] = (CONNECT, COMMAND, POWERDOWN, AGENT, SAVE, QUIT, TERMINATE, KILL, FREEZE)
+WAITS: tuple[Wait, ...] = (
+    CONNECT, COMMAND, POWERDOWN, AGENT, SAVE, QUIT, TERMINATE, KILL, FREEZE, DIAGNOSE,
+)  # fmt: skip
 #: The graceful waits, with the rung that spends each.
 GRACEFUL_WAITS: tuple[tuple[Stage, Wait], ...] = (
     (Stage.POWERDOWN, POWERDOWN),
@@ -351,7 +369,8 @@ ARRIVAL = Budget(3, (CONNECT,))
 #: guest-shutdown and confirming the power-off. Save: query-status, the memory size,
 #: capabilities, getfd, migrate, then migrate_cancel or the last query-migrate, and quit.
 #: The screenshot: one before force, one more when the ladder ends with QEMU running. The
-#: freeze: reaching the agent (connect and resync), then the freeze itself.
+#: freeze: reaching the agent (connect and resync), then the freeze itself. The diagnosis:
+#: everything it does (reaching the agent, each question) within ``diagnose_timeout``.
 BUDGETS: dict[Stage, Budget] = {
     Stage.POWERDOWN: Budget(2, (POWERDOWN,), patient=True),
     Stage.AGENT: Budget(9, (AGENT,)),
@@ -361,6 +380,7 @@ BUDGETS: dict[Stage, Budget] = {
     Stage.KILL: Budget(0, (KILL,)),
     Stage.SCREENSHOT: Budget(2),
     Stage.FREEZE: Budget(1, (FREEZE,)),
+    Stage.DIAGNOSE: Budget(0, (DIAGNOSE,)),
 }
 #: The steps that run right before the first forced rung, in order (the screenshot first,
 #: so that it shows the guest as it was; the freeze last).

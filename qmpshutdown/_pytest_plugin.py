@@ -83,6 +83,7 @@ class QemuLauncher:
             lines.append(f"{vm.name}: {how}")
             if result is None:
                 continue
+            lines += [f"  guest said: {finding}" for finding in result.diagnosis or ()]
             if result.screenshot is not None:
                 if keep_evidence:
                     lines.append(f"  screenshot: {result.screenshot}")
@@ -149,6 +150,8 @@ def _report(request: pytest.FixtureRequest, lines: list[str]) -> None:
     """Add how each VM was stopped to the test's report."""
     if lines:
         request.node.add_report_section("teardown", "qmpshutdown", "\n".join(lines))
+
+
 _CALL_FAILED = pytest.StashKey[bool]()
 
 

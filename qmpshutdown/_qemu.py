@@ -21,7 +21,7 @@ from ._errors import CommandError, MonitorClosedError
 from ._job import Job
 from ._monitor import Monitor
 from ._patience import Sampler
-from ._policy import GRACEFUL_STAGES, RUNGS, Patience, ShutdownPolicy, Stage, wait_budget
+from ._policy import GRACEFUL_STAGES, RUNGS, ShutdownPolicy, Stage
 from ._process import Process
 from ._result import Cause, EventRecord, Outcome
 from ._steps import Ended, OpenStep, Recorder
@@ -154,12 +154,6 @@ class Qemu:
             self.recorder.say("guest is already off (runstate shutdown)")
 
     # ---- the waits the rungs share ---------------------------------------------------
-
-    def wait_for(self, timeout: float) -> GuestWait:
-        """Begin one graceful wait of *timeout* seconds (the policy's patience applies)."""
-        wait = GuestWait(self, timeout)
-        self.sampler.begin_wait(wait.started)
-        return wait
 
     async def wait_for_guest(self, until: float) -> Guest:
         """Wait until the guest powered off, panicked, QEMU went, or *until* (anyio clock)."""
@@ -365,75 +359,3 @@ class Qemu:
 
 def _join(so_far: str, what: str) -> str:
     return f"{so_far}; {what}" if so_far else what
-
-
-class GuestWait:
-    """One graceful rung's wait for the guest: its deadline, fixed or adaptive.
-
-    Fixed: *timeout* after the start. Adaptive: the later of that and
-    ``idle_cutoff`` after the guest last worked, never past
-    ``max_powerdown_timeout``; and early once the guest has done nothing for
-    ``idle_cutoff`` since the start (or since it last worked) while the last
-    press has had ``min(idle_cutoff, repress_interval)`` to show a reaction.
-    """
-
-    def __init__(self, qemu: Qemu, timeout: float) -> None:
-        self.qemu = qemu
-        self.sampler = qemu.sampler
-        self.timeout = timeout
-        self.started = self.last_press = anyio.current_time()
-        self.over: str | None = None  #: why the wait is over ("timeout", "idle-cutoff", "cap")
-
-    def pressed(self) -> None:
-        """Note a press (or another request): the guest gets a fresh chance to react to it."""
-        self.last_press = anyio.current_time()
-
-    def deadline(self) -> tuple[float, str]:
-        """When the wait ends as things stand (anyio clock), and why it would."""
-        policy, sampler = self.qemu.policy, self.sampler
-        base = self.started + self.timeout
-        if policy.patience is not Patience.ADAPTIVE or sampler.blind:
-            return base, "timeout"
-        cap = self.started + wait_budget(policy, self.timeout)
-        last_busy = sampler.last_busy
-        if last_busy is not None and last_busy <= self.started:
-            last_busy = None  # work before this wait is no reaction to it
-        late = base if last_busy is None else max(base, last_busy + policy.idle_cutoff)
-        interval = policy.repress_interval
-        window = policy.idle_cutoff if interval is None else min(policy.idle_cutoff, interval)
-        quiet_since = self.started if last_busy is None else last_busy
-        early = max(quiet_since + policy.idle_cutoff, self.last_press + window)
-        if early <= min(cap, late):
-            return early, "idle-cutoff"
-        return (cap, "cap") if cap < late else (late, "timeout")
-
-    async def for_guest(self, until: float) -> Guest:
-        """Wait for the guest until *until* or the deadline; :attr:`over` tells which came."""
-        interval = self.qemu.policy.sample_interval
-        while True:
-            end, why = self.deadline()
-            now = anyio.current_time()
-            if now >= end:
-                self.over = self.sampler.ended = why
-                self.sampler.idle_until(now)
-                return Guest.WAITING
-            if now >= until:
-                return Guest.WAITING
-            # The deadline moves with the readings: look again after each one.
-            seen = await self.qemu.wait_for_guest(min(until, end, now + interval))
-            if seen is not Guest.WAITING:
-                if seen is Guest.OFF:
-                    self.sampler.ended = "powered-off"
-                return seen
-
-    def why_over(self) -> str:
-        """The step's words for an ended wait, with what was seen."""
-        policy = self.qemu.policy
-        if self.over == "idle-cutoff":
-            what = f"guest idle {policy.idle_cutoff:g} s after the press: escalating early"
-        elif self.over == "cap":
-            what = f"no power-off in {wait_budget(policy, self.timeout):g} s (the cap)"
-        else:
-            what = f"no power-off in {self.timeout:g} s"
-        seen = self.sampler.activity(powered_off=False)
-        return what if seen is None else f"{what}; {seen.summary()}"

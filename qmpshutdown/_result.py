@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from ._finding import Finding
 from ._policy import Stage
 
 
@@ -39,6 +40,8 @@ class Cause(str, enum.Enum):
     NO_LOGON = "no-logon"
     BUSY = "busy"  #: still working (CPU or disk) when it had to be forced
     STALLED = "stalled"  #: worked after the press, then idled without powering off
+    #: an application holds a block inhibitor (the guest's agent said so): logind refuses the key
+    INHIBITED = "inhibited"
 
     def __str__(self) -> str:
         return self.value
@@ -199,6 +202,10 @@ def _optional_users(value: Iterable[str] | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(str(user) for user in value)
 
 
+def _optional_findings(value: Iterable[Finding] | None) -> tuple[Finding, ...] | None:
+    return None if value is None else tuple(value)
+
+
 def is_forced(stage: Stage | None, graceful: bool) -> bool:
     """Whether the VM was ended by force rather than by its guest: the one definition.
 
@@ -242,6 +249,10 @@ class ShutdownResult:
         no agent answered, ``()`` when nobody was.
     :ivar activity: what the guest did while the graceful rungs waited (sampled
         when QEMU's pid is known), else None.
+    :ivar diagnosis: what the guest said, through its agent, when asked why it had
+        not gone (the ``diagnose`` step): a tuple of :class:`~qmpshutdown.Finding`;
+        ``()`` when asked and nothing was found; None when not asked (no agent,
+        ``diagnose=False``, or the guest went before it had to be asked).
     """
 
     stage: Stage | None = attrs.field(converter=_optional_stage)
@@ -260,6 +271,7 @@ class ShutdownResult:
     guest_os: str | None = None
     guest_users: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_users)
     activity: Activity | None = None
+    diagnosis: tuple[Finding, ...] | None = attrs.field(default=None, converter=_optional_findings)
 
     @property
     def forced(self) -> bool:
@@ -282,7 +294,8 @@ class ShutdownResult:
         Keys: ``stage``, ``graceful``, ``reason``, ``presses``, ``runstate``,
         ``cause``, ``pid``, ``elapsed_s``, ``events``, ``steps``, ``saved_state``,
         ``screenshot``, ``console_tail`` (a list of lines, or None), ``guest_os``,
-        ``guest_users``, ``activity``.
+        ``guest_users``, ``activity``, ``diagnosis`` (a list of dicts with
+        ``kind``, ``detail`` and ``source``, or None).
         """
         return {
             "stage": None if self.stage is None else self.stage.value,
@@ -301,6 +314,9 @@ class ShutdownResult:
             "guest_os": self.guest_os,
             "guest_users": None if self.guest_users is None else list(self.guest_users),
             "activity": None if self.activity is None else self.activity.to_dict(),
+            "diagnosis": (
+                None if self.diagnosis is None else [f.to_dict() for f in self.diagnosis]
+            ),
         }
 
     def summary(self) -> str:

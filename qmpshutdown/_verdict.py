@@ -12,6 +12,8 @@ from typing import Any
 
 import attrs
 
+from . import _finding as kinds
+from ._finding import Finding
 from ._policy import GRACEFUL_STAGES, RUNGS, Stage
 from ._result import Activity, Cause, EventRecord, Outcome, Step, is_forced
 
@@ -94,6 +96,34 @@ def is_graceful(
 def is_windows(guest_os: str | None) -> bool:
     """True when the agent named a Windows OS (``Microsoft Windows``, ``Windows 10 Pro`` …)."""
     return guest_os is not None and "windows" in guest_os.lower()
+
+
+#: What the guest said, as a cause: the first kind in this order that it said wins (a key
+#: logind ignores outright beats an inhibitor, which beats the work a shutdown waits for).
+FINDING_CAUSES: tuple[tuple[str, Cause], ...] = (
+    (kinds.POWER_KEY, Cause.IGNORED_POWER_BUTTON),
+    (kinds.INHIBITOR, Cause.INHIBITED),
+    (kinds.LOGON_REQUIRED, Cause.NO_LOGON),
+    (kinds.STOP_JOB, Cause.BUSY),
+    (kinds.UPDATING, Cause.BUSY),
+    (kinds.SHUTDOWN_REASON_PROMPT, Cause.STALLED),
+)
+
+
+def said_cause(
+    diagnosis: Sequence[Finding] | None, guest_users: tuple[str, ...] | None = None
+) -> Cause | None:
+    """The cause the guest's own findings name (:data:`FINDING_CAUSES`), else None.
+
+    ``logon-required`` names ``no-logon`` only when the agent listed nobody logged on.
+    """
+    said = {finding.kind for finding in diagnosis or ()}
+    for kind, cause in FINDING_CAUSES:
+        if kind in said and (kind != kinds.LOGON_REQUIRED or guest_users == ()):
+            return cause
+    return None
+
+
 def press_cause(activity: Activity | None) -> Cause:
     """Why a pressed guest did not go, from what it did while it was waited for.
 
@@ -118,14 +148,20 @@ def likely_cause(
     guest_os: str | None = None,
     guest_users: tuple[str, ...] | None = None,
     activity: Activity | None = None,
+    diagnosis: Sequence[Finding] | None = None,
 ) -> Cause | None:
-    """Why the guest did not power itself off: the first cause a step named, else the events'.
+    """Why the guest did not power itself off: what the guest said, else the first cause a
+    step named, else the events'.
 
+    What the guest itself said (its *diagnosis*, :func:`said_cause`) comes first.
     A Windows guest (its agent said so) that ignored the button with nobody
     logged in is ``no-logon``: Windows refuses a shutdown without a logon.
     A pressed guest with nothing else to show is told apart by its *activity*
     (:func:`press_cause`).
     """
+    said = said_cause(diagnosis, guest_users)
+    if said is not None:
+        return said
     named = next((step.cause for step in steps if step.cause is not None), None)
     if named is not None:
         return named
@@ -155,6 +191,7 @@ def decide(
     guest_os: str | None = None,
     guest_users: tuple[str, ...] | None = None,
     activity: Activity | None = None,
+    diagnosis: Sequence[Finding] | None = None,
 ) -> Verdict:
     """The whole verdict of a ladder from its record.
 
@@ -172,6 +209,6 @@ def decide(
     if not graceful or earlier_failed:
         cause = likely_cause(
             steps, events, runstate=runstate, presses=presses, guest_os=guest_os,
-            guest_users=guest_users, activity=activity,
+            guest_users=guest_users, activity=activity, diagnosis=diagnosis,
         )  # fmt: skip
     return Verdict(stage, graceful, cause, is_forced(stage, graceful))

@@ -54,7 +54,9 @@ async def with_agent(tmp_path, fake, behaviour="honest", *, policy=POLICY, **kwa
 @pytest.mark.asyncio
 async def test_ignored_button_then_the_agent_powers_the_guest_off(tmp_path):
     fake = FakeQemu(guest="ignores")
-    result, agent = await with_agent(tmp_path, fake, osinfo={"name": "Debian GNU/Linux"})
+    quiet = attrs.evolve(POLICY, diagnose=False)  # the agent rung alone (test_diagnose.py)
+    result, agent = await with_agent(tmp_path, fake, osinfo={"name": "Debian GNU/Linux"},
+                                     policy=quiet)  # fmt: skip
     assert (result.stage, result.graceful, result.reason) == (Stage.AGENT, True, "guest-shutdown")
     assert outcomes(result) == [("powerdown", "timeout"), ("agent", "done")]
     assert (result.guest_os, result.guest_users) == ("Debian GNU/Linux", ())
@@ -114,12 +116,17 @@ async def test_a_lying_agent_is_skipped_within_command_timeout(tmp_path, behavio
     fake = FakeQemu(guest="ignores")
     result, _ = await with_agent(tmp_path, fake, behaviour)
     assert outcomes(result) == [
-        ("powerdown", "timeout"), ("agent", "skipped"), ("freeze", "skipped"), ("quit", "done"),
+        ("powerdown", "timeout"), ("diagnose", "skipped"), ("agent", "skipped"),
+        ("freeze", "skipped"), ("quit", "done"),
     ]  # fmt: skip
-    agent, freeze = result.step("agent"), result.step("freeze")
-    assert agent.ended - agent.started < POLICY.command_timeout + MARGIN
+    diagnose, agent, freeze = result.step("diagnose"), result.step("agent"), result.step("freeze")
+    # The diagnosis is the first to ask: one command_timeout; nobody asks again.
+    assert diagnose.ended - diagnose.started < POLICY.command_timeout + MARGIN
+    assert diagnose.detail.startswith("no agent answered")
     assert agent.detail.startswith("no agent answered")
-    assert freeze.ended - freeze.started < 0.1  # not asked twice
+    assert agent.ended - agent.started < 0.1
+    assert freeze.ended - freeze.started < 0.1
+    assert result.diagnosis is None  # not asked
     assert (result.stage, result.guest_os, result.guest_users) == (Stage.QUIT, None, None)
     assert result.cause is Cause.IGNORED_POWER_BUTTON
 
@@ -129,9 +136,11 @@ async def test_no_agent_socket_at_all_is_skipped_at_once(tmp_path):
     fake = FakeQemu(guest="ignores")
     result = await ladder(fake, str(tmp_path / "nobody.sock"))
     assert outcomes(result) == [
-        ("powerdown", "timeout"), ("agent", "skipped"), ("freeze", "skipped"), ("quit", "done"),
+        ("powerdown", "timeout"), ("diagnose", "skipped"), ("agent", "skipped"),
+        ("freeze", "skipped"), ("quit", "done"),
     ]  # fmt: skip
     assert "cannot connect" in result.step("agent").detail
+    assert "cannot connect" in result.step("diagnose").detail
 
 
 @pytest.mark.asyncio

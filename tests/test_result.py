@@ -28,6 +28,7 @@ RESULT_KEYS = {
     "guest_os",
     "guest_users",
     "activity",
+    "diagnosis",
 }
 EVENT_KEYS = {"event", "timestamp", "data"}
 STEP_KEYS = {"stage", "outcome", "started_s", "ended_s", "detail", "cause", "path"}
@@ -68,7 +69,7 @@ def make_result(**changes: Any) -> ShutdownResult:
         (
             Stage,
             ["already-off", "powerdown", "agent", "quit", "save", "terminate", "kill",
-             "screenshot", "freeze", "thaw"],
+             "screenshot", "freeze", "thaw", "diagnose"],
         ),
         (Outcome, ["done", "timeout", "skipped", "failed"]),
         (
@@ -84,6 +85,7 @@ def make_result(**changes: Any) -> ShutdownResult:
                 "no-logon",
                 "busy",
                 "stalled",
+                "inhibited",
             ],
         ),
     ],

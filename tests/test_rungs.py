@@ -16,7 +16,7 @@ import pytest
 from qmpshutdown import Job, Outcome, ShutdownPolicy, Stage
 from qmpshutdown._ladder import run_plan
 from qmpshutdown._policy import RUNGS
-from qmpshutdown._rungs import BEFORE_FORCE, RUNG_FOR, plan, plan_budget
+from qmpshutdown._rungs import AFTER_GRACEFUL, BEFORE_FORCE, RUNG_FOR, plan, plan_budget
 from qmpshutdown._rungs.powerdown import PowerButton
 from qmpshutdown._steps import Ended
 from support.fakes import FakeQemu
@@ -127,8 +127,13 @@ def test_the_bound_is_connecting_three_commands_and_the_budgets():
     expected += sum(rung.budget(policy) for rung in plan(policy))
     # With a forced rung allowed, the actions before force: the screenshot, the freeze.
     expected += sum(action.budget(policy) for action in BEFORE_FORCE)
+    # With a graceful rung, the diagnosis right after it.
+    expected += sum(action.budget(policy) for action in AFTER_GRACEFUL)
     assert policy.bound == pytest.approx(expected)
-    assert plan_budget(policy, [PowerButton()]) == policy.powerdown_timeout + 2 * 0.2
+    button = policy.powerdown_timeout + 2 * 0.2
+    assert plan_budget(policy, [PowerButton()]) == button + policy.diagnose_timeout
+    quiet = attrs.evolve(policy, diagnose=False)
+    assert plan_budget(quiet, [PowerButton()]) == button
 
 
 @pytest.mark.asyncio

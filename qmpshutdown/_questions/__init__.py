@@ -15,13 +15,13 @@ types and the text rules are in :mod:`.asked`.
 from __future__ import annotations
 
 from .asked import OUTPUT_CAP, Answer, Question, Unreadable, one_line
+from .linux import INHIBITORS, PowerKeySetting, merge
 from .linux import QUESTIONS as LINUX_QUESTIONS
-from .linux import PowerKeySetting, merge
 from .windows import QUESTIONS as WINDOWS_QUESTIONS
 
 __all__ = (
     "LINUX_QUESTIONS", "OUTPUT_CAP", "WINDOWS_QUESTIONS", "Answer", "PowerKeySetting",
-    "Question", "Unreadable", "merge", "one_line", "questions_for",
+    "Question", "Unreadable", "inhibitor_question", "merge", "one_line", "questions_for",
 )  # fmt: skip
 
 #: ``guest-get-osinfo``'s ``id`` on Windows (qemu-ga's ``qga/commands-win32.c``).
@@ -35,3 +35,13 @@ def questions_for(os_id: str | None) -> tuple[Question, ...]:
     :return: the questions, in the order to ask them.
     """
     return WINDOWS_QUESTIONS if os_id == WINDOWS_ID else LINUX_QUESTIONS
+
+
+def inhibitor_question(os_id: str | None) -> Question | None:
+    """The one question that tells whether a block inhibitor is held (Linux), else None.
+
+    Adaptive patience asks it while the power button's wait goes on; Windows has no
+    inhibitor an agent can read (an application blocking shutdown answers only its own
+    window's thread).
+    """
+    return None if os_id == WINDOWS_ID else INHIBITORS

@@ -238,10 +238,14 @@ def _quote(text: str) -> str:
     return one_line(text, FIELD_CAP)
 
 
+#: Who holds an inhibitor (the question adaptive patience also asks while it waits).
+INHIBITORS = Question(INHIBITORS_ARGV, read_inhibitors)
 #: The Linux (systemd) questions, in the order they are asked.
 QUESTIONS: tuple[Question, ...] = (
-    Question(INHIBITORS_ARGV, read_inhibitors),
+    INHIBITORS,
     Question(POWER_KEY_ARGV, read_power_key),
     Question(LOGIND_CONF_ARGV, read_logind_conf),
     Question(JOBS_ARGV, read_jobs),
 )
+#: Each question's command line, in order.
+QUESTIONS_ARGV: tuple[tuple[str, ...], ...] = tuple(q.argv for q in QUESTIONS)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from .._policy import ShutdownPolicy, Stage
 from .agent import AgentShutdown
 from .base import Action, Rung
+from .diagnose import Diagnose
 from .freeze import FreezeBeforeForce
 from .powerdown import PowerButton
 from .quit import Quit
@@ -21,7 +22,10 @@ from .save import Save
 from .screenshot import Screenshot
 from .signals import KILL, LAST_RESORT_KILL, TERMINATE
 
-__all__ = ("BEFORE_FORCE", "LAST_RESORT_KILL", "RUNG_FOR", "Action", "Rung", "plan", "plan_budget")
+__all__ = (
+    "AFTER_GRACEFUL", "BEFORE_FORCE", "LAST_RESORT_KILL", "RUNG_FOR", "Action", "Rung", "plan",
+    "plan_budget",
+)  # fmt: skip
 
 #: The rung for each stage a policy may list.
 RUNG_FOR: dict[Stage, Rung] = {
@@ -36,6 +40,9 @@ RUNG_FOR: dict[Stage, Rung] = {
 #: Actions run before the first forced rung, in order: the screenshot first, so that it
 #: shows the guest as it was (before anything is frozen); the freeze last.
 BEFORE_FORCE: tuple[Action, ...] = (Screenshot(), FreezeBeforeForce())
+#: Actions run once, right after the first graceful rung that ended with the guest still
+#: running, before the next rung (which may change the guest): asking it why.
+AFTER_GRACEFUL: tuple[Action, ...] = (Diagnose(),)
 
 
 def plan(policy: ShutdownPolicy) -> list[Rung]:
@@ -47,6 +54,8 @@ def plan_budget(policy: ShutdownPolicy, rungs: Sequence[Rung] | None = None) -> 
     """The sum of the budgets of *rungs* (default: the policy's plan) and the actions."""
     rungs = plan(policy) if rungs is None else rungs
     total = sum(rung.budget(policy) for rung in rungs)
+    if policy.diagnose and any(not rung.forced for rung in rungs):
+        total += sum(action.budget(policy) for action in AFTER_GRACEFUL)
     if any(rung.forced for rung in rungs):
         total += sum(action.budget(policy) for action in BEFORE_FORCE)
     return total

@@ -7,11 +7,13 @@ import math
 import anyio
 
 from .._errors import MonitorClosedError
-from .._policy import Stage
+from .._policy import Patience, Stage
 from .._qemu import Guest, Qemu
 from .._result import Cause, Outcome
 from .._steps import Ended, OpenStep
+from .._waits import GuestWait
 from .base import Budgeted, no_monitor
+from .listen import InhibitorListener
 
 # Runstates in which a press is pointless or harmful (see QEMU-FACTS).
 PAUSED_STATES = frozenset({"paused", "prelaunch", "debug", "io-error", "watchdog"})
@@ -63,7 +65,9 @@ class PowerButton(Budgeted):
 
     async def press_until_off(self, qemu: Qemu, step: OpenStep, cause: Cause | None) -> Ended:
         policy = qemu.policy
-        wait = qemu.wait_for(policy.powerdown_timeout)
+        wait = GuestWait.begin(qemu, policy.powerdown_timeout)
+        if policy.patience is Patience.ADAPTIVE and policy.diagnose and qemu.agent is not None:
+            wait.listen = InhibitorListener(qemu)  # a held inhibitor asks for time
         while True:
             if qemu.watch.suspended and policy.wake_suspended:
                 cause = Cause.ASLEEP  # it went to sleep while we waited

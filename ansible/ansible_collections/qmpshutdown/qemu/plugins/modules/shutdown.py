@@ -57,7 +57,7 @@ options:
       - How to stop each VM - fields of the library's C(ShutdownPolicy), for example
         C(powerdown_timeout), C(repress_interval), C(stages), C(patience), C(quit_timeout),
         C(terminate_timeout), C(kill_timeout), C(connect_timeout), C(command_timeout),
-        C(agent_timeout), C(save_timeout), C(freeze_before_force).
+        C(agent_timeout), C(save_timeout), C(freeze_before_force), C(diagnose), C(diagnose_timeout).
       - The library validates it - a field it does not have, or a bad value, fails the task with
         the library's message. Fields not given keep the library's defaults (60 s for the guest
         to power off, then C(quit), SIGTERM and SIGKILL).
@@ -219,6 +219,15 @@ results:
     activity:
       description: What the guest did (CPU, disk) while it was waited for, else null.
       type: dict
+    diagnosis:
+      description:
+        - What the guest said through its agent when asked why it had not gone (the C(diagnose)
+          step), one dict per finding with C(kind) (C(inhibitor), C(power-key), C(stop-job),
+          C(pending-reboot), C(updating), C(logon-required), C(shutdown-reason-prompt),
+          C(agent-silent)), C(detail) and C(source); an empty list when nothing was found;
+          null when the guest was not asked.
+      type: list
+      elements: dict
 changed:
   description: True when any VM was running and is now stopped (C(already-off) is no change).
   returned: always
