@@ -86,6 +86,8 @@ def test_every_option_sets_its_policy_field() -> None:
         (["--no-wake"], {"wake_suspended": False}),
         (["--resume-paused"], {"resume_paused": True}),
         (["--timeout=1e-3"], {"powerdown_timeout": 0.001}),
+        (["--no-diagnose"], {"diagnose": False}),
+        (["--diagnose-timeout", "4"], {"diagnose_timeout": 4.0}),
     ],
 )
 def test_flags(argv: list[str], changes: dict[str, object]) -> None:
@@ -323,3 +325,20 @@ def test_all_takes_the_usual_options(tmp_path: Path) -> None:
     assert invocation.host is not None
     assert (invocation.host.action.value, invocation.host.match) == ("all", ("web*", "/run/vm/*"))
     assert (invocation.deadline, invocation.save_dir, invocation.jobs) == (60, str(tmp_path), ())
+
+
+def test_what_the_guest_said_is_a_line_per_finding(capsys) -> None:
+    from qmpshutdown import Finding, ShutdownResult
+    from qmpshutdown._cli_output import report
+
+    said = Finding("inhibitor", "nightly-backup (pid 412, uid 0) blocks shutdown", "busctl ...")
+    result = ShutdownResult(stage="quit", graceful=False, reason="host-qmp-quit", presses=2,
+                            runstate="running", cause="inhibited", pid=None, elapsed=1.0,
+                            events=(), steps=(), diagnosis=(said,))  # fmt: skip
+    report(["vm.sock"], [result], json=False, verbosity=0)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("vm.sock  quit forced") and "cause=inhibited" in lines[0]
+    said_line = "vm.sock  guest said: inhibitor: nightly-backup (pid 412, uid 0) blocks shutdown"
+    assert lines[1] == said_line
+    report(["vm.sock"], [result], json=True, verbosity=0)
+    assert json.loads(capsys.readouterr().out)["diagnosis"] == [said.to_dict()]
