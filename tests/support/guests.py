@@ -545,7 +545,7 @@ class GuestFactory:
         scenario. Killed and reaped by :meth:`cleanup` like every guest.
         """
         self._count += 1
-        workdir = self.root / f"guest{self._count}-systemd-{scenario}"
+        workdir = self.root / f"guest{self._count}-{scenario}"  # short: unix socket paths
         workdir.mkdir(parents=True)
         argv = systemd_guest_argv(
             scenario, workdir=workdir, machine=machine, extra_args=extra_args, qmp=qmp,
