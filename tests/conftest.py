@@ -25,6 +25,7 @@ from support.guests import (
     images_dir,
     kill_leftovers,
     qemu_available,
+    systemd_images_dir,
 )
 
 if os.environ.get("QMPSHUTDOWN_QEMU"):
@@ -67,7 +68,8 @@ def require_qemu() -> Path:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # So that `-m "not qemu"` leaves out every test that boots a guest.
     for item in items:
-        if "guests" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("qemu"):
+        names = getattr(item, "fixturenames", ())
+        if ("guests" in names or "systemd_guests" in names) and not item.get_closest_marker("qemu"):
             item.add_marker(pytest.mark.qemu)
 
 
@@ -80,6 +82,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def guests(tmp_path: Path) -> Iterator[GuestFactory]:
     """A factory of QEMU test guests under tmp_path; every guest is killed at teardown."""
     require_qemu()
+    factory = GuestFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+@pytest.fixture
+def systemd_guests(tmp_path: Path) -> Iterator[GuestFactory]:
+    """Like ``guests``, once the systemd guest is built (``boot_systemd(scenario)``)."""
+    require_qemu()
+    try:
+        systemd_images_dir()
+    except ImagesUnavailable as err:
+        _unavailable(f"cannot build the systemd test guest: {err}")
     factory = GuestFactory(tmp_path)
     try:
         yield factory

@@ -74,6 +74,16 @@ DISK_SIZE_MIB = 16
 READY_PREFIX = "QMPSHUTDOWN-GUEST-READY"
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 BUILD_SCRIPT = REPO_ROOT / "fixtures" / "qemu-images" / "build.py"
+#: Builds the systemd guest (Debian 12, systemd, logind, dbus, udev, qemu-ga) under build/systemd.
+SYSTEMD_BUILD_SCRIPT = REPO_ROOT / "fixtures" / "qemu-images" / "build_systemd.py"
+#: The systemd guest's scenarios (``qsd.scenario=<name>``, see fixtures/qemu-images/README.md).
+SYSTEMD_SCENARIOS = (
+    "cooperative", "inhibitor", "power-key-ignored", "stop-job", "exec-blocked", "reboots",
+)  # fmt: skip
+#: A systemd boot under TCG takes tens of seconds, more on a loaded machine.
+SYSTEMD_READY_TIMEOUT = 240.0
+#: How to end the inhibitor scenario's block inhibitor from the agent (``guest-exec``).
+SYSTEMD_STOP_INHIBITOR = ("/usr/bin/systemctl", "stop", "qsd-inhibitor.service")
 
 #: How often log files are polled, in seconds.
 POLL_INTERVAL = 0.03
@@ -123,6 +133,50 @@ def images_dir() -> Path:
             raise ImagesUnavailable(_images_error)
     _images = build_dir
     return _images
+
+
+_systemd_images: Path | None = None
+_systemd_images_error: str | None = None
+
+
+def systemd_images_dir() -> Path:
+    """The directory holding the systemd guest's ``root.qcow2`` and ``initramfs.img``.
+
+    Built once per session by build_systemd.py (a no-op when its stamp is current).
+
+    :raises ImagesUnavailable: when the build fails (its message says what is missing).
+    """
+    global _systemd_images, _systemd_images_error
+    if _systemd_images is not None:
+        return _systemd_images
+    if _systemd_images_error is not None:
+        raise ImagesUnavailable(_systemd_images_error)
+    images_dir()  # the kernel, and the busybox build's error first if that fails
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(SYSTEMD_BUILD_SCRIPT)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _systemd_images_error = f"{SYSTEMD_BUILD_SCRIPT} failed to run: {err}"
+        raise ImagesUnavailable(_systemd_images_error) from err
+    if proc.returncode != 0:
+        _systemd_images_error = (
+            proc.stderr or proc.stdout
+        ).strip() or f"exit status {proc.returncode}"
+        raise ImagesUnavailable(_systemd_images_error)
+    build_dir = SYSTEMD_BUILD_SCRIPT.parent / "build" / "systemd"
+    for name in ("root.qcow2", "initramfs.img"):
+        if not (build_dir / name).is_file():
+            _systemd_images_error = (
+                f"{SYSTEMD_BUILD_SCRIPT} succeeded but left no {build_dir / name}"
+            )
+            raise ImagesUnavailable(_systemd_images_error)
+    _systemd_images = build_dir
+    return _systemd_images
 
 
 def qemu_available() -> bool:
@@ -355,6 +409,55 @@ def guest_argv(
     return argv
 
 
+def systemd_guest_argv(
+    scenario: str,
+    *,
+    workdir: Path,
+    machine: str = "q35",
+    extra_args: Sequence[str] = (),
+    qmp: bool = True,
+    memory: int = 512,
+    kernel_args: Sequence[str] = (),
+) -> list[str]:
+    """The QEMU command line for the systemd guest in ``scenario``.
+
+    The root disk (``build/systemd/root.qcow2``) is attached with ``snapshot=on``: the
+    guest's writes go to a temporary overlay and the image is never modified. qemu-ga is
+    always there: its socket is workdir/qga.sock.
+    """
+    if scenario not in SYSTEMD_SCENARIOS:
+        raise ValueError(f"unknown systemd guest scenario {scenario!r}; one of {SYSTEMD_SCENARIOS}")
+    images = systemd_images_dir()
+    kernel = images_dir() / "vmlinuz"
+    append = ["console=ttyS0", "panic=0", "loglevel=4", "no_timer_check",
+              f"qsd.scenario={scenario}", *kernel_args]  # fmt: skip
+    argv = [
+        QEMU_BINARY,
+        *accel_args(),
+        "-machine", machine,
+        "-m", str(memory),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-serial", f"file:{workdir / 'serial.log'}",
+        "-kernel", str(kernel),
+        "-initrd", str(images / "initramfs.img"),
+        "-append", " ".join(append),
+        "-drive", f"file={images / 'root.qcow2'},format=qcow2,if=none,id=root,snapshot=on",
+        "-device", "virtio-blk-pci,drive=root",
+        "-chardev", f"socket,id=qga,path={workdir / 'qga.sock'},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT_NAME}",
+    ]  # fmt: skip
+    if qmp:
+        argv += [
+            "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
+        ]  # fmt: skip
+    argv.extend(extra_args)
+    return argv
+
+
 # --------------------------------------------------------------------------- the factory
 
 
@@ -382,8 +485,14 @@ class GuestFactory:
         agent: bool = False,
         disk: bool = False,
         display: bool = False,
+        systemd: bool = False,
     ) -> Guest:
         """Start QEMU with a guest in ``mode``; return once it is ready.
+
+        With ``systemd=True`` the guest is the systemd one and ``mode`` one of
+        :data:`SYSTEMD_SCENARIOS` (see :meth:`boot_systemd`; ``arg``, ``agent``, ``disk``
+        and ``display`` do not apply, and a ``ready_timeout`` below
+        :data:`SYSTEMD_READY_TIMEOUT` is raised to it).
 
         Waits for the QMP socket, then (if ``wait_ready`` and the guest can run,
         i.e. no ``-S``) for the READY line, which means the button handler listens
@@ -392,6 +501,14 @@ class GuestFactory:
         :raises RuntimeError: if QEMU exits during the boot (the message holds its stderr).
         :raises TimeoutError: if the socket or READY line does not come in time.
         """
+        if systemd:
+            if arg is not None or agent or disk or display:
+                raise ValueError("systemd=True takes no arg, agent, disk or display")
+            return await self.boot_systemd(
+                mode, machine=machine, extra_args=extra_args, qmp=qmp, wait_ready=wait_ready,
+                ready_timeout=max(ready_timeout, SYSTEMD_READY_TIMEOUT),
+                memory=max(memory, 512), kernel_args=kernel_args,
+            )  # fmt: skip
         self._count += 1
         workdir = self.root / f"guest{self._count}-{mode}"
         workdir.mkdir(parents=True)
@@ -402,6 +519,58 @@ class GuestFactory:
             qmp=qmp, memory=memory, kernel_args=kernel_args, agent=agent, disk=disk,
             display=display,
         )  # fmt: skip
+        return await self._start(
+            mode, argv, workdir, qmp=qmp, agent=agent, disk=disk, wait_ready=wait_ready,
+            ready_line=f"{READY_PREFIX} mode={mode}", ready_timeout=ready_timeout,
+            extra_args=extra_args,
+        )  # fmt: skip
+
+    async def boot_systemd(
+        self,
+        scenario: str,
+        *,
+        machine: str = "q35",
+        extra_args: Sequence[str] = (),
+        qmp: bool = True,
+        wait_ready: bool = True,
+        ready_timeout: float = SYSTEMD_READY_TIMEOUT,
+        memory: int = 512,
+        kernel_args: Sequence[str] = (),
+    ) -> Guest:
+        """Start the systemd guest (Debian 12, systemd, logind, udev, qemu-ga) in ``scenario``.
+
+        Returns once ``QMPSHUTDOWN-GUEST-READY scenario=<scenario>`` is on the serial
+        console: qemu-ga holds its port open (its socket is ``Guest.agent_path``), logind
+        holds the power button open and the scenario is in place. ``Guest.mode`` is the
+        scenario. Killed and reaped by :meth:`cleanup` like every guest.
+        """
+        self._count += 1
+        workdir = self.root / f"guest{self._count}-{scenario}"  # short: unix socket paths
+        workdir.mkdir(parents=True)
+        argv = systemd_guest_argv(
+            scenario, workdir=workdir, machine=machine, extra_args=extra_args, qmp=qmp,
+            memory=memory, kernel_args=kernel_args,
+        )  # fmt: skip
+        return await self._start(
+            scenario, argv, workdir, qmp=qmp, agent=True, disk=False, wait_ready=wait_ready,
+            ready_line=f"{READY_PREFIX} scenario={scenario}", ready_timeout=ready_timeout,
+            extra_args=extra_args,
+        )  # fmt: skip
+
+    async def _start(
+        self,
+        mode: str,
+        argv: list[str],
+        workdir: Path,
+        *,
+        qmp: bool,
+        agent: bool,
+        disk: bool,
+        wait_ready: bool,
+        ready_line: str,
+        ready_timeout: float,
+        extra_args: Sequence[str],
+    ) -> Guest:
         popen = self._spawn(argv, workdir)
         _started.append(popen)
         guest = Guest(
@@ -430,9 +599,7 @@ class GuestFactory:
         # -S (or -incoming) keeps the vCPUs stopped: READY cannot come before a `cont`.
         if wait_ready and not {"-S", "-incoming"} & set(extra_args):
             try:
-                await guest.wait_for_serial(
-                    f"{READY_PREFIX} mode={mode}", max(0.0, deadline - loop.time())
-                )
+                await guest.wait_for_serial(ready_line, max(0.0, deadline - loop.time()))
             except TimeoutError as err:
                 if not guest.alive():
                     raise RuntimeError(f"QEMU exited before READY\n{guest.describe()}") from err
@@ -687,6 +854,46 @@ class RawAgent:
         self._writer.close()
         with contextlib.suppress(OSError, asyncio.TimeoutError):
             await asyncio.wait_for(self._writer.wait_closed(), 5.0)
+
+
+@attrs.frozen
+class ExecResult:
+    """What ``guest-exec`` (with ``capture-output``) and ``guest-exec-status`` gave back."""
+
+    argv: tuple[str, ...]
+    exitcode: int | None
+    stdout: str
+    stderr: str
+    #: The last ``guest-exec-status`` reply's ``return``, as the agent sent it.
+    status: dict[str, Any]
+
+
+async def guest_exec(agent: RawAgent, argv: Sequence[str], timeout: float = 60.0) -> ExecResult:
+    """Run ``argv`` in the guest through the agent, wait for it to end, decode its output.
+
+    :raises RuntimeError: if the agent refuses (e.g. ``guest-exec`` disabled).
+    :raises TimeoutError: if the command still runs after ``timeout`` seconds.
+    """
+    import base64
+
+    started = await agent.execute(
+        "guest-exec", path=argv[0], arg=list(argv[1:]), **{"capture-output": True}
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status: dict[str, Any] = await agent.execute("guest-exec-status", pid=started["pid"])
+        if status.get("exited"):
+            break
+        if loop.time() >= deadline:
+            raise TimeoutError(f"{list(argv)} still running in the guest after {timeout} s")
+        await asyncio.sleep(0.1)
+
+    def text(key: str) -> str:
+        return base64.b64decode(status.get(key, "")).decode("utf-8", "replace")
+
+    return ExecResult(tuple(argv), status.get("exitcode"), text("out-data"), text("err-data"),
+                      status)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- PNG
