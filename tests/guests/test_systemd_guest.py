@@ -1,8 +1,10 @@
 """The systemd test guest (Debian 12: systemd, logind, dbus, udev, qemu-ga) on real QEMU.
 
-One boot per scenario (``GuestFactory.boot_systemd``; fixtures/qemu-images/README.md):
-each checks that the scenario does what the tests of "the guest's own words" rely on,
-with QMP and the agent driven directly (never the library's ladder).
+The cooperative scenario (``GuestFactory.boot_systemd``; fixtures/qemu-images/README.md),
+with QMP and the agent driven directly (never the library's ladder): the guest, its agent
+and logind work. The other scenarios are each booted once, through the library, by
+test_diagnose_guests.py (a boot is ~20 CPU-s under TCG: CI boots each scenario once per
+QEMU version).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import asyncio
 import pytest
 
 from support.guests import (
-    SYSTEMD_STOP_INHIBITOR,
     Guest,
     RawAgent,
     guest_exec,
@@ -63,78 +64,3 @@ async def test_cooperative_powers_off_on_a_press(systemd_guests):
     await press(guest)
     assert await guest.wait_exit(POWEROFF_TIMEOUT) == 0
     assert "reboot: Power down" in guest.serial_text()
-
-
-async def test_inhibitor_refuses_the_press_until_it_is_stopped(systemd_guests):
-    guest = await systemd_guests.boot_systemd("inhibitor")
-    ga = await agent(guest)
-    try:
-        listed = await guest_exec(ga, ["/usr/bin/busctl", "--json=short", "call", *LOGIN1,
-                                       "ListInhibitors"])  # fmt: skip
-        assert listed.exitcode == 0
-        assert '"shutdown:handle-power-key","nightly-backup","writing the archive","block"' in (
-            listed.stdout
-        )
-        await press(guest)
-        assert await still_running_after(guest, REFUSED_WATCH), guest.describe()
-        stopped = await guest_exec(ga, SYSTEMD_STOP_INHIBITOR)
-        assert stopped.exitcode == 0, stopped
-    finally:
-        await ga.close()
-    await press(guest)  # a refused press is dropped: it takes a new one
-    assert await guest.wait_exit(POWEROFF_TIMEOUT) == 0
-
-
-async def test_power_key_ignored_by_logind(systemd_guests):
-    guest = await systemd_guests.boot_systemd("power-key-ignored")
-    ga = await agent(guest)
-    try:
-        key = await guest_exec(ga, ["/usr/bin/busctl", "--json=short", "get-property", *LOGIN1,
-                                    "HandlePowerKey"])  # fmt: skip
-        assert key.stdout.strip() == '{"type":"s","data":"ignore"}'
-        conf = await guest_exec(ga, ["/usr/bin/systemd-analyze", "cat-config",
-                                     "systemd/logind.conf"])  # fmt: skip
-        assert "# /run/systemd/logind.conf.d/50-qsd-scenario.conf" in conf.stdout
-        assert "HandlePowerKey=ignore" in conf.stdout
-    finally:
-        await ga.close()
-    await press(guest)
-    assert await still_running_after(guest, REFUSED_WATCH), guest.describe()
-
-
-async def test_stop_job_keeps_the_agent_answering_while_shutting_down(systemd_guests):
-    guest = await systemd_guests.boot_systemd("stop-job")
-    await press(guest)
-    await guest.wait_for_serial("QMPSHUTDOWN-GUEST-STOP-JOB-STOPPING seconds=600", 120)
-    ga = await agent(guest)
-    try:
-        jobs = await guest_exec(ga, ["/usr/bin/systemctl", "list-jobs", "--no-legend",
-                                     "--no-pager"])  # fmt: skip
-    finally:
-        await ga.close()
-    lines = {line.split()[1]: line.split()[2:] for line in jobs.stdout.splitlines()}
-    assert lines["qsd-stop-job.service"] == ["stop", "running"]
-    assert lines["poweroff.target"] == ["start", "waiting"]
-    assert guest.alive()
-
-
-async def test_exec_blocked_agent_says_guest_exec_is_disabled(systemd_guests):
-    guest = await systemd_guests.boot_systemd("exec-blocked")
-    ga = await agent(guest)
-    try:
-        info = await ga.execute("guest-info")
-        enabled = {command["name"]: command["enabled"] for command in info["supported_commands"]}
-        assert (enabled["guest-exec"], enabled["guest-exec-status"]) == (False, False)
-        assert enabled["guest-shutdown"] is True
-        reply = await ga.call("guest-exec", path="/bin/true")
-    finally:
-        await ga.close()
-    assert "disabled" in reply["error"]["desc"], reply
-
-
-async def test_reboots_on_a_press(systemd_guests):
-    # -no-reboot: the guest's reboot ends QEMU (SHUTDOWN guest-reset) instead of a new boot.
-    guest = await systemd_guests.boot_systemd("reboots", extra_args=["-no-reboot"])
-    await press(guest)
-    assert await guest.wait_exit(POWEROFF_TIMEOUT) == 0
-    assert "reboot: Restarting system" in guest.serial_text()
