@@ -353,7 +353,9 @@ ARRIVAL = Budget(3, (CONNECT,))
 #: The screenshot: one before force, one more when the ladder ends with QEMU running. The
 #: freeze: reaching the agent (connect and resync), then the freeze itself.
 BUDGETS: dict[Stage, Budget] = {
-    Stage.POWERDOWN: Budget(2, (POWERDOWN,), patient=True),
+    # The power button's two, and two more: the reboot action set before the first press and
+    # put back when the ladder ends with QEMU running (_rungs/reboot.py).
+    Stage.POWERDOWN: Budget(4, (POWERDOWN,), patient=True),
     Stage.AGENT: Budget(9, (AGENT,)),
     Stage.SAVE: Budget(7, (SAVE, QUIT)),
     Stage.QUIT: Budget(1, (QUIT,)),

@@ -128,7 +128,8 @@ def test_the_bound_is_connecting_three_commands_and_the_budgets():
     # With a forced rung allowed, the actions before force: the screenshot, the freeze.
     expected += sum(action.budget(policy) for action in BEFORE_FORCE)
     assert policy.bound == pytest.approx(expected)
-    assert plan_budget(policy, [PowerButton()]) == policy.powerdown_timeout + 2 * 0.2
+    # the press at the deadline, confirming the power-off; the reboot action set and put back
+    assert plan_budget(policy, [PowerButton()]) == policy.powerdown_timeout + 4 * 0.2
 
 
 @pytest.mark.asyncio

@@ -17,11 +17,15 @@ from .base import Action, Rung
 from .freeze import FreezeBeforeForce
 from .powerdown import PowerButton
 from .quit import Quit
+from .reboot import REBOOT_AS_SHUTDOWN
 from .save import Save
 from .screenshot import Screenshot
 from .signals import KILL, LAST_RESORT_KILL, TERMINATE
 
-__all__ = ("BEFORE_FORCE", "LAST_RESORT_KILL", "RUNG_FOR", "Action", "Rung", "plan", "plan_budget")
+__all__ = (
+    "BEFORE_FORCE", "LAST_RESORT_KILL", "REBOOT_AS_SHUTDOWN", "RUNG_FOR", "Action", "Rung", "plan",
+    "plan_budget",
+)  # fmt: skip
 
 #: The rung for each stage a policy may list.
 RUNG_FOR: dict[Stage, Rung] = {
