@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 
 import anyio
 import attrs
@@ -30,11 +31,12 @@ REACTION_TIMEOUT = 30.0
 
 
 def record(result: qmpshutdown.ShutdownResult) -> tuple[object, ...]:
-    """What a record says, times aside."""
+    """What a record says, times and the number of presses aside (a loaded host may re-press)."""
+    pressed = re.compile(r"pressed (once|\d+ times)")
     return (
-        result.stage, result.graceful, result.reason, result.presses, result.cause,
-        [(s.stage.value, s.outcome.value, s.detail) for s in result.steps],
-        [e.event for e in result.events],
+        result.stage, result.graceful, result.reason, result.cause,
+        [(s.stage.value, s.outcome.value, pressed.sub("pressed", s.detail)) for s in result.steps],
+        [(e.event, dict(e.data)) for e in result.events if e.event != "POWERDOWN"],
     )  # fmt: skip
 
 
@@ -48,10 +50,12 @@ async def test_a_rebooting_guest_is_stopped_unforced_as_under_no_reboot(guests):
         "reboots", {"mode": "reboots", "extra_args": ["-no-reboot"]}
     )
     result, expected = await asyncio.gather(stop(rebooting.qmp_path), stop(no_reboot.qmp_path))
-    assert record(result) == record(expected)
-    assert (result.stage, result.graceful, result.reason, result.presses, result.cause) == (
-        Stage.POWERDOWN, True, "guest-reset", 1, None,
+    assert record(result) == record(expected), (result.summary(), expected.summary())
+    assert (result.stage, result.graceful, result.reason, result.cause) == (
+        Stage.POWERDOWN, True, "guest-reset", None,
     )  # fmt: skip
+    assert result.presses >= 1
+    assert result.steps[0].detail.endswith("guest powered off (SHUTDOWN guest-reset)")
     assert [(s.stage.value, s.outcome.value) for s in result.steps] == [("powerdown", "done")]
     assert "RESET" not in [e.event for e in result.events]  # no new boot
     assert not result.forced
