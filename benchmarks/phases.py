@@ -45,6 +45,7 @@ PHASES: list[tuple[str, list[tuple[str, str]]]] = [
     ("pidfd (open, /proc/PID/exe)", [("_process.py", "open_qemu")]),
     ("handshake (greeting, qmp_capabilities)", [("_connect.py", "handshake")]),
     ("query-status", [("_qemu.py", "arrive")]),
+    ("the reboot action (/proc/PID/cmdline, set-action)", [("reboot.py", "prepare")]),
     ("the press (system_powerdown)", [("_qemu.py", "try_command")]),
     ("waiting for the guest (deadlines, events)", [
         ("_waits.py", "for_guest"),  # (0.1: in _patience.py; 0.3: in _qemu.py)
@@ -63,6 +64,7 @@ PHASES: list[tuple[str, list[tuple[str, str]]]] = [
         ("screenshot.py", "finish"), ("freeze.py", "finish"),
         ("_evidence.py", "finish"), ("_freeze.py", "finish"),
     ]),
+    ("the reboot action's finish (nothing once QEMU is gone)", [("reboot.py", "finish")]),
     ("the record (verdict, result)", [("_ladder.py", "record")]),
     ("closing the monitor", [("_monitor.py", "close")]),
     ("qemu.qmp's reader task", [("protocol.py", "_bh_loop_forever")]),

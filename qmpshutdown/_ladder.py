@@ -26,7 +26,7 @@ from ._process import Process
 from ._progress import ProgressCallback
 from ._qemu import Qemu
 from ._result import Outcome, ShutdownResult
-from ._rungs import AFTER_GRACEFUL, BEFORE_FORCE, Action, Rung, plan
+from ._rungs import AFTER_GRACEFUL, BEFORE_FORCE, REBOOT_AS_SHUTDOWN, Action, Rung, plan
 from ._steps import Ended, OpenStep, Recorder
 from ._verdict import decide, saved_state, screenshot_of, shutdown_reason
 
@@ -146,6 +146,7 @@ async def run_plan(
             with anyio.CancelScope(shield=True):
                 for action in actions:
                     await action.finish(qemu)
+                await REBOOT_AS_SHUTDOWN.finish(qemu)  # QEMU still running: its reboot action back
                 if qemu.agent is not None:
                     await qemu.agent.close()
         await qemu.settle()

@@ -372,7 +372,9 @@ ARRIVAL = Budget(3, (CONNECT,))
 #: freeze: reaching the agent (connect and resync), then the freeze itself. The diagnosis:
 #: everything it does (reaching the agent, each question) within ``diagnose_timeout``.
 BUDGETS: dict[Stage, Budget] = {
-    Stage.POWERDOWN: Budget(2, (POWERDOWN,), patient=True),
+    # The power button's two, and two more: the reboot action set before the first press and
+    # put back when the ladder ends with QEMU running (_rungs/reboot.py).
+    Stage.POWERDOWN: Budget(4, (POWERDOWN,), patient=True),
     Stage.AGENT: Budget(9, (AGENT,)),
     Stage.SAVE: Budget(7, (SAVE, QUIT)),
     Stage.QUIT: Budget(1, (QUIT,)),

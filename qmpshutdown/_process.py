@@ -38,7 +38,12 @@ _TCP_LISTEN = 10
 
 @runtime_checkable
 class Process(Protocol):
-    """What the ladder needs of QEMU's process."""
+    """What the ladder needs of QEMU's process.
+
+    Optional, and not part of the Protocol (new in 0.4): ``command_line()``, its argv
+    as a tuple of str, or None when it cannot be read. Without it the power button
+    leaves QEMU's reboot action as it is (it could not tell what to put back).
+    """
 
     @property
     def pid(self) -> int:
@@ -282,6 +287,17 @@ class PidfdProcess:
 
     async def wait_exited(self) -> None:
         await anyio.wait_readable(self._fd())
+
+    def command_line(self) -> tuple[str, ...] | None:
+        """QEMU's argv (``/proc/PID/cmdline``), or None when it cannot be read."""
+        try:
+            with open(f"/proc/{self._pid}/cmdline", "rb") as file:
+                raw = file.read()
+        except OSError:
+            return None
+        if not raw or self.has_exited():  # /proc/PID may already name another process
+            return None
+        return tuple(arg.decode(errors="surrogateescape") for arg in raw.rstrip(b"\0").split(b"\0"))
 
     def on_exit(self, callback: Callable[[], None]) -> Callable[[], None]:
         # The pidfd turns readable at the exit: one reader on the loop, no task waiting.

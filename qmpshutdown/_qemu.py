@@ -77,6 +77,7 @@ class Qemu:
         self.watch = Watch()
         self.runstate: str | None = None  #: as found on arrival
         self.presses = 0
+        self.reboot_action: str | None = None  #: to put back at the end (:mod:`._rungs.reboot`)
         #: What the guest does while graceful rungs wait.
         self.sampler = Sampler(self.policy, None if process is None else process.pid)
         #: The way to the guest agent (the job's socket), shared by the agent rung and the

@@ -200,3 +200,20 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
         chardevs=tuple(chardevs.values()) + resolve(qmp) + resolve(human),
         readconfig=readconfig,
     )
+
+
+def reboot_action(argv: Sequence[str]) -> str:
+    """What QEMU does when its guest reboots, as its command line set it (no I/O).
+
+    ``-no-reboot`` is ``shutdown``; ``-action reboot=X`` is X; the later one wins (QEMU
+    applies them in order); neither is QEMU's default, ``reset``.
+    """
+    action = "reset"
+    items = list(argv[1:])
+    for index, raw in enumerate(items):
+        option = raw[1:] if raw.startswith("--") else raw
+        if option == "-no-reboot":
+            action = "shutdown"
+        elif option == "-action" and index + 1 < len(items):
+            action = parse_options(items[index + 1]).get("reboot", action)
+    return action

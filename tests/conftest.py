@@ -122,17 +122,18 @@ def fakes(fake_binary, tmp_path) -> Iterator[object]:
     """Start stand-in QEMUs (tests/support/fakeqemu.py): ``fakes(n)`` returns their socket paths.
 
     Real processes, pinned like QEMU; each powers off 5 ms after the press
-    (*delay_ms*). ``fakes.started`` holds their Popen objects, in order;
+    (*delay_ms*); a *version* older than 6.0 answers ``set-action`` with
+    CommandNotFound. ``fakes.started`` holds their Popen objects, in order;
     every one still running at teardown is killed, and all are reaped.
     """
     started: list[subprocess.Popen[bytes]] = []
 
-    def spawn(n: int, delay_ms: float = 5.0) -> list[Path]:
+    def spawn(n: int, delay_ms: float = 5.0, version: str = "7.2") -> list[Path]:
         env = dict(os.environ, PYTHONHOME=sys.base_prefix)
         paths = [tmp_path / f"fake{len(started) + i}.sock" for i in range(n)]
         for path in paths:
             started.append(subprocess.Popen(
-                [str(fake_binary), "-S", str(FAKEQEMU), str(path), str(delay_ms)],
+                [str(fake_binary), "-S", str(FAKEQEMU), str(path), str(delay_ms), version],
                 env=env, stdin=subprocess.DEVNULL,
             ))  # fmt: skip
         end = time.monotonic() + 30

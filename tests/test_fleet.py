@@ -79,8 +79,8 @@ def test_the_default_policy_at_8_s_as_documented():
     assert Stage.AGENT not in fitted.stages
     assert fitted.powerdown_timeout == pytest.approx(6.1)
     # the reserve of 2 s: connect 15 %, quit 10 %, terminate and kill 5 % each, the
-    # commands the rest (55 %, over the 9 the bound counts)
-    assert (fitted.connect_timeout, fitted.command_timeout) == pytest.approx((0.3, 1.1 / 9))
+    # commands the rest (55 %, over the 11 the bound counts)
+    assert (fitted.connect_timeout, fitted.command_timeout) == pytest.approx((0.3, 1.1 / 11))
     assert (fitted.quit_timeout, fitted.terminate_timeout, fitted.kill_timeout) == pytest.approx(
         (0.2, 0.1, 0.1)
     )

@@ -48,7 +48,8 @@ async def test_cooperative_guest_powers_off_on_the_first_press():
     assert result.pid == 4242
     assert outcomes(result) == [("powerdown", "done")]
     assert [e.event for e in result.events] == ["POWERDOWN", "SHUTDOWN"]
-    assert qemu.monitor.commands == ["query-status", "system_powerdown"]
+    # the reboot action set to shutdown before the press (tests/test_reboot.py)
+    assert qemu.monitor.commands == ["query-status", "set-action", "system_powerdown"]
     assert qemu.process.signals == []
 
 
@@ -162,7 +163,9 @@ async def test_suspended_guest_is_woken_before_the_press_or_skipped(wake):
     assert result.runstate == "suspended"
     if wake:
         assert (result.stage, result.graceful, result.cause) == (Stage.POWERDOWN, True, None)
-        assert qemu.monitor.commands == ["query-status", "system_wakeup", "system_powerdown"]
+        assert qemu.monitor.commands == [
+            "query-status", "system_wakeup", "set-action", "system_powerdown",
+        ]  # fmt: skip
         assert [e.event for e in result.events] == ["WAKEUP", "POWERDOWN", "SHUTDOWN"]
     else:
         assert (result.stage, result.graceful, result.cause) == (Stage.QUIT, False, Cause.ASLEEP)
@@ -197,7 +200,7 @@ async def test_paused_guest_is_resumed_then_pressed_with_resume_paused():
     qemu = FakeQemu(runstate="paused")
     result = await run(qemu, ShutdownPolicy(resume_paused=True))
     assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 1)
-    assert qemu.monitor.commands == ["query-status", "cont", "system_powerdown"]
+    assert qemu.monitor.commands == ["query-status", "cont", "set-action", "system_powerdown"]
 
 
 @pytest.mark.parametrize(
@@ -263,8 +266,18 @@ async def test_press_met_by_a_closed_monitor_of_a_qemu_that_stays_fails_and_forc
     assert result.stage is Stage.TERMINATE
 
 
-async def test_guest_that_reboots_on_every_press_is_forced_with_cause_rebooted():
+async def test_guest_that_reboots_on_the_press_is_stopped_unforced():
+    # reboot=shutdown while the button is pressed: the reset ends QEMU, as under -no-reboot
     qemu = FakeQemu(guest="reboots")
+    result = await run(qemu)
+    assert (result.stage, result.graceful, result.reason, result.cause) == (
+        Stage.POWERDOWN, True, "guest-reset", None,
+    )  # fmt: skip
+    assert result.presses == 1
+
+
+async def test_guest_that_reboots_on_every_press_of_an_old_qemu_is_forced_with_cause_rebooted():
+    qemu = FakeQemu(guest="reboots", set_action=False)  # QEMU < 6.0: no set-action
     result = await run(qemu)
     assert (result.stage, result.cause) == (Stage.QUIT, Cause.REBOOTED)
     assert result.presses == 3

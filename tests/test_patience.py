@@ -201,7 +201,7 @@ def test_a_guest_that_powers_off_at_once_costs_no_reading(monkeypatch, policy):
     monkeypatch.setattr(FakeMonitor, "execute", recording(FakeMonitor.execute, commands))
     result = run(monkeypatch, policy, off_at=0.1)
     assert result.graceful and result.activity is None
-    assert commands == ["query-status", "system_powerdown"]
+    assert commands == ["query-status", "set-action", "system_powerdown"]
 
 
 def recording(execute, commands):

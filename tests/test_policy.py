@@ -228,11 +228,12 @@ def test_may_signal(stages: tuple[str, ...], expected: bool) -> None:
 
 
 def test_default_bound() -> None:
-    # connect 5 + 3 commands 15; powerdown 60 + 2 commands 10; agent 60 + 9 commands 45;
+    # connect 5 + 3 commands 15; powerdown 60 + 4 commands 20; agent 60 + 9 commands 45;
     # before force: the screenshot (and at the end) 2 commands 10, the freeze 10 + a command 5;
-    # quit command 5 + 30; terminate 10; kill 10; the diagnosis 10.
-    assert ShutdownPolicy().bound == 285.0
-    assert ShutdownPolicy(diagnose=False).bound == 275.0
+    # quit command 5 + 30; terminate 10; kill 10; the button's reboot action set and put
+    # back 2 commands 10; the diagnosis 10.
+    assert ShutdownPolicy().bound == 295.0
+    assert ShutdownPolicy(diagnose=False).bound == 285.0
 
 
 # Distinct values so that a term counted twice or left out changes the sum.
@@ -254,18 +255,19 @@ DISTINCT = {
     ("stages", "expected"),
     [
         # Always: connect 2 + 3 commands 9 = 11.
-        # powerdown: 7 + 2 commands 6 = 13; quit: command 3 + 11 = 14.
+        # powerdown: 7 + 4 commands 12 = 19 (the press at the deadline, confirming the power-off,
+        # the reboot action set and put back); quit: command 3 + 11 = 14.
         # agent: 19 + 9 commands 27 = 46; with a forced rung, the screenshot's 2 commands 6
         # and the freeze: 23 + a command 3 = 26. save: 7 commands 21 + 19 + quit_timeout 11 = 51.
-        # With a graceful rung, the diagnosis: 29.
-        (("powerdown", "quit", "terminate", "kill"), 11 + 13 + 29 + 6 + 26 + 14 + 13 + 17),
-        (("powerdown", "agent", "quit"), 11 + 13 + 46 + 29 + 6 + 26 + 14),
-        (("agent", "powerdown"), 11 + 46 + 13 + 29),
-        (("powerdown",), 11 + 13 + 29),
+        # With a graceful rung, the diagnosis: 29. powerdown: 7 + 4 commands 12 = 19.
+        (("powerdown", "quit", "terminate", "kill"), 11 + 19 + 29 + 6 + 26 + 14 + 13 + 17),
+        (("powerdown", "agent", "quit"), 11 + 19 + 46 + 29 + 6 + 26 + 14),
+        (("agent", "powerdown"), 11 + 46 + 19 + 29),
+        (("powerdown",), 11 + 19 + 29),
         (("quit",), 11 + 6 + 26 + 14),
         (("terminate", "kill"), 11 + 6 + 26 + 13 + 17),
-        (("powerdown", "kill"), 11 + 13 + 29 + 6 + 26 + 17),
-        (("powerdown", "save", "quit"), 11 + 13 + 29 + 51 + 6 + 26 + 14),
+        (("powerdown", "kill"), 11 + 19 + 29 + 6 + 26 + 17),
+        (("powerdown", "save", "quit"), 11 + 19 + 29 + 51 + 6 + 26 + 14),
         (("save",), 11 + 51 + 6 + 26),
     ],
 )

@@ -130,7 +130,8 @@ def test_the_bound_is_connecting_three_commands_and_the_budgets():
     # With a graceful rung, the diagnosis right after it.
     expected += sum(action.budget(policy) for action in AFTER_GRACEFUL)
     assert policy.bound == pytest.approx(expected)
-    button = policy.powerdown_timeout + 2 * 0.2
+    # the press at the deadline, confirming the power-off; the reboot action set and put back
+    button = policy.powerdown_timeout + 4 * 0.2
     assert plan_budget(policy, [PowerButton()]) == button + policy.diagnose_timeout
     quiet = attrs.evolve(policy, diagnose=False)
     assert plan_budget(quiet, [PowerButton()]) == button

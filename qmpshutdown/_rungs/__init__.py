@@ -18,12 +18,14 @@ from .diagnose import Diagnose
 from .freeze import FreezeBeforeForce
 from .powerdown import PowerButton
 from .quit import Quit
+from .reboot import REBOOT_AS_SHUTDOWN
 from .save import Save
 from .screenshot import Screenshot
 from .signals import KILL, LAST_RESORT_KILL, TERMINATE
 
 __all__ = (
-    "AFTER_GRACEFUL", "BEFORE_FORCE", "LAST_RESORT_KILL", "RUNG_FOR", "Action", "Rung", "plan",
+    "AFTER_GRACEFUL", "BEFORE_FORCE", "LAST_RESORT_KILL", "REBOOT_AS_SHUTDOWN", "RUNG_FOR",
+    "Action", "Rung", "plan",
     "plan_budget",
 )  # fmt: skip
 

@@ -14,6 +14,7 @@ from .._steps import Ended, OpenStep
 from .._waits import GuestWait
 from .base import Budgeted, no_monitor
 from .listen import InhibitorListener
+from .reboot import REBOOT_AS_SHUTDOWN
 
 # Runstates in which a press is pointless or harmful (see QEMU-FACTS).
 PAUSED_STATES = frozenset({"paused", "prelaunch", "debug", "io-error", "watchdog"})
@@ -60,11 +61,22 @@ class PowerButton(Budgeted):
             return Ended(Outcome.SKIPPED, f"guest is in runstate {runstate}", Cause.MIGRATING)
         elif runstate != "running":
             return Ended(Outcome.SKIPPED, f"unexpected runstate {runstate!r}")
+        # A reboot is not a refusal: while the button is pressed, the guest's reset ends QEMU.
+        said = await REBOOT_AS_SHUTDOWN.prepare(qemu)
+        if said:
+            step.note(said)
         async with qemu.sampling():
-            return await self.press_until_off(qemu, step, cause)
+            return await self.press_until_off(qemu, step, cause, said)
 
-    async def press_until_off(self, qemu: Qemu, step: OpenStep, cause: Cause | None) -> Ended:
+    async def press_until_off(
+        self, qemu: Qemu, step: OpenStep, cause: Cause | None, said: str = ""
+    ) -> Ended:
         policy = qemu.policy
+
+        def pressed(what: str = "") -> str:
+            done = _pressed(qemu, what)
+            return f"{said}; {done}" if said and done else said or done
+
         wait = GuestWait.begin(qemu, policy.powerdown_timeout)
         if policy.patience is Patience.ADAPTIVE and policy.diagnose and qemu.agent is not None:
             wait.listen = InhibitorListener(qemu)  # a held inhibitor asks for time
@@ -77,7 +89,7 @@ class PowerButton(Budgeted):
                 # QEMU closing its monitor is how an exit begins (a panic's poweroff, a guest
                 # that just powered off): its process ends a moment later.
                 ended = await qemu.wait_gone_or(
-                    policy.command_timeout, step, _pressed(qemu, "system_powerdown failed")
+                    policy.command_timeout, step, pressed("system_powerdown failed")
                 )
                 if ended.outcome is Outcome.DONE:
                     return ended
@@ -85,11 +97,11 @@ class PowerButton(Budgeted):
             if failure is not None:
                 if isinstance(failure, TimeoutError):
                     cause = Cause.MONITOR_UNRESPONSIVE
-                return Ended(Outcome.FAILED, _pressed(qemu, "system_powerdown failed"), cause)
+                return Ended(Outcome.FAILED, pressed("system_powerdown failed"), cause)
             qemu.presses += 1
             again = f" again (press {qemu.presses})" if qemu.presses > 1 else ""
             qemu.recorder.say(f"pressed the power button{again}", stage=self.stage)
-            step.note(_pressed(qemu), say=False)
+            step.note(pressed(), say=False)
             wait.pressed()
             interval = policy.repress_interval
             next_press = anyio.current_time() + (math.inf if interval is None else interval)
@@ -97,7 +109,7 @@ class PowerButton(Budgeted):
             if seen is not Guest.WAITING:
                 return qemu.guest_ended(seen, step, cause)
             if wait.over is not None:
-                return Ended(Outcome.TIMEOUT, _pressed(qemu, wait.why_over()), cause)
+                return Ended(Outcome.TIMEOUT, pressed(wait.why_over()), cause)
 
 
 async def wake(qemu: Qemu) -> bool:

@@ -3,7 +3,7 @@
 One test per way a guest fails to stop, each asserting the exact record: the
 rung, graceful, the reason, the presses, the cause and the step outcomes.
 Hostile cases (a hung QEMU, a held monitor, wrong pids, cancellation, a guest
-rebooting in a loop) are in test_faults.py.
+rebooting on the press) are in test_faults.py; the reboot action in test_reboot_guests.py.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """A stand-in QEMU for profiling the library's own CPU cost (no guest, no TCG noise).
 
-    fakeqemu.py SOCKET [DELAY_MS]
+    fakeqemu.py SOCKET [DELAY_MS [VERSION]]
 
 Serves QMP clients (one at a time) on a unix socket the way QEMU does for a cooperative
 guest: greeting, ``qmp_capabilities``, ``query-status`` → running,
 ``system_powerdown`` → POWERDOWN, then after DELAY_MS (default 5) SHUTDOWN
-``{"guest": true, "reason": "guest-shutdown"}`` and exit. The tests' ``fakes``
+``{"guest": true, "reason": "guest-shutdown"}`` and exit; ``set-action`` is answered
+like any other command, or with CommandNotFound when VERSION (default 7.2) is older
+than 6.0, as such a QEMU does. The tests' ``fakes``
 fixture and benchmarks/profile_cpu.py, fleetbench.py and longrun.py run it
 through a copy of the interpreter named ``qemu-system-fake`` so that
 qmpshutdown pins it like a real QEMU (it checks /proc/PID/exe).
@@ -21,7 +23,7 @@ import sys
 import time
 
 
-def main(path: str, delay_ms: float) -> None:
+def main(path: str, delay_ms: float, version: tuple[int, int] = (7, 2)) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind elsewhere and rename once listening: a client never meets a refusing socket.
     server.bind(path + ".tmp")
@@ -32,11 +34,11 @@ def main(path: str, delay_ms: float) -> None:
         conn, _ = server.accept()
         conn.settimeout(30)
         with contextlib.suppress(OSError):  # a client that hung up mid-way
-            serve(conn, delay_ms)
+            serve(conn, delay_ms, version)
         conn.close()
 
 
-def serve(conn: socket.socket, delay_ms: float) -> None:
+def serve(conn: socket.socket, delay_ms: float, version: tuple[int, int] = (7, 2)) -> None:
     """Serve one client until it hangs up (or this process exits)."""
 
     def send(obj: object) -> None:
@@ -52,7 +54,8 @@ def serve(conn: socket.socket, delay_ms: float) -> None:
             msg["data"] = data
         send(msg)
 
-    send({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
+    major, minor = version
+    send({"QMP": {"version": {"qemu": {"micro": 0, "minor": minor, "major": major}, "package": ""},
                   "capabilities": ["oob"]}})  # fmt: skip
     # Clients need not end a command with a newline (qemu.qmp does not): parse the stream.
     decoder = json.JSONDecoder()
@@ -72,6 +75,9 @@ def serve(conn: socket.socket, delay_ms: float) -> None:
         reply: dict[str, object] = {"return": {}}
         if command == "query-status":
             reply = {"return": {"status": "running", "singlestep": False, "running": True}}
+        elif command == "set-action" and version < (6, 0):
+            desc = "The command set-action has not been found"
+            reply = {"error": {"class": "CommandNotFound", "desc": desc}}
         if ident is not None:
             reply["id"] = ident
         send(reply)
@@ -86,4 +92,6 @@ def serve(conn: socket.socket, delay_ms: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 5.0)
+    given = sys.argv[3].split(".") if len(sys.argv) > 3 else ["7", "2"]
+    main(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 5.0,
+         (int(given[0]), int(given[1])))  # fmt: skip

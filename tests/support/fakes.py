@@ -25,11 +25,26 @@ def _fire(callback: Callable[[], None], waiting: list[bool]) -> None:
         callback()
 
 
-class FakeProcess:
-    """A process that exits when told to, or on the signals it does not ignore."""
+#: A fake QEMU's command line when none is given: QEMU's default reboot action (reset).
+QEMU_ARGV = ("qemu-system-x86_64", "-nodefaults")
 
-    def __init__(self, pid: int = 4242, *, ignores: frozenset[int] = frozenset(), stopped=False):
+
+class FakeProcess:
+    """A process that exits when told to, or on the signals it does not ignore.
+
+    *argv* is its command line (``command_line()``); None: it cannot be read.
+    """
+
+    def __init__(
+        self,
+        pid: int = 4242,
+        *,
+        ignores: frozenset[int] = frozenset(),
+        stopped=False,
+        argv: tuple[str, ...] | None = QEMU_ARGV,
+    ):
         self._pid = pid
+        self.argv = argv
         self.ignores = ignores
         self.stopped = stopped
         self.signals: list[int] = []
@@ -62,6 +77,9 @@ class FakeProcess:
 
     def has_exited(self) -> bool:
         return self.exited.is_set()
+
+    def command_line(self) -> tuple[str, ...] | None:
+        return self.argv
 
     def is_stopped(self) -> bool:
         return self.stopped
@@ -151,7 +169,12 @@ class FakeMonitor:
 
 
 class FakeQemu:
-    """A scripted QEMU: a runstate, a guest behaviour, a process and a monitor."""
+    """A scripted QEMU: a runstate, a guest behaviour, a process and a monitor.
+
+    ``set_action=False`` is a QEMU older than 6.0 (``set-action`` is CommandNotFound);
+    :attr:`reboot` is its reboot action (``shutdown`` under ``-no-reboot`` in its
+    process's argv), :attr:`actions` every ``set-action`` it was sent.
+    """
 
     def __init__(
         self,
@@ -161,6 +184,7 @@ class FakeQemu:
         no_shutdown: bool = False,
         quit: str = "reply-then-exit",
         process: FakeProcess | None = None,
+        set_action: bool = True,
     ) -> None:
         self.runstate = runstate
         self.guest = guest
@@ -169,6 +193,9 @@ class FakeQemu:
         self.process = process if process is not None else FakeProcess()
         self.monitor = FakeMonitor(self)
         self.presses = 0
+        argv = self.process.argv or ()
+        self.reboot = "shutdown" if "-no-reboot" in argv else "reset"
+        self.actions: list[Mapping[str, object]] = []
         self.handlers: dict[str, Handler] = {
             "query-status": FakeQemu.query_status,
             "system_powerdown": FakeQemu.system_powerdown,
@@ -176,6 +203,8 @@ class FakeQemu:
             "cont": FakeQemu.cont,
             "quit": FakeQemu.quit,
         }
+        if set_action:  # QEMU >= 6.0
+            self.handlers["set-action"] = FakeQemu.set_action
 
     # -- the guest ---------------------------------------------------------------
     def power_off(self, reason: str = "guest-shutdown") -> None:
@@ -206,7 +235,10 @@ class FakeQemu:
             if self.presses >= int(self.guest.removeprefix("needs-")):
                 self.power_off()
         elif self.guest == "reboots":
-            self.monitor.emit("RESET", guest=True, reason="guest-reset")
+            if self.reboot == "shutdown":  # -no-reboot, or set-action reboot=shutdown
+                self.power_off("guest-reset")
+            else:
+                self.monitor.emit("RESET", guest=True, reason="guest-reset")
         elif self.guest == "panics":
             self.runstate = "guest-panicked"
             self.monitor.emit("GUEST_PANICKED", action="pause")
@@ -236,6 +268,13 @@ class FakeQemu:
             raise CommandError("system_wakeup", "GenericError", "not suspended")
         self.runstate = "running"
         self.monitor.emit("WAKEUP")
+        return {}
+
+    async def set_action(self, arguments: Mapping[str, object] | None) -> object:
+        self.actions.append(dict(arguments or {}))
+        reboot = (arguments or {}).get("reboot")
+        if reboot is not None:
+            self.reboot = str(reboot)
         return {}
 
     async def cont(self, arguments: Mapping[str, object] | None) -> object:
