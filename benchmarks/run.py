@@ -59,6 +59,7 @@ CASES = ("cooperative", "forced", "hung", "many", "import", "fleet", "fastpath")
 KEPT = (
     ("<!-- save benchmark: begin -->", "<!-- save benchmark: end -->"),
     ("<!-- fast path notes: begin -->", "<!-- fast path notes: end -->"),
+    ("<!-- listen benchmark: begin -->", "<!-- listen benchmark: end -->"),
 )
 
 

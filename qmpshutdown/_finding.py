@@ -41,7 +41,7 @@ class Finding:
 
     :ivar kind: what it is: ``inhibitor``, ``power-key``, ``stop-job``,
         ``pending-reboot``, ``updating``, ``logon-required``,
-        ``shutdown-reason-prompt`` or ``agent-silent`` (:data:`KINDS`).
+        ``shutdown-reason-prompt`` or ``agent-silent``.
     :ivar detail: one human line: who, why, since when, where it was set.
     :ivar source: what was asked, e.g. the command line run in the guest.
     """
