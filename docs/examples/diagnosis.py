@@ -45,7 +45,8 @@ async def record(factory: GuestFactory, scenario: str, out: dict[str, str]) -> N
         result = failed.result
     lines = [f"$ # {scenario}: {SCENARIOS[scenario]}", result.summary()]
     for step in result.steps:
-        lines.append(f"  {step.stage.value:9} {step.outcome.value:8} {step.detail}")
+        took = step.ended - step.started
+        lines.append(f"  {step.stage.value:9} {step.outcome.value:8} {took:5.2f}s  {step.detail}")
     for finding in result.diagnosis or ():
         lines.append(f"  guest said: {finding}")
         lines.append(f"    (asked: {finding.source})")

@@ -25,11 +25,18 @@ import re
 import anyio
 
 from .. import _finding as kinds
-from .._agent import AgentError, AgentRefused, enabled_commands, guest_exec, read_guest_info
+from .._agent import (
+    AgentClient,
+    AgentError,
+    AgentRefused,
+    enabled_commands,
+    guest_exec,
+    read_guest_info,
+)
 from .._finding import Finding
 from .._policy import Stage
 from .._qemu import Qemu
-from .._questions import OUTPUT_CAP, Answer, Unreadable, merge, questions_for
+from .._questions import OUTPUT_CAP, Answer, Question, Unreadable, merge, questions_for
 from .._result import Outcome
 from .._steps import Ended, OpenStep
 from .._verdict import said_cause
@@ -39,6 +46,20 @@ from .freeze import drop_if_closed
 #: The agent commands the questions need (``guest-info`` lists which are enabled).
 EXEC_COMMANDS = frozenset({"guest-exec", "guest-exec-status"})
 _DISABLED = re.compile(r"disabled|not (?:found|supported|allowed)", re.IGNORECASE)
+
+
+async def ask(client: AgentClient, question: Question) -> Answer:
+    """Run *question*'s command in the guest (``guest-exec``); its output, decoded and capped.
+
+    The caller bounds it. :raises: what :func:`~.._agent.guest_exec` raises.
+    """
+    output = await guest_exec(client, question.argv, cap=OUTPUT_CAP)
+    return Answer(
+        exitcode=output.exitcode,
+        stdout=output.stdout.decode(errors="replace"),
+        stderr=output.stderr.decode(errors="replace"),
+        truncated=output.truncated,
+    )
 
 
 class Diagnose(Budgeted):
@@ -84,7 +105,7 @@ class Diagnose(Budgeted):
         for asked, question in enumerate(questions):
             try:
                 with anyio.fail_after(qemu.policy.command_timeout):
-                    output = await guest_exec(client, question.argv, cap=OUTPUT_CAP)
+                    answer = await ask(client, question)
             except TimeoutError:
                 return await self._silent(qemu, findings, question.source, asked)
             except AgentRefused as err:
@@ -95,12 +116,6 @@ class Diagnose(Budgeted):
             except AgentError as err:
                 await drop_if_closed(link, err)
                 return await self._silent(qemu, findings, question.source, asked, str(err))
-            answer = Answer(
-                exitcode=output.exitcode,
-                stdout=output.stdout.decode(errors="replace"),
-                stderr=output.stderr.decode(errors="replace"),
-                truncated=output.truncated,
-            )
             try:
                 findings.extend(question.parse(answer))
             except Unreadable as err:

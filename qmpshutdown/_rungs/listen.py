@@ -17,11 +17,11 @@ from __future__ import annotations
 import anyio
 
 from .. import _finding as kinds
-from .._agent import AgentError, enabled_commands, guest_exec, read_guest_info
+from .._agent import AgentError, enabled_commands, read_guest_info
 from .._qemu import Qemu
-from .._questions import OUTPUT_CAP, Answer, Question, Unreadable, inhibitor_question
+from .._questions import Question, Unreadable, inhibitor_question
 from .base import reach_agent
-from .diagnose import EXEC_COMMANDS
+from .diagnose import EXEC_COMMANDS, ask
 from .freeze import drop_if_closed
 
 
@@ -55,19 +55,13 @@ class InhibitorListener:
                     self.question = inhibitor_question(link.info.os_id)
                     if self.question is None:
                         return None
-                output = await guest_exec(client, self.question.argv, cap=OUTPUT_CAP)
+                answer = await ask(client, self.question)
         except TimeoutError:
             return None
         except AgentError as err:
             await drop_if_closed(link, err)
             return None
         self.asked += 1
-        answer = Answer(
-            exitcode=output.exitcode,
-            stdout=output.stdout.decode(errors="replace"),
-            stderr=output.stderr.decode(errors="replace"),
-            truncated=output.truncated,
-        )
         try:
             held = [f for f in self.question.parse(answer) if f.kind == kinds.INHIBITOR]
         except Unreadable:

@@ -95,11 +95,39 @@ class ImagesUnavailable(RuntimeError):
 
 # --------------------------------------------------------------------------- host probes
 
-_images: Path | None = None
-_images_error: str | None = None
+#: What each build script gave this session: its build directory, or why it failed.
+_built: dict[Path, Path | str] = {}
 _accel: list[str] | None = None
 #: Every QEMU any factory started in this process (for the session-end safety net).
 _started: list[subprocess.Popen[bytes]] = []
+
+
+def _build_once(script: Path, build_dir: Path, names: Sequence[str]) -> Path:
+    """Run *script* once per session (a no-op when its stamp is current); its *build_dir*.
+
+    :raises ImagesUnavailable: when it fails, or leaves one of *names* missing (again on
+        every later call, without running it again).
+    """
+    done = _built.get(script)
+    if isinstance(done, Path):
+        return done
+    if isinstance(done, str):
+        raise ImagesUnavailable(done)
+    try:
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=900, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _built[script] = f"{script} failed to run: {err}"
+        raise ImagesUnavailable(_built[script]) from err
+    if proc.returncode != 0:
+        _built[script] = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
+        raise ImagesUnavailable(_built[script])
+    for name in names:
+        if not (build_dir / name).is_file():
+            _built[script] = f"{script} succeeded but left no {build_dir / name}"
+            raise ImagesUnavailable(_built[script])
+    _built[script] = build_dir
+    return build_dir
 
 
 def images_dir() -> Path:
@@ -107,36 +135,8 @@ def images_dir() -> Path:
 
     :raises ImagesUnavailable: when build.py fails (its message says what is missing).
     """
-    global _images, _images_error
-    if _images is not None:
-        return _images
-    if _images_error is not None:
-        raise ImagesUnavailable(_images_error)
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(BUILD_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        _images_error = f"{BUILD_SCRIPT} failed to run: {err}"
-        raise ImagesUnavailable(_images_error) from err
-    if proc.returncode != 0:
-        _images_error = (proc.stderr or proc.stdout).strip() or f"exit status {proc.returncode}"
-        raise ImagesUnavailable(_images_error)
-    build_dir = BUILD_SCRIPT.parent / "build"
-    for name in ("vmlinuz", "initramfs.img", "initramfs-agent.img"):
-        if not (build_dir / name).is_file():
-            _images_error = f"{BUILD_SCRIPT} succeeded but left no {build_dir / name}"
-            raise ImagesUnavailable(_images_error)
-    _images = build_dir
-    return _images
-
-
-_systemd_images: Path | None = None
-_systemd_images_error: str | None = None
+    names = ("vmlinuz", "initramfs.img", "initramfs-agent.img")
+    return _build_once(BUILD_SCRIPT, BUILD_SCRIPT.parent / "build", names)
 
 
 def systemd_images_dir() -> Path:
@@ -146,37 +146,9 @@ def systemd_images_dir() -> Path:
 
     :raises ImagesUnavailable: when the build fails (its message says what is missing).
     """
-    global _systemd_images, _systemd_images_error
-    if _systemd_images is not None:
-        return _systemd_images
-    if _systemd_images_error is not None:
-        raise ImagesUnavailable(_systemd_images_error)
     images_dir()  # the kernel, and the busybox build's error first if that fails
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(SYSTEMD_BUILD_SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        _systemd_images_error = f"{SYSTEMD_BUILD_SCRIPT} failed to run: {err}"
-        raise ImagesUnavailable(_systemd_images_error) from err
-    if proc.returncode != 0:
-        _systemd_images_error = (
-            proc.stderr or proc.stdout
-        ).strip() or f"exit status {proc.returncode}"
-        raise ImagesUnavailable(_systemd_images_error)
     build_dir = SYSTEMD_BUILD_SCRIPT.parent / "build" / "systemd"
-    for name in ("root.qcow2", "initramfs.img"):
-        if not (build_dir / name).is_file():
-            _systemd_images_error = (
-                f"{SYSTEMD_BUILD_SCRIPT} succeeded but left no {build_dir / name}"
-            )
-            raise ImagesUnavailable(_systemd_images_error)
-    _systemd_images = build_dir
-    return _systemd_images
+    return _build_once(SYSTEMD_BUILD_SCRIPT, build_dir, ("root.qcow2", "initramfs.img"))
 
 
 def qemu_available() -> bool:
