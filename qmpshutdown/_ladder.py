@@ -56,9 +56,11 @@ async def ladder(qemu: Qemu, rungs: Sequence[Rung], actions: Sequence[Action]) -
         if skip is not None:
             qemu.recorder.skip(rung.stage, skip)
         else:
-            await take_step(qemu, rung.stage, rung.budget(qemu.policy), rung.run)
-            if not rung.forced and not qemu.gone and not qemu.guest_off:
-                for action in AFTER_GRACEFUL:  # the guest stays: ask it why, once
+            ended = await take_step(qemu, rung.stage, rung.budget(qemu.policy), rung.run)
+            # The guest was asked (the rung ran, not skipped) and stays: ask it why, once.
+            asked = ended.outcome in (Outcome.TIMEOUT, Outcome.FAILED)
+            if not rung.forced and asked and not qemu.gone and not qemu.guest_off:
+                for action in AFTER_GRACEFUL:
                     if action.applies(qemu):
                         await take_step(qemu, action.stage, action.budget(qemu.policy), action.run)
     if qemu.guest_off and not qemu.gone and not any(rung.forced for rung in rungs):
@@ -67,8 +69,8 @@ async def ladder(qemu: Qemu, rungs: Sequence[Rung], actions: Sequence[Action]) -
 
 async def take_step(
     qemu: Qemu, stage: Stage, budget: float, run: Callable[[Qemu, OpenStep], Awaitable[Ended]]
-) -> None:
-    """Run one rung or action as one recorded step, held to its *budget*."""
+) -> Ended:
+    """Run one rung or action as one recorded step, held to its *budget*; how it ended."""
     with qemu.recorder.step(stage, qemu.ended_by_cancel) as step:
         with anyio.move_on_after(budget) as scope:
             ended: Ended = await run(qemu, step)
@@ -81,6 +83,7 @@ async def take_step(
             gone = qemu.gone_ended(step, ended.detail)
             ended = attrs.evolve(gone, cause=ended.cause)
         step.end(ended)
+    return ended
 
 
 async def climb(

@@ -150,8 +150,8 @@ def likely_cause(
     activity: Activity | None = None,
     diagnosis: Sequence[Finding] | None = None,
 ) -> Cause | None:
-    """Why the guest did not power itself off: what the guest said, else the first cause a
-    step named, else the events'.
+    """Why the guest did not power itself off: what the guest said, else a panic QEMU
+    reported, else the first cause a step named, else the other events'.
 
     What the guest itself said (its *diagnosis*, :func:`said_cause`) comes first.
     A Windows guest (its agent said so) that ignored the button with nobody
@@ -162,14 +162,16 @@ def likely_cause(
     said = said_cause(diagnosis, guest_users)
     if said is not None:
         return said
+    names = {event.event for event in events}
+    if "GUEST_PANICKED" in names or shutdown_reason(events) == "guest-panic":
+        # QEMU said so: beats what a step met afterwards (a monitor that stopped answering
+        # while QEMU 7.2 ended after the panic, with a press in flight).
+        return Cause.PANICKED
     named = next((step.cause for step in steps if step.cause is not None), None)
     if named is not None:
         return named
     if runstate is None and steps:
         return Cause.MONITOR_UNRESPONSIVE
-    names = {event.event for event in events}
-    if "GUEST_PANICKED" in names or shutdown_reason(events) == "guest-panic":
-        return Cause.PANICKED
     if runstate == "suspended" or "SUSPEND" in names:
         return Cause.ASLEEP
     if any(e.event == "RESET" and e.data.get("guest", True) for e in events):

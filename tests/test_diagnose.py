@@ -228,6 +228,17 @@ async def test_a_guest_that_goes_at_the_press_is_never_asked(tmp_path):
     assert result.diagnosis is None and agent.commands == []
 
 
+async def test_a_guest_found_panicked_is_never_asked(tmp_path):
+    # The power button is skipped (nobody is there to press for): the guest was never asked
+    # to go, and a panicked guest's agent cannot answer. Asking would waste a command_timeout,
+    # and a QEMU killed from outside meanwhile would leave a record ended by no rung.
+    fake = FakeQemu(guest="ignores", runstate="guest-panicked")
+    result, agent, _ = await stop(tmp_path, fake, osinfo=DEBIAN, exec_outputs=linux_outputs())
+    assert "diagnose" not in [s.stage.value for s in result.steps]
+    assert result.step("powerdown").outcome.value == "skipped"
+    assert result.diagnosis is None and agent.execs == []
+
+
 async def test_diagnose_off_asks_nothing(tmp_path):
     fake = FakeQemu(guest="ignores")
     policy = attrs.evolve(POLICY, diagnose=False)

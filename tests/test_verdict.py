@@ -97,6 +97,14 @@ def test_is_graceful(stage, events, runstate, expected) -> None:
             "running", 1, Cause.PANICKED, id="panicked",
         ),
         pytest.param(
+            [
+                step("powerdown", "failed", Cause.MONITOR_UNRESPONSIVE),
+                step("quit", "failed"), step("terminate", "done"),
+            ],
+            [event("GUEST_PANICKED", action="poweroff"), shutdown("guest-panic", True)],
+            "running", 1, Cause.PANICKED, id="a-panic-beats-the-monitor-hung-after-it",
+        ),
+        pytest.param(
             [step("powerdown", "timeout")], [event("SUSPEND")], "running", 2, Cause.ASLEEP,
             id="fell-asleep",
         ),

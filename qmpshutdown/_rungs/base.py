@@ -19,6 +19,9 @@ from .._qemu import Qemu
 from .._result import Cause, Outcome
 from .._steps import Ended, OpenStep
 
+#: Runstates of a guest that panicked: nobody is there to press for, or to answer its agent.
+PANICKED_STATES = frozenset({"guest-panicked", "internal-error"})
+
 
 class Rung(Protocol):
     """One rung of the ladder."""

@@ -40,7 +40,7 @@ from .._questions import OUTPUT_CAP, Answer, Question, Unreadable, merge, questi
 from .._result import Outcome
 from .._steps import Ended, OpenStep
 from .._verdict import said_cause
-from .base import Budgeted, reach_agent
+from .base import PANICKED_STATES, Budgeted, reach_agent
 from .freeze import drop_if_closed
 
 #: The agent commands the questions need (``guest-info`` lists which are enabled).
@@ -75,6 +75,8 @@ class Diagnose(Budgeted):
             and not link.diagnosed
             and not qemu.gone
             and not qemu.guest_off
+            and not qemu.watch.panicked  # a panicked guest's agent cannot answer
+            and qemu.runstate not in PANICKED_STATES
         )
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:

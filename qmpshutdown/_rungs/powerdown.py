@@ -12,13 +12,12 @@ from .._qemu import Guest, Qemu
 from .._result import Cause, Outcome
 from .._steps import Ended, OpenStep
 from .._waits import GuestWait
-from .base import Budgeted, no_monitor
+from .base import PANICKED_STATES, Budgeted, no_monitor
 from .listen import InhibitorListener
 from .reboot import REBOOT_AS_SHUTDOWN
 
 # Runstates in which a press is pointless or harmful (see QEMU-FACTS).
 PAUSED_STATES = frozenset({"paused", "prelaunch", "debug", "io-error", "watchdog"})
-PANICKED_STATES = frozenset({"guest-panicked", "internal-error"})
 MIGRATING_STATES = frozenset(
     {"inmigrate", "postmigrate", "finish-migrate", "colo", "save-vm", "restore-vm"}
 )

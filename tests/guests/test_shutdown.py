@@ -192,7 +192,13 @@ async def test_panicked_guest_paused_by_pvpanic_is_not_pressed(guests):
 async def test_guest_panicking_while_pressed_is_recorded_as_panicked(guests):
     # the default panic action shuts QEMU down: SHUTDOWN reason guest-panic
     guest = await guests.boot("panics", arg=1, extra_args=["-device", "pvpanic"])
-    result = await stop(guest, attrs.evolve(POLICY, powerdown_timeout=20.0))
+    # No QMP command in flight as QEMU ends after the panic (no second press, one reading at
+    # the start): QEMU 7.2 then sometimes never exits and stops answering its monitor
+    # (measured: 1 in 10 with a client polling query-status on a loaded host, 0 in 20
+    # without). The ladder then forces it, cause still panicked (tests/test_verdict.py).
+    policy = attrs.evolve(POLICY, powerdown_timeout=20.0, repress_interval=None,
+                          sample_interval=30.0)  # fmt: skip
+    result = await stop(guest, policy)
     assert (result.stage, result.graceful, result.reason, result.cause) == (
         Stage.POWERDOWN,
         False,
