@@ -165,7 +165,7 @@ def likely_cause(
     names = {event.event for event in events}
     if "GUEST_PANICKED" in names or shutdown_reason(events) == "guest-panic":
         # QEMU said so: beats what a step met afterwards (a monitor that stopped answering
-        # while QEMU 7.2 ended after the panic, with a press in flight).
+        # while QEMU 7.2 ended after the panic, with a QMP command in flight).
         return Cause.PANICKED
     named = next((step.cause for step in steps if step.cause is not None), None)
     if named is not None:
