@@ -76,7 +76,9 @@ async def take_step(
             ended: Ended = await run(qemu, step)
         if scope.cancelled_caught:
             over = f"over its budget of {budget:g} s"
-            ended = Ended(Outcome.TIMEOUT, f"{step.so_far}; {over}" if step.so_far else over)
+            detail = f"{step.so_far}; {over}" if step.so_far else over
+            failed = step.failing is not None
+            ended = Ended(Outcome.FAILED if failed else Outcome.TIMEOUT, detail, step.failing)
         if stage in RUNGS and ended.outcome is not Outcome.DONE and qemu.exited_now():
             # QEMU went while the rung ended some other way (an agent probe met its closing
             # socket): the rung in progress when it went is the one that ended it.

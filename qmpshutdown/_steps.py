@@ -44,6 +44,8 @@ class OpenStep:
         self.so_far = ""  #: what the step has done so far (kept if QEMU goes mid-step)
         self.path: str | None = None  #: a file the step wrote whole (kept if QEMU goes)
         self.ended: Ended | None = None
+        #: set once part of the step failed: if its budget then runs out, it failed for this
+        self.failing: Cause | None = None
 
     def wrote(self, path: str) -> None:
         """Keep *path* as the file this step wrote (its record's ``path``, however it ends)."""

@@ -84,6 +84,20 @@ async def test_quit_reply_that_never_comes_moves_on_to_sigterm():
     assert qemu.process.signals == [signal.SIGTERM]
 
 
+async def test_quit_acted_on_but_answered_late_is_still_quit_once_qemu_exits():
+    # Seen in CI: 8 TCG guests on 2 cores, a deadline's 60 ms command_timeout, SHUTDOWN
+    # host-qmp-quit, then the exit; the ladder used to call the monitor unresponsive and
+    # send SIGTERM to a QEMU already on its way out.
+    qemu = FakeQemu(guest="ignores", quit="late")
+    qemu.late_by = FAST.command_timeout + FAST.quit_timeout / 2  # the reply: never
+    result = await run(qemu)
+    assert result.stage is Stage.QUIT
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+    assert "no reply to quit" in result.steps[1].detail
+    assert result.cause is not Cause.MONITOR_UNRESPONSIVE
+    assert qemu.process.signals == []
+
+
 async def test_sigterm_ignored_then_sigkill():
     qemu = FakeQemu(guest="ignores", quit="ignore", process=FakeProcess(ignores=frozenset({15})))
     result = await run(qemu)
@@ -280,8 +294,10 @@ async def test_guest_that_reboots_on_every_press_of_an_old_qemu_is_forced_with_c
     qemu = FakeQemu(guest="reboots", set_action=False)  # QEMU < 6.0: no set-action
     result = await run(qemu)
     assert (result.stage, result.cause) == (Stage.QUIT, Cause.REBOOTED)
-    assert result.presses == 3
-    assert [e.event for e in result.events].count("RESET") == 3
+    # One press at 0, re-presses every 0.1 s within 0.25 s: 3 on an idle host, fewer on a
+    # loaded one (seen: the quick suite on 2 workers). Each press is a reboot.
+    assert result.presses >= 2
+    assert [e.event for e in result.events].count("RESET") == result.presses
 
 
 async def test_no_shutdown_guest_off_then_quit_ends_qemu():

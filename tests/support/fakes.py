@@ -190,6 +190,7 @@ class FakeQemu:
         self.guest = guest
         self.no_shutdown = no_shutdown
         self.quit_behaviour = quit
+        self.late_by = 0.0  #: quit="late": how long past command_timeout QEMU takes to exit
         self.process = process if process is not None else FakeProcess()
         self.monitor = FakeMonitor(self)
         self.presses = 0
@@ -289,6 +290,11 @@ class FakeQemu:
         if behaviour == "ignore":
             return {}
         self.monitor.emit("SHUTDOWN", guest=False, reason="host-qmp-quit")
+        if behaviour == "late":
+            # A loaded host: QEMU acts on quit, but its reply comes after command_timeout.
+            # (QEMU's own clock: the caller giving up on the reply does not stop the exit.)
+            asyncio.get_running_loop().call_later(self.late_by, self.exit)
+            await anyio.sleep_forever()
         if behaviour == "eof":
             # QEMU closes the socket before its reply to quit is read.
             self.exit()
