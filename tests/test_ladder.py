@@ -13,7 +13,7 @@ import anyio.lowlevel
 import pytest
 
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
-from support.fakes import FakeProcess, FakeQemu
+from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
 
 pytestmark = pytest.mark.asyncio
@@ -22,18 +22,7 @@ FAST = FAKE
 
 
 async def run(qemu: FakeQemu, policy: ShutdownPolicy = FAST, *, with_process: bool = True):
-    with anyio.fail_after(10):
-        return await climb(
-            qemu.monitor,
-            qemu.process if with_process else None,
-            policy,
-            started=anyio.current_time(),
-            name="fake",
-        )
-
-
-def outcomes(result):
-    return [(step.stage.value, step.outcome.value) for step in result.steps]
+    return await climb_fake(qemu, policy, with_process=with_process)
 
 
 async def test_cooperative_guest_powers_off_on_the_first_press():

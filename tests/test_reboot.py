@@ -17,7 +17,7 @@ import pytest
 import qmpshutdown
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 from qmpshutdown._qemuargs import reboot_action
-from support.fakes import QEMU_ARGV, FakeProcess, FakeQemu
+from support.fakes import QEMU_ARGV, FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
 
 SET = {"reboot": "shutdown"}
@@ -27,18 +27,7 @@ NO_REBOOT = (*QEMU_ARGV, "-no-reboot")
 
 
 async def run(qemu: FakeQemu, policy: ShutdownPolicy = FAKE, *, with_process: bool = True):
-    with anyio.fail_after(10):
-        return await climb(
-            qemu.monitor,
-            qemu.process if with_process else None,
-            policy,
-            started=anyio.current_time(),
-            name="fake",
-        )
-
-
-def outcomes(result):
-    return [(step.stage.value, step.outcome.value) for step in result.steps]
+    return await climb_fake(qemu, policy, with_process=with_process)
 
 
 def record(result):

@@ -301,3 +301,22 @@ class FakeQemu:
             raise MonitorClosedError("quit: EOFError")
         self.exit()
         return {}
+
+
+async def climb_fake(qemu: FakeQemu, policy: Any, *, with_process: bool = True) -> Any:
+    """The ladder (``qmpshutdown.climb``) against *qemu*'s monitor and process, bounded."""
+    from qmpshutdown import climb
+
+    with anyio.fail_after(10):
+        return await climb(
+            qemu.monitor,
+            qemu.process if with_process else None,
+            policy,
+            started=anyio.current_time(),
+            name="fake",
+        )
+
+
+def outcomes(result: Any) -> list[tuple[str, str]]:
+    """Each step of a record as (stage, outcome)."""
+    return [(step.stage.value, step.outcome.value) for step in result.steps]

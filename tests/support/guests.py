@@ -360,16 +360,9 @@ def guest_argv(
         "-append", " ".join(append),
     ]  # fmt: skip
     if qmp:
-        argv += [
-            "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'},server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-        ]  # fmt: skip
+        argv += _qmp_args(workdir)
     if agent:
-        argv += [
-            "-chardev", f"socket,id=qga,path={workdir / 'qga.sock'},server=on,wait=off",
-            "-device", "virtio-serial-pci,id=vser0",
-            "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT_NAME}",
-        ]  # fmt: skip
+        argv += _agent_args(workdir)
     if disk:
         argv += [
             "-drive", f"file={workdir / 'disk.qcow2'},format=qcow2,if=none,id=disk0",
@@ -379,6 +372,23 @@ def guest_argv(
         argv += ["-device", "VGA"]
     argv.extend(extra_args)
     return argv
+
+
+def _qmp_args(workdir: Path) -> list[str]:
+    """QMP on workdir/qmp.sock (a server that does not wait for its client)."""
+    return [
+        "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]  # fmt: skip
+
+
+def _agent_args(workdir: Path) -> list[str]:
+    """The guest agent's virtio-serial port, on workdir/qga.sock."""
+    return [
+        "-chardev", f"socket,id=qga,path={workdir / 'qga.sock'},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT_NAME}",
+    ]  # fmt: skip
 
 
 def systemd_guest_argv(
@@ -417,15 +427,10 @@ def systemd_guest_argv(
         "-append", " ".join(append),
         "-drive", f"file={images / 'root.qcow2'},format=qcow2,if=none,id=root,snapshot=on",
         "-device", "virtio-blk-pci,drive=root",
-        "-chardev", f"socket,id=qga,path={workdir / 'qga.sock'},server=on,wait=off",
-        "-device", "virtio-serial-pci,id=vser0",
-        "-device", f"virtserialport,bus=vser0.0,chardev=qga,name={AGENT_PORT_NAME}",
+        *_agent_args(workdir),
     ]  # fmt: skip
     if qmp:
-        argv += [
-            "-chardev", f"socket,id=qmp,path={workdir / 'qmp.sock'},server=on,wait=off",
-            "-mon", "chardev=qmp,mode=control",
-        ]  # fmt: skip
+        argv += _qmp_args(workdir)
     argv.extend(extra_args)
     return argv
 
