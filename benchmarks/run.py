@@ -33,6 +33,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "tests"))
+# Every guest booted, none restored from a saved state (tests/support/saved.py): a restored
+# guest starts with an empty TCG translation cache, and its first press is slower.
+os.environ.setdefault("QMPSHUTDOWN_TEST_RESTORE", "0")
 sys.path.insert(0, str(HERE))
 
 # The libvirt domain is TCG (type 'qemu'): run the direct guests under TCG too.

@@ -14,6 +14,7 @@ Run: ``.venv/bin/python benchmarks/sampler_cost.py [N]`` (default 500).
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,9 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+# Every guest booted, none restored from a saved state (tests/support/saved.py): a restored
+# guest starts with an empty TCG translation cache, and its first press is slower.
+os.environ.setdefault("QMPSHUTDOWN_TEST_RESTORE", "0")
 
 from qmpshutdown import ShutdownPolicy
 from qmpshutdown._connect import connect_socket, handshake

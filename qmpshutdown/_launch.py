@@ -32,6 +32,7 @@ from ._monitor import close_client
 from ._policy import DEFAULT_POLICY, ShutdownPolicy, Stage
 from ._process import PidfdProcess
 from ._progress import ProgressCallback
+from ._qemuargs import without_incoming
 from ._restore import INCOMING_ARGS, load_state, open_state
 from ._result import ShutdownResult
 from ._rungs import LAST_RESORT_KILL, plan
@@ -206,7 +207,7 @@ class VM:
 
     async def _start_qemu(self, state_fd: int | None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="qmpshutdown-"))
-        argv = self.argv if state_fd is None else [*self.argv, *INCOMING_ARGS]
+        argv = self.argv if state_fd is None else [*without_incoming(self.argv), *INCOMING_ARGS]
         argv = command_line(argv, self._dir, console_log=self._console_log, agent=self.agent)
         self._popen = spawn(argv, self._dir / "stderr", self.name)
         self._process = PidfdProcess(self._popen.pid, os.pidfd_open(self._popen.pid))

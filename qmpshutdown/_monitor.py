@@ -17,15 +17,16 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
-from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.message import Message
 from qemu.qmp.protocol import Runstate
 
 from ._errors import CommandError, ConnectError, MonitorClosedError
+from ._events import EventCallback, EventQueue, RecentEvents, event_record
 from ._result import EventRecord
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ logger = logging.getLogger(__name__)
 CLOSE_GRACE = 1.0
 #: How many loop rounds a command waits, at most, for the client to read what QEMU sent.
 _READ_FIRST_ROUNDS = 20
-#: How many events a caller's client (``launch()``'s ``vm.monitor``) keeps, pending and past.
-EVENTS_KEPT = 1000
+
+
+class FdPassingUnsupported(Exception):
+    """The monitor cannot pass a file descriptor to QEMU (not QMP on a unix socket)."""
 
 
 class HandshakeTimeout(Exception):
@@ -111,7 +114,7 @@ class _Client(QMPClient):
         super().__init__(name)
         # Replace the default listener (unbounded queue and history) before anyone uses it.
         self._listeners.remove(self.events)
-        self.events = _RecentEvents()
+        self.events = RecentEvents()
         self.register_listener(self.events)
 
     def _cb_outbound(self, msg: Message) -> Message:
@@ -141,60 +144,6 @@ class _Client(QMPClient):
                 self.logger.debug("Discarding an exception from wait_closed", exc_info=True)
 
 
-#: Takes one event as it is read (:meth:`Monitor.on_event`).
-EventCallback = Callable[[EventRecord], None]
-
-
-class _EventQueue(EventListener):
-    """A listener that queues events without keeping a history (the default keeps all), or
-    hands each to a callback as qemu.qmp's reader reads it (no task, no queue).
-    """
-
-    callback: EventCallback | None = None
-
-    async def put(self, event: Any) -> None:
-        if not self.accept(event):
-            return
-        if self.callback is None:
-            self._queue.put_nowait(event)  # unbounded: never waits
-            return
-        try:
-            self.callback(event_record(event))
-        except Exception:  # the reader must go on: one bad event is not the connection's end
-            logger.exception("an event callback failed on %s", event.get("event"))
-
-
-class _RecentEvents(EventListener):
-    """qemu.qmp's default listener, keeping only the latest events (it keeps all, forever).
-
-    A caller's client over a VM that lives for weeks must not grow without
-    bound: the oldest pending event is dropped when *limit* are waiting.
-    """
-
-    def __init__(self, limit: int = EVENTS_KEPT) -> None:
-        super().__init__()
-        self.limit = limit
-
-    async def put(self, event: Any) -> None:
-        if not self.accept(event):
-            return
-        if self._queue.qsize() >= self.limit:
-            self._queue.get_nowait()
-        self._queue.put_nowait(event)
-        self._history.append(event)
-        del self._history[: -self.limit]
-
-
-def event_record(msg: Mapping[str, Any]) -> EventRecord:
-    """Turn a QMP event message into an :class:`EventRecord`."""
-    stamp = msg.get("timestamp")
-    timestamp = 0.0
-    if isinstance(stamp, Mapping):
-        with contextlib.suppress(TypeError, ValueError):
-            timestamp = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
-    data = msg.get("data")
-    return EventRecord(str(msg.get("event")), timestamp, data if isinstance(data, Mapping) else {})
-
 
 class QMPMonitor:
     """A :class:`Monitor` backed by a :class:`qemu.qmp.QMPClient`.
@@ -208,7 +157,7 @@ class QMPMonitor:
         self.client = client
         self._sock = sock
         self._owned = owned
-        self._events = _EventQueue()
+        self._events = EventQueue()
         client.register_listener(self._events)
         self._closed_by_us = False
         # A second descriptor of our own connection: when asyncio drops it on an error
@@ -341,28 +290,6 @@ class QMPMonitor:
         if self._owned:
             with anyio.CancelScope(shield=True):
                 await disconnect(self.client, self._sock)
-
-
-class FdPassingUnsupported(Exception):
-    """The monitor cannot pass a file descriptor to QEMU (not QMP on a unix socket)."""
-
-
-async def pass_fd(monitor: Monitor, fd: int, fdname: str) -> None:
-    """Give QEMU a copy of the open *fd* under *fdname* (``getfd``), without any path or shell.
-
-    The descriptor goes over the monitor socket with SCM_RIGHTS (qemu.qmp's
-    ``send_fd_scm``); QEMU keeps it for the next ``getfd``, which names it.
-    A monitor that is not a :class:`QMPMonitor` may offer the same as a
-    ``send_fd(fd)`` method (the tests' fakes do). Unbounded: the caller bounds it.
-
-    :raises FdPassingUnsupported: the monitor cannot pass descriptors.
-    :raises CommandError, MonitorClosedError: as :meth:`Monitor.execute`.
-    """
-    send = getattr(monitor, "send_fd", None)
-    if send is None:
-        raise FdPassingUnsupported(f"{type(monitor).__name__} cannot pass file descriptors")
-    send(fd)
-    await monitor.execute("getfd", {"fdname": fdname})
 
 
 async def disconnect(client: QMPClient, sock: socket.socket | None) -> None:

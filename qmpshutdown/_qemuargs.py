@@ -217,3 +217,24 @@ def reboot_action(argv: Sequence[str]) -> str:
         elif option == "-action" and index + 1 < len(items):
             action = parse_options(items[index + 1]).get("reboot", action)
     return action
+
+
+def without_incoming(argv: Sequence[str]) -> list[str]:
+    """*argv* without its ``-incoming`` options (no I/O).
+
+    A VM that was itself started from a state (``-incoming 'exec:cat FILE'``, or
+    ``-incoming defer``) and is restored again must load the new state, not its old one:
+    the caller appends its own ``-incoming``.
+    """
+    out: list[str] = []
+    skip = False
+    for raw in argv:
+        if skip:
+            skip = False
+            continue
+        option = raw[1:] if raw.startswith("--") else raw
+        if option == "-incoming":
+            skip = True
+            continue
+        out.append(raw)
+    return out

@@ -16,7 +16,8 @@ import os
 
 from ._connect import open_client
 from ._errors import CommandError, LaunchError, MonitorClosedError
-from ._monitor import FdPassingUnsupported, QMPMonitor, client_socket, pass_fd
+from ._fdpass import FdPassingUnsupported, pass_fd
+from ._monitor import QMPMonitor, client_socket
 
 logger = logging.getLogger("qmpshutdown")
 

@@ -31,6 +31,7 @@ import attrs
 from ._discover import Found, describe
 from ._errors import ConnectError, LaunchError
 from ._process import PidfdProcess, is_qemu_executable
+from ._qemuargs import without_incoming
 from ._restore import INCOMING_ARGS, load_state, open_state
 from ._watch import race
 
@@ -180,7 +181,8 @@ async def restore_one(manifest: Manifest) -> Restored:
         return attrs.evolve(row, outcome="bad-manifest", error=str(err))
     log = manifest.state + ".log"
     try:
-        argv = [a for a in manifest.argv if a not in ("-daemonize", "--daemonize")]
+        daemonize = ("-daemonize", "--daemonize")
+        argv = [a for a in without_incoming(manifest.argv) if a not in daemonize]
         try:
             pid = start_detached([*argv, *INCOMING_ARGS], manifest.cwd, log)
         except OSError as err:

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from qemu.qmp import EventListener
 
+from ._events import EVENTS_KEPT, event_record
 from ._launch import VM, launch
-from ._monitor import EVENTS_KEPT, event_record
 from ._policy import DEFAULT_POLICY, ShutdownPolicy
 from ._result import EventRecord, ShutdownResult
 

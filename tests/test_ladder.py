@@ -10,6 +10,7 @@ import signal
 
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
@@ -85,6 +86,24 @@ async def test_quit_acted_on_but_answered_late_is_still_quit_once_qemu_exits():
     assert "no reply to quit" in result.steps[1].detail
     assert result.cause is not Cause.MONITOR_UNRESPONSIVE
     assert qemu.process.signals == []
+
+
+async def test_quit_unanswered_by_a_stopped_qemu_moves_on_at_once():
+    # A stopped QEMU (SIGSTOP, a debugger) cannot be on its way out: no quit_timeout wait.
+    qemu = FakeQemu(guest="ignores", quit="hang")
+    policy = attrs.evolve(FAST, quit_timeout=5.0)
+    process = qemu.process
+
+    async def stop_then_quit(fake, arguments):
+        process.stopped = True
+        await anyio.sleep_forever()
+
+    qemu.handlers["quit"] = stop_then_quit
+    result = await run(qemu, policy)
+    quit = result.step(Stage.QUIT)
+    assert (quit.outcome.value, quit.cause) == ("failed", Cause.MONITOR_UNRESPONSIVE)
+    assert quit.ended - quit.started < policy.command_timeout + 1.0  # not quit_timeout
+    assert result.stage is Stage.TERMINATE
 
 
 async def test_sigterm_ignored_then_sigkill():

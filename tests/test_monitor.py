@@ -11,13 +11,8 @@ import pytest
 
 from qmpshutdown import Monitor
 from qmpshutdown._connect import connect_client
-from qmpshutdown._monitor import (
-    EVENTS_KEPT,
-    QMPMonitor,
-    _Client,
-    _RecentEvents,
-    event_record,
-)
+from qmpshutdown._events import EVENTS_KEPT, RecentEvents, event_record
+from qmpshutdown._monitor import QMPMonitor, _Client
 
 
 def message(n: int) -> dict[str, object]:
@@ -30,7 +25,7 @@ def message(n: int) -> dict[str, object]:
 
 @pytest.mark.asyncio
 async def test_a_long_lived_client_keeps_a_bounded_event_history() -> None:
-    listener = _RecentEvents(limit=10)
+    listener = RecentEvents(limit=10)
     for n in range(1000):
         await listener.put(message(n))  # type: ignore[arg-type]
     assert len(listener.history) == 10
@@ -41,7 +36,7 @@ async def test_a_long_lived_client_keeps_a_bounded_event_history() -> None:
 @pytest.mark.asyncio
 async def test_the_client_replaces_qemu_qmps_unbounded_default_listener() -> None:
     client = _Client("test")
-    assert isinstance(client.events, _RecentEvents)
+    assert isinstance(client.events, RecentEvents)
     assert client.events.limit == EVENTS_KEPT
     assert client._listeners == [client.events]  # the default one is gone
 

@@ -16,7 +16,7 @@ import pytest
 
 import qmpshutdown
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
-from qmpshutdown._qemuargs import reboot_action
+from qmpshutdown._qemuargs import reboot_action, without_incoming
 from support.fakes import QEMU_ARGV, FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
 
@@ -39,6 +39,21 @@ def record(result):
 
 
 # --- the command line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kept"),
+    [
+        ((), ()),
+        (("-incoming", "defer"), ()),
+        (("-m", "256", "-incoming", "exec:cat /s", "-S"), ("-m", "256", "-S")),
+        (("--incoming", "tcp:0:4444", "-incoming", "defer"), ()),
+    ],
+)
+def test_a_restored_vm_restored_again_loads_only_its_new_state(
+    args: tuple[str, ...], kept: tuple[str, ...]
+) -> None:
+    assert without_incoming([QEMU_ARGV[0], *args]) == [QEMU_ARGV[0], *kept]
 
 
 @pytest.mark.parametrize(

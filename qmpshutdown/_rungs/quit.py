@@ -40,10 +40,13 @@ async def quit_and_wait(qemu: Qemu, step: OpenStep, *, kept: str = "") -> Ended:
     except MonitorClosedError:
         pass  # QEMU may close the socket before it answers quit
     except TimeoutError:
-        # A loaded host may read quit and still answer late (seen: 8 TCG guests on 2 cores,
-        # a 60 ms command_timeout, SHUTDOWN host-qmp-quit, then the exit). The budget holds
-        # quit_timeout as well: wait for the exit before calling the monitor unresponsive.
         late = f"no reply to quit in {qemu.policy.command_timeout:g} s"
+        if qemu.process is not None and qemu.process.is_stopped():
+            return Ended(Outcome.FAILED, f"{so_far}{late}{kept}", Cause.MONITOR_UNRESPONSIVE)
+        # A QEMU that runs may have read quit and answer late (seen: 8 TCG guests on 2
+        # cores, a fleet deadline's 60 ms command_timeout, SHUTDOWN host-qmp-quit, then the
+        # exit). The budget holds quit_timeout too: wait for the exit before calling the
+        # monitor unresponsive. A stopped QEMU (SIGSTOP, a debugger) cannot: on at once.
         step.note(f"{so_far}{late}")
         step.failing = Cause.MONITOR_UNRESPONSIVE  # unless QEMU exits within the budget
         so_far = f"{so_far}{late}; "

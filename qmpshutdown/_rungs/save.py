@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import anyio
 
 from .._errors import CommandError, MonitorClosedError
-from .._monitor import FdPassingUnsupported, pass_fd
+from .._fdpass import FdPassingUnsupported, pass_fd
 from .._policy import Stage
 from .._qemu import Qemu
 from .._result import Cause, Outcome

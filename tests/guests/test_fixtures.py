@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from support import saved
 from support.guests import MODES, Guest, GuestFactory, RawAgent, decode_png, inspect_disk
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
@@ -179,6 +180,33 @@ async def test_cooperative_powers_off_on_one_press(guests: GuestFactory) -> None
         assert qmp.event_names() == ["POWERDOWN", "SHUTDOWN"]
         assert await guest.wait_exit(EXIT_TIMEOUT) == 0
     assert presses(guest) == ["QMPSHUTDOWN-GUEST-PRESS n=1"]
+
+
+@pytest.mark.skipif(not saved.ENABLED, reason="QMPSHUTDOWN_TEST_RESTORE=0 boots every guest")
+@pytest.mark.parametrize("mode", ["needs-presses"])
+async def test_a_restored_guest_is_the_booted_one_at_ready(guests: GuestFactory, mode: str) -> None:
+    # The second of a kind (if not the first: another test booted the kind before) loads
+    # the state saved at the first one's READY; a guest booted with restore=False does not.
+    restored, booted = await all_of(
+        guests.boot(mode, agent=True), guests.boot(mode, agent=True, restore=False)
+    )
+    assert restored.argv[-2] == "-incoming" and "-incoming" not in booted.argv
+    for guest in (restored, booted):
+        # The same console (the first one's lines, READY last), the same agent, the same button.
+        assert guest.serial_lines()[-1] == f"QMPSHUTDOWN-GUEST-READY mode={mode}"
+        agent = await RawAgent.connect(guest.agent_path)
+        try:
+            assert await agent.execute("guest-ping") == {}
+        finally:
+            await agent.close()
+        async with qmp_of(guest) as qmp:
+            assert await qmp.status() == "running"
+            await press_and_see(guest, qmp, 1)  # the first of the two it needs
+            assert await qmp.execute("system_powerdown") == {}
+            shutdown = await qmp.wait_event("SHUTDOWN", REACTION_TIMEOUT)
+            assert shutdown["data"] == GUEST_SHUTDOWN
+            assert await guest.wait_exit(EXIT_TIMEOUT) == 0
+        assert guest.stderr_text() == ""
 
 
 async def test_no_shutdown_keeps_qemu_alive_after_guest_poweroff(guests: GuestFactory) -> None:

@@ -35,6 +35,10 @@ button handler listens (and, with ``agent``/``disk``, after
 ``QMPSHUTDOWN-GUEST-AGENT-READY port=/dev/vportNpM`` and
 ``QMPSHUTDOWN-GUEST-DISK-MOUNTED dev=/dev/vda``),
 ``QMPSHUTDOWN-GUEST-PRESS n=<count>`` per press seen.
+
+The first guest of a kind is booted; a later one of the same kind is restored
+from the state the first saved at READY (:mod:`support.saved`: which guests
+qualify, and ``QMPSHUTDOWN_TEST_RESTORE=0``), unless ``boot(restore=False)``.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import attrs
+
+from support import saved
 
 #: The emulator every guest runs: ``QMPSHUTDOWN_QEMU`` (a name on PATH or a path; it must
 #: exec a ``qemu-system-*`` binary), default ``qemu-system-x86_64``. Made absolute: guests run
@@ -463,8 +469,13 @@ class GuestFactory:
         disk: bool = False,
         display: bool = False,
         systemd: bool = False,
+        restore: bool = True,
     ) -> Guest:
         """Start QEMU with a guest in ``mode``; return once it is ready.
+
+        A guest of a kind booted before (same QEMU, images and command line) is
+        restored from the state its first boot saved at READY, unless *restore* is
+        False or its options rule it out (see :mod:`support.saved`).
 
         With ``systemd=True`` the guest is the systemd one and ``mode`` one of
         :data:`SYSTEMD_SCENARIOS` (see :meth:`boot_systemd`; ``arg``, ``agent``, ``disk``
@@ -496,11 +507,52 @@ class GuestFactory:
             qmp=qmp, memory=memory, kernel_args=kernel_args, agent=agent, disk=disk,
             display=display,
         )  # fmt: skip
+        if restore and saved.restorable(
+            mode, disk=disk, qmp=qmp, wait_ready=wait_ready, extra_args=extra_args,
+            kernel_args=kernel_args,
+        ):  # fmt: skip
+            again = {"machine": machine, "arg": arg, "memory": memory, "agent": agent,
+                     "display": display, "ready_timeout": ready_timeout}  # fmt: skip
+            return await self._restore(mode, argv, workdir, again)
         return await self._start(
             mode, argv, workdir, qmp=qmp, agent=agent, disk=disk, wait_ready=wait_ready,
             ready_line=f"{READY_PREFIX} mode={mode}", ready_timeout=ready_timeout,
             extra_args=extra_args,
         )  # fmt: skip
+
+    async def _restore(
+        self, mode: str, argv: list[str], workdir: Path, again: dict[str, Any]
+    ) -> Guest:
+        """Start a guest of *argv*'s kind from its saved state (booting its first one if need be).
+
+        :param again: ``boot()``'s keywords for the kind's first boot.
+        """
+        images = images_dir()
+        initrd = "initramfs-agent.img" if again["agent"] else "initramfs.img"
+        kind = saved.kind_of(argv, workdir, [images / "vmlinuz", images / initrd])
+        firsts: list[GuestFactory] = []
+
+        async def first(directory: Path) -> Guest:
+            firsts.append(GuestFactory(directory))
+            return await firsts[0].boot(mode, restore=False, **again)
+
+        def end() -> None:
+            for factory in firsts:
+                factory.cleanup()
+
+        state, serial = await saved.state_of(images / "states", kind, first, end)
+        shutil.copyfile(serial, workdir / "serial.log")
+        guest = await self._start(
+            mode, saved.restoring_argv(argv, state), workdir, qmp=True, agent=again["agent"],
+            disk=False, wait_ready=False, ready_line="", ready_timeout=again["ready_timeout"],
+            extra_args=(),
+        )  # fmt: skip
+        assert guest.qmp_path is not None
+        try:
+            await saved.wait_running(guest.qmp_path, again["ready_timeout"], guest.alive)
+        except (RuntimeError, TimeoutError, OSError) as err:
+            raise RuntimeError(f"restoring {mode} from {state}: {err}\n{guest.describe()}") from err
+        return guest
 
     async def boot_systemd(
         self,
