@@ -360,6 +360,39 @@ async def test_query_status_that_never_answers_counts_as_an_unresponsive_monitor
     assert outcomes(result) == [("powerdown", "failed"), ("quit", "failed"), ("terminate", "done")]
 
 
+async def test_query_status_answered_late_once_is_asked_again_and_the_guest_goes_gracefully():
+    # Seen in CI: 8 TCG guests on 2 cores, a fleet deadline's 60 ms command_timeout; the
+    # first query-status came late, and a cooperative guest was forced without a press.
+    qemu = FakeQemu()
+    answer = FakeQemu.query_status
+    asked = []
+
+    async def late_once(fake, arguments):
+        asked.append(1)
+        if len(asked) == 1:
+            await anyio.sleep_forever()
+        return await answer(fake, arguments)
+
+    qemu.handlers["query-status"] = late_once
+    result = await run(qemu)
+    assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 1)
+    assert len(asked) == 2
+
+
+async def test_a_stopped_qemu_is_not_asked_its_runstate_again():
+    process = FakeProcess(stopped=True)
+    qemu = FakeQemu(process=process)
+
+    async def hang(fake, arguments):
+        await anyio.sleep_forever()
+
+    qemu.handlers["query-status"] = hang
+    qemu.quit_behaviour = "hang"
+    result = await run(qemu)
+    assert result.step(Stage.POWERDOWN).outcome.value == "failed"
+    assert qemu.monitor.commands.count("query-status") == 1
+
+
 async def test_qemu_gone_before_the_first_rung_is_already_off():
     qemu = FakeQemu()
     qemu.exit()

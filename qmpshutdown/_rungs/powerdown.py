@@ -33,7 +33,13 @@ class PowerButton(Budgeted):
         return no_monitor(qemu)
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
-        policy, runstate = qemu.policy, qemu.runstate
+        policy = qemu.policy
+        if qemu.runstate is None and qemu.process is not None and not qemu.process.is_stopped():
+            # QEMU runs but did not answer in command_timeout: a loaded host under a fleet
+            # deadline's short commands (seen: 60 ms, 8 TCG guests on 2 cores). Ask once more
+            # before forcing a guest that may be cooperative; a stopped QEMU cannot answer.
+            await qemu.arrive()
+        runstate = qemu.runstate
         cause: Cause | None = None
         if runstate is None:
             return Ended(Outcome.FAILED, "no answer to query-status", Cause.MONITOR_UNRESPONSIVE)

@@ -150,10 +150,14 @@ async def test_deadline_8_s_six_ignoring_two_cooperative(guests):
         assert isinstance(result, qmpshutdown.ShutdownResult), result
         assert result.elapsed <= deadline + margin
         await guest.wait_exit(1)  # raises if QEMU is left running
+        said = "\n".join(
+            [result.summary(), *(f"  {s.stage.value} {s.outcome.value}: {s.detail}"
+                                 for s in result.steps)]
+        )  # fmt: skip
         if guest.mode == "cooperative":
-            assert (result.stage, result.graceful) == (Stage.POWERDOWN, True), result.summary()
+            assert (result.stage, result.graceful) == (Stage.POWERDOWN, True), said
         else:
-            assert result.stage is Stage.QUIT, result.summary()
+            assert result.stage is Stage.QUIT, said
             assert result.cause is qmpshutdown.Cause.IGNORED_POWER_BUTTON
             # The graceful wait took all but the reserve: 8 s - 2 s.
             assert result.step(Stage.POWERDOWN).outcome is qmpshutdown.Outcome.TIMEOUT
