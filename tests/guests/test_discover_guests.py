@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -148,10 +149,15 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def unique_tag(tmp_path: Path) -> str:
+    """A name part only this test's QEMUs have: never one left by another run of it."""
+    return f"{tmp_path.name}-{secrets.token_hex(4)}"
+
+
 def test_discover_finds_each_qemu_with_its_target_pid_agent_and_name(
     tmp_path: Path, started: Started
 ) -> None:
-    tag = tmp_path.name
+    tag = unique_tag(tmp_path)
     rel, tcp, odd, hmp, virt = (tmp_path / d for d in ("rel", "tcp", "o d", "hmp", "virt"))
     # relative paths (against its cwd), -qmp unix, -name guest=..., an agent chardev
     alpha = started.popen(bare(
@@ -402,14 +408,15 @@ async def test_restore_reports_a_disk_in_use_and_a_command_line_that_no_longer_s
     kernel = tmp_path / "vmlinuz"
     shutil.copyfile(images_dir() / "vmlinuz", kernel)  # it starts with it, not once it is gone
     # Running (no -S): a VM restored paused keeps its images inactive, unlocked, until `cont`.
+    tag = unique_tag(tmp_path)
     for name, extra in (("locked", drive), ("gone", ["-kernel", str(kernel)])):
-        started.popen(bare("-name", f"{name}-{tmp_path.name}", *extra, "-qmp",
+        started.popen(bare("-name", f"{name}-{tag}", *extra, "-qmp",
                            "unix:qmp.sock,server=on,wait=off", stopped=False),
                       tmp_path / name)  # fmt: skip
     wait_listening(tmp_path / "locked" / "qmp.sock", tmp_path / "gone" / "qmp.sock")
     states = tmp_path / "states"
     states.mkdir()
-    run = await run_cli("--all", "--json", "--match", f"*-{tmp_path.name}", "--save-dir", states,
+    run = await run_cli("--all", "--json", "--match", f"*-{tag}", "--save-dir", states,
                         "--stages", "save,quit,kill")  # fmt: skip
     assert run.status == 1, run.err
     assert [row["stage"] for row in run.records()] == ["save", "save"]
@@ -426,7 +433,7 @@ async def test_restore_reports_a_disk_in_use_and_a_command_line_that_no_longer_s
         assert lingering == []
         assert run.status == 2, run.err
         rows = {row["name"]: row for row in run.records()}
-        gone, locked = rows[f"gone-{tmp_path.name}"], rows[f"locked-{tmp_path.name}"]
+        gone, locked = rows[f"gone-{tag}"], rows[f"locked-{tag}"]
         assert gone["outcome"] == "did-not-start", gone
         assert "vmlinuz" in gone["error"]
         assert locked["outcome"] == "did-not-load", locked
