@@ -1,7 +1,7 @@
 """Test guests restored from a state saved at their first boot's READY, not booted again.
 
-A busybox guest takes 3-8 s and as many CPU-seconds to boot under TCG on a
-2-core machine; QEMU loads a saved state of the same guest in about 0.3 s and
+A busybox guest takes 5-11 s and about 5.5 CPU-seconds to boot under TCG on a
+2-core machine; QEMU loads a saved state of the same guest in about 0.2-0.3 s and
 0.2 CPU-s. So the first guest of a *kind* (the same QEMU binary, the same kernel
 and initramfs, the same command line but for its own directory) is booted for
 real to its READY line, migrated into a file under ``build/states/`` while it
