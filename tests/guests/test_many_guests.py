@@ -18,7 +18,19 @@ from support.policies import FAULTS
 pytestmark = pytest.mark.asyncio
 
 
-POLICY = FAULTS
+#: FAULTS' quick escalation, with commands and connections given time: these tests are about
+#: order and isolation, not the monitor's bounds (test_faults.py). In CI, with FAULTS' 1 s,
+#: replies more than 1 s late on a loaded host ("Unknown ID ... dropped") forced a
+#: cooperative guest (stage terminate).
+POLICY = attrs.evolve(FAULTS, powerdown_timeout=3.0, connect_timeout=5.0, command_timeout=5.0)
+
+
+def _told(result: object) -> str:
+    """A result's summary and its steps, for a failing assert's message."""
+    if not isinstance(result, qmpshutdown.ShutdownResult):
+        return repr(result)
+    steps = (f"  {s.stage.value} {s.outcome.value}: {s.detail}" for s in result.steps)
+    return "\n".join([result.summary(), *steps])
 
 
 @pytest.mark.qemu
@@ -27,27 +39,27 @@ async def test_results_in_order_and_one_failure_stops_nothing(guests, tmp_path, 
     cooperative, ignoring, other = await guests.boot_many("cooperative", "ignores", "cooperative")
     missing = tmp_path / "missing.sock"
     targets = [cooperative.qmp_path, missing, ignoring.qmp_path, other.qmp_path]
-    with anyio.fail_after(30):
-        started = anyio.current_time()
+    with anyio.fail_after(60):
         results = await qmpshutdown.shutdown_many(targets, POLICY, limit=limit)
-        elapsed = anyio.current_time() - started
     assert len(results) == 4
     assert isinstance(results[1], qmpshutdown.ConnectError)
     assert str(missing) in str(results[1])
-    assert [r.stage for r in (results[0], results[2], results[3])] == [
+    first, forced, last = results[0], results[2], results[3]
+    said = "\n".join(_told(r) for r in (first, forced, last))
+    assert [r.stage for r in (first, forced, last)] == [
         Stage.POWERDOWN,
         Stage.QUIT,
         Stage.POWERDOWN,
-    ]
+    ], said
     assert [r.pid for r in (results[0], results[2], results[3])] == [
         cooperative.pid,
         ignoring.pid,
         other.pid,
     ]
-    if limit is None:
-        assert (
-            elapsed < POLICY.powerdown_timeout + 1.0
-        )  # all at once: the ignoring one sets the pace
+    # QEMU's own clock, not a wall-time bound: all at once, the last guest was pressed while
+    # the ignoring one still waited out its powerdown_timeout; one at a time, only after it.
+    pressed, quit_at = _qemu_time(last, "POWERDOWN"), _qemu_time(forced, "SHUTDOWN")
+    assert (pressed < quit_at) if limit is None else (pressed > quit_at), said
     for guest in (cooperative, ignoring, other):
         assert await guest.wait_exit(5) == 0
 
@@ -76,7 +88,9 @@ async def test_jobs_and_targets_mixed_keep_order_with_their_own_policy_and_pid(g
         results = await qmpshutdown.shutdown_many(
             targets, POLICY, on_progress=lambda update: seen.add(update.target)
         )
-    assert [r.stage for r in results] == [Stage.QUIT, Stage.POWERDOWN, Stage.TERMINATE]
+    assert [r.stage for r in results] == [Stage.QUIT, Stage.POWERDOWN, Stage.TERMINATE], "\n".join(
+        _told(r) for r in results
+    )
     assert [r.pid for r in results] == [ignoring.pid, cooperative.pid, tcp_like.pid]
     assert "web1" in seen and str(cooperative.qmp_path) in seen
     for guest in (cooperative, ignoring, tcp_like):
@@ -90,7 +104,8 @@ async def test_a_wrong_pid_in_a_job_is_that_vms_error_only(guests):
     with anyio.fail_after(30):
         results = await qmpshutdown.shutdown_many(targets, POLICY)
     assert isinstance(results[0], qmpshutdown.PidMismatchError)
-    assert isinstance(results[1], qmpshutdown.ShutdownResult) and results[1].graceful
+    assert isinstance(results[1], qmpshutdown.ShutdownResult), results[1]
+    assert results[1].graceful, _told(results[1])
     assert first.alive()  # nothing was sent to it
 
 
@@ -112,7 +127,7 @@ async def test_group_1_starts_only_after_group_0_ended_and_a_failure_stops_nothi
         qmpshutdown.Job(db.qmp_path, group=1, name="db"),
         qmpshutdown.Job(web.qmp_path, name="web"),
         qmpshutdown.Job(tmp_path / "missing.sock", name="missing"),  # fails at once
-        qmpshutdown.Job(slow.qmp_path, name="slow"),  # forced after POLICY's 2 s
+        qmpshutdown.Job(slow.qmp_path, name="slow"),  # forced after POLICY's 3 s
     ]
     with anyio.fail_after(40):
         results = await qmpshutdown.shutdown_many(targets, POLICY, on_progress=stamp)
@@ -120,7 +135,7 @@ async def test_group_1_starts_only_after_group_0_ended_and_a_failure_stops_nothi
     assert isinstance(missing, qmpshutdown.ConnectError)
     assert [r.stage for r in (db_result, web_result, slow_result)] == [
         Stage.POWERDOWN, Stage.POWERDOWN, Stage.QUIT,
-    ]  # fmt: skip
+    ], "\n".join(_told(r) for r in (db_result, web_result, slow_result))  # fmt: skip
     # Our clock: db's ladder began after both of group 0 were seen gone.
     assert began_at["db"] >= max(gone_at["web"], gone_at["slow"])
     # QEMU's own clock: db's press came after the SHUTDOWN of every QEMU of group 0.
@@ -153,10 +168,7 @@ async def test_deadline_8_s_six_ignoring_two_cooperative(guests):
         assert isinstance(result, qmpshutdown.ShutdownResult), result
         assert result.elapsed <= deadline + margin
         await guest.wait_exit(1)  # raises if QEMU is left running
-        said = "\n".join(
-            [result.summary(), *(f"  {s.stage.value} {s.outcome.value}: {s.detail}"
-                                 for s in result.steps)]
-        )  # fmt: skip
+        said = _told(result)
         if guest.mode == "cooperative":
             assert (result.stage, result.graceful) == (Stage.POWERDOWN, True), said
         else:
