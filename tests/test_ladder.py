@@ -6,6 +6,7 @@ the presses and the cause. Real guests prove the same promises in test_shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import anyio
@@ -104,6 +105,59 @@ async def test_quit_unanswered_by_a_stopped_qemu_moves_on_at_once():
     assert (quit.outcome.value, quit.cause) == ("failed", Cause.MONITOR_UNRESPONSIVE)
     assert quit.ended - quit.started < policy.command_timeout + 1.0  # not quit_timeout
     assert result.stage is Stage.TERMINATE
+
+
+def _slow_exit(qemu: FakeQemu, after: float, *, stop: bool = False) -> None:
+    """The guest powers off on the press; QEMU answers nothing more, and exits *after* s later
+    (a loaded host, seen in CI), or is SIGSTOPped right after its SHUTDOWN (*stop*)."""
+    answer = qemu.handlers["query-status"]
+    off = False
+
+    async def powerdown(fake, arguments):
+        nonlocal off
+        off = True
+        fake.monitor.emit("POWERDOWN")
+        fake.monitor.emit("SHUTDOWN", guest=True, reason="guest-shutdown")
+        if stop:
+            fake.process.stopped = True
+            return {}
+        loop = asyncio.get_running_loop()
+        loop.call_later(after - 0.05, fake.monitor.closed.set)  # its exit closes the monitor
+        loop.call_later(after, fake.process.exit)
+        return {}
+
+    async def query_status(fake, arguments):
+        if off:
+            await anyio.sleep_forever()
+        return await answer(fake, arguments)
+
+    qemu.handlers["system_powerdown"] = powerdown
+    qemu.handlers["query-status"] = query_status
+
+
+async def test_a_guest_off_whose_qemu_exits_slowly_is_not_forced():
+    # Seen in CI on a loaded host: SHUTDOWN guest-shutdown, then QEMU neither exited nor
+    # answered query-status for seconds; the ladder called the guest's power-off unconfirmed,
+    # skipped quit (the monitor had closed) and sent SIGTERM to a QEMU on its way out.
+    qemu = FakeQemu()
+    policy = attrs.evolve(FAST, quit_timeout=1.0)
+    _slow_exit(qemu, FAST.command_timeout * 2 + 0.3)  # past the wait and a query-status
+    result = await run(qemu, policy)
+    assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 1)
+    assert outcomes(result) == [("powerdown", "done")]
+    assert qemu.process.signals == []
+
+
+async def test_a_guest_off_whose_qemu_is_stopped_is_not_waited_for():
+    qemu = FakeQemu()
+    policy = attrs.evolve(FAST, quit_timeout=5.0)
+    _slow_exit(qemu, 0.0, stop=True)
+    result = await run(qemu, policy)
+    powerdown = result.step(Stage.POWERDOWN)
+    assert powerdown.outcome.value == "failed"
+    assert "neither exited nor stopped" in powerdown.detail
+    assert powerdown.ended - powerdown.started < 2 * policy.command_timeout + 1.0  # no 5 s
+    assert result.graceful and result.stage is not Stage.POWERDOWN
 
 
 async def test_sigterm_ignored_then_sigkill():
