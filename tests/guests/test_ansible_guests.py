@@ -92,9 +92,10 @@ async def test_stops_a_cooperative_and_an_ignoring_guest_and_the_same_play_again
     assert stopped["changed"] is True and not stopped.get("failed")
     first, second = stopped["results"]
     assert (first["target"], first["error"]) == (targets[0], None)
-    assert (first["stage"], first["graceful"], first["reason"], first["presses"]) == (
-        "powerdown", True, "guest-shutdown", 1,
+    assert (first["stage"], first["graceful"], first["reason"]) == (
+        "powerdown", True, "guest-shutdown",
     )
+    assert first["presses"] >= 1  # a loaded host can keep it past repress_interval's 1 s
     assert (first["runstate"], first["pid"]) == ("running", good.pid)
     assert (second["target"], second["stage"], second["graceful"]) == (targets[1], "quit", False)
     assert (second["reason"], second["cause"], second["runstate"]) == (

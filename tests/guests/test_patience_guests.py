@@ -131,7 +131,8 @@ async def test_idle_guests_escalate_early_and_a_cooperative_one_is_as_quick(gues
     assert_stalled_escalated_early(stalled_result)
     assert "STALLED" in stalled.serial_text()
     assert (quick.stage, quick.graceful, quick.presses) == (Stage.POWERDOWN, True, 1)
-    assert quick.elapsed < 2.0
+    # As quick: gone long before the idle ones were given up on (not a wall-time bound).
+    assert quick.elapsed < deaf_result.step(Stage.POWERDOWN).ended
 
 
 async def test_the_same_outcomes_beside_a_cpu_burning_guest(guests):

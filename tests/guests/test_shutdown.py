@@ -55,7 +55,9 @@ async def wait_runstate(client: QMPClient, status: str, timeout: float = 30.0) -
 
 async def test_cooperative_guest_powers_off_on_one_press(guests):
     guest = await guests.boot("cooperative")
-    result = await stop(guest)
+    # No re-press: on a loaded host a cooperative guest can take over POLICY's 1 s to go, and
+    # a second press would be a second POWERDOWN (seen in CI for other tests).
+    result = await stop(guest, attrs.evolve(POLICY, repress_interval=None))
     assert (result.stage, result.graceful, result.reason) == (
         Stage.POWERDOWN,
         True,
@@ -66,7 +68,6 @@ async def test_cooperative_guest_powers_off_on_one_press(guests):
     assert outcomes(result) == [("powerdown", "done")]
     assert event_names(result) == ["POWERDOWN", "SHUTDOWN"]
     assert result.events[1].data == {"guest": True, "reason": "guest-shutdown"}
-    assert result.elapsed < 2.0
     assert await exited(guest) == 0
 
 
