@@ -185,7 +185,7 @@ class Qemu:
         runstate = await self.read_runstate()
         if runstate == "shutdown" or self.exited_now():
             return True
-        if runstate is not None or self.process is None or self.process.is_stopped():
+        if runstate is not None or not self.may_answer_late():
             return False
         # No answer, or the monitor closed (how an exit begins), and QEMU's process runs: on
         # a loaded host its exit after the guest's SHUTDOWN took seconds (seen in CI). Give
@@ -212,6 +212,14 @@ class Qemu:
         with anyio.move_on_after(seconds):
             await self.watch.gone.wait()
         return self.gone_ended(step) if self.gone else Ended(Outcome.TIMEOUT, still_running)
+
+    def may_answer_late(self) -> bool:
+        """True when QEMU's process is known and runs (not stopped: SIGSTOP, a debugger).
+
+        Such a QEMU that missed ``command_timeout`` may still answer, or exit, a moment
+        later (a loaded host); a stopped one cannot, and one without a pid cannot be told.
+        """
+        return self.process is not None and not self.process.is_stopped()
 
     def exited_now(self) -> bool:
         """True once QEMU is gone, also when its process exited but the watcher has not said so."""

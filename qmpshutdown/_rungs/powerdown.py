@@ -34,7 +34,7 @@ class PowerButton(Budgeted):
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
         policy = qemu.policy
-        if qemu.runstate is None and qemu.process is not None and not qemu.process.is_stopped():
+        if qemu.runstate is None and qemu.may_answer_late():
             # QEMU runs but did not answer in command_timeout: a loaded host under a fleet
             # deadline's short commands (seen: 60 ms, 8 TCG guests on 2 cores). Ask once more
             # before forcing a guest that may be cooperative; a stopped QEMU cannot answer.
