@@ -11,6 +11,7 @@ parallel, stops each with ``quit`` only, with and without
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -20,6 +21,8 @@ import anyio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+# Every guest booted, as in the other benchmarks (the tests restore theirs: support.saved).
+os.environ.setdefault("QMPSHUTDOWN_TEST_RESTORE", "0")
 
 import qmpshutdown  # noqa: E402
 from support.datasafety import WRITES_BEFORE_STOP, trials  # noqa: E402

@@ -16,7 +16,7 @@ from support import saved
 
 def _restorable(mode: str = "ignores", **changes: object) -> bool:
     options: dict[str, object] = {
-        "disk": False, "qmp": True, "wait_ready": True, "extra_args": (), "kernel_args": (),
+        "qmp": True, "wait_ready": True, "extra_args": (), "kernel_args": (),
     }  # fmt: skip
     options.update(changes)
     return saved.restorable(mode, **options)  # type: ignore[arg-type]
@@ -29,7 +29,6 @@ def test_only_what_a_state_stands_for_is_restored() -> None:
     assert not any(_restorable(mode) for mode in ("asleep", "panics", "counts"))
     # Their first answer to the button is timed by tests, and a restored one's is slower.
     assert not any(_restorable(mode) for mode in ("cooperative", "slow"))
-    assert not _restorable(disk=True)  # the page cache would not match the disk's file
     assert not _restorable(qmp=False)  # nothing to say when it runs
     assert not _restorable(wait_ready=False)
     assert not _restorable(extra_args=("-S",))
@@ -65,3 +64,13 @@ def test_a_kind_is_the_command_line_but_for_the_directory_and_the_files_content(
     before = kind("/w1")
     kernel.write_bytes(b"other")
     assert kind("/w1") != before
+    # How a disk is made is part of its kind.
+    argv = [qemu, "-serial", "file:/w1/serial.log"]
+    assert saved.kind_of(argv, Path("/w1"), [kernel], ["16 MiB"]) != kind("/w1")
+    assert saved.kind_of(argv, Path("/w1"), [kernel], ["16 MiB"]) != saved.kind_of(
+        argv, Path("/w1"), [kernel], ["32 MiB"]
+    )
+
+
+def test_a_saved_disk_lies_beside_its_state() -> None:
+    assert saved.disk_of(Path("/s/abc.state")) == Path("/s/abc.disk.qcow2")

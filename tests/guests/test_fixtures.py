@@ -209,6 +209,30 @@ async def test_a_restored_guest_is_the_booted_one_at_ready(guests: GuestFactory,
         assert guest.stderr_text() == ""
 
 
+@pytest.mark.skipif(not saved.ENABLED, reason="QMPSHUTDOWN_TEST_RESTORE=0 boots every guest")
+async def test_a_restored_guest_with_a_disk_writes_on_and_powers_off_clean(
+    guests: GuestFactory,
+) -> None:
+    # Restored (its kind's first guest, if none was, is booted and saved first): the disk
+    # copied at the save's end is the one its page cache and journal expect.
+    guest = await guests.boot("needs-presses", disk=True)
+    assert guest.argv[-2] == "-incoming"
+    assert "QMPSHUTDOWN-GUEST-DISK-MOUNTED dev=/dev/vda" in guest.serial_lines()
+    before = max(wrote(guest), default=0)
+    await wait_wrote(guest, before + 2)  # on from the counter the state holds
+    async with qmp_of(guest) as qmp:
+        await press_and_see(guest, qmp, 1)  # the first of the two it needs
+        assert await qmp.execute("system_powerdown") == {}
+        shutdown = await qmp.wait_event("SHUTDOWN", REACTION_TIMEOUT)
+        assert shutdown["data"] == GUEST_SHUTDOWN
+        assert await guest.wait_exit(EXIT_TIMEOUT) == 0
+    assert "QMPSHUTDOWN-GUEST-DISK-UNMOUNTED" in guest.serial_lines()
+    assert guest.disk_path is not None
+    state = await asyncio.to_thread(inspect_disk, guest.disk_path)
+    assert not state.needs_recovery, state.header
+    assert state.counter == max(wrote(guest))
+
+
 async def test_no_shutdown_keeps_qemu_alive_after_guest_poweroff(guests: GuestFactory) -> None:
     guest = await guests.boot("cooperative", extra_args=["-no-shutdown"])
     async with qmp_of(guest) as qmp:
@@ -722,7 +746,10 @@ async def test_every_mode_boots_with_agent_disk_and_display(guests: GuestFactory
     async def boot(mode: str) -> None:
         # asleep and panics act on their own after READY: give them time to be asked.
         arg = 60 if mode in ("asleep", "panics") else None
-        guest = await guests.boot(mode, arg=arg, agent=True, disk=True, display=True)
+        # Booted, never restored: the boot is what this test is about.
+        guest = await guests.boot(
+            mode, arg=arg, agent=True, disk=True, display=True, restore=False
+        )
         async with agent_of(guest) as agent:
             assert await agent.execute("guest-sync", id=7) == 7
         await wait_wrote(guest, 1)

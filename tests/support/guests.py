@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -318,6 +319,14 @@ class Guest:
         return status
 
 
+#: Every test guest's kernel arguments (after its consoles). ``no_timer_check``: on a crowded
+#: host the kernel's boot-time check of the IO-APIC timer can miss its ticks under TCG and
+#: panic ("IO-APIC + timer doesn't work!"; seen in CI). ``cryptomgr.notests``: no self-tests
+#: of the kernel's crypto algorithms, half a second of TCG at every boot (``initcall_debug``:
+#: ``crypto_algapi_init`` 0.49 s, the longest initcall; a busybox boot 3.6 -> 2.6 CPU-s).
+KERNEL_ARGS = ("panic=0", "loglevel=4", "no_timer_check", "cryptomgr.notests")
+
+
 def guest_argv(
     mode: str,
     *,
@@ -343,9 +352,7 @@ def guest_argv(
     images = images_dir()
     # ttyS0 last: /dev/console (init's output, the serial lines) stays on the serial port.
     consoles = ["console=tty0", "console=ttyS0"] if display else ["console=ttyS0"]
-    # no_timer_check: on a crowded host the kernel's boot-time check of the IO-APIC timer
-    # can miss its ticks under TCG and panic ("IO-APIC + timer doesn't work!"; seen in CI).
-    append = [*consoles, "panic=0", "loglevel=4", "no_timer_check", f"qsd.mode={mode}"]
+    append = [*consoles, *KERNEL_ARGS, f"qsd.mode={mode}"]
     if arg is not None:
         append.append(f"qsd.arg={int(arg)}")
     append += [f"qsd.{name}=1" for name, on in (("agent", agent), ("disk", disk),
@@ -417,8 +424,7 @@ def systemd_guest_argv(
         raise ValueError(f"unknown systemd guest scenario {scenario!r}; one of {SYSTEMD_SCENARIOS}")
     images = systemd_images_dir()
     kernel = images_dir() / "vmlinuz"
-    append = ["console=ttyS0", "panic=0", "loglevel=4", "no_timer_check",
-              f"qsd.scenario={scenario}", *kernel_args]  # fmt: skip
+    append = ["console=ttyS0", *KERNEL_ARGS, f"qsd.scenario={scenario}", *kernel_args]
     argv = [
         QEMU_BINARY,
         *accel_args(),
@@ -500,19 +506,19 @@ class GuestFactory:
         self._count += 1
         workdir = self.root / f"guest{self._count}-{mode}"
         workdir.mkdir(parents=True)
-        if disk:
+        restoring = restore and saved.restorable(
+            mode, qmp=qmp, wait_ready=wait_ready, extra_args=extra_args, kernel_args=kernel_args
+        )  # fmt: skip
+        if disk and not restoring:  # a restored guest gets a copy of its kind's saved disk
             await asyncio.to_thread(make_disk, workdir / "disk.qcow2")
         argv = guest_argv(
             mode, workdir=workdir, machine=machine, arg=arg, extra_args=extra_args,
             qmp=qmp, memory=memory, kernel_args=kernel_args, agent=agent, disk=disk,
             display=display,
         )  # fmt: skip
-        if restore and saved.restorable(
-            mode, disk=disk, qmp=qmp, wait_ready=wait_ready, extra_args=extra_args,
-            kernel_args=kernel_args,
-        ):  # fmt: skip
+        if restoring:
             again = {"machine": machine, "arg": arg, "memory": memory, "agent": agent,
-                     "display": display, "ready_timeout": ready_timeout}  # fmt: skip
+                     "disk": disk, "display": display, "ready_timeout": ready_timeout}  # fmt: skip
             return await self._restore(mode, argv, workdir, again)
         return await self._start(
             mode, argv, workdir, qmp=qmp, agent=agent, disk=disk, wait_ready=wait_ready,
@@ -529,7 +535,9 @@ class GuestFactory:
         """
         images = images_dir()
         initrd = "initramfs-agent.img" if again["agent"] else "initramfs.img"
-        kind = saved.kind_of(argv, workdir, [images / "vmlinuz", images / initrd])
+        # A disk's kind is also how make_disk() makes it (its size and its code).
+        disk = [f"{DISK_SIZE_MIB} MiB\n{inspect.getsource(make_disk)}"] if again["disk"] else []
+        kind = saved.kind_of(argv, workdir, [images / "vmlinuz", images / initrd], disk)
         firsts: list[GuestFactory] = []
 
         async def first(directory: Path) -> Guest:
@@ -542,10 +550,12 @@ class GuestFactory:
 
         state, serial = await saved.state_of(images / "states", kind, first, end)
         shutil.copyfile(serial, workdir / "serial.log")
+        if again["disk"]:
+            await asyncio.to_thread(shutil.copyfile, saved.disk_of(state), workdir / "disk.qcow2")
         guest = await self._start(
             mode, saved.restoring_argv(argv, state), workdir, qmp=True, agent=again["agent"],
-            disk=False, wait_ready=False, ready_line="", ready_timeout=again["ready_timeout"],
-            extra_args=(),
+            disk=again["disk"], wait_ready=False, ready_line="",
+            ready_timeout=again["ready_timeout"], extra_args=(),
         )  # fmt: skip
         assert guest.qmp_path is not None
         try:

@@ -13,11 +13,12 @@ reads the same console either way.
 Only what a saved state stands for exactly is restored: a mode whose guest does
 nothing after READY but wait for the power button (not ``asleep``, ``panics``
 or ``counts``: their clocks start at READY) and whose first answer to the
-button no test times (not ``cooperative`` or ``slow``: see
-:data:`RESTORABLE_MODES`), no disk (the guest's page cache
-would not match the disk's file), QMP on, and no QEMU or kernel arguments of
-the test's own (``-S``, ``-incoming``, a free port: each would be a kind of its
-own). ``QMPSHUTDOWN_TEST_RESTORE=0`` boots every guest. The states are keyed by
+button no test times (not ``cooperative`` or ``slow``: see :data:`RESTORABLE_MODES`), QMP
+on, and no QEMU or kernel arguments of the test's own (``-S``, ``-incoming``, a
+free port: each would be a kind of its own). A guest with a disk gets a copy of
+the disk its kind's first guest had when the save ended (QEMU flushes and lets go
+of its images then): the page cache and journal in the state expect that disk.
+``QMPSHUTDOWN_TEST_RESTORE=0`` boots every guest. The states are keyed by
 content (a changed image or QEMU is a new kind); ``rm -rf build/states`` is
 always safe. xdist workers share them: the first to need a kind boots it
 under a lock file, the others wait for it.
@@ -40,9 +41,12 @@ from typing import Any
 #: Modes whose guest, once READY, only waits for the button (see the module's docstring),
 #: and whose tests do not time its answer to the first press: a restored guest starts with
 #: an empty TCG translation cache, and its first press handler (a shell, a dozen programs,
-#: the kernel's power-off) runs about 0.4 s slower on an idle host (550-650 ms against
-#: 140-300 ms from press to SHUTDOWN, QEMU 7.2 and 10.0), seconds on a loaded one: past
-#: the 1 s re-press and 2 s timeouts that tests of cooperative and slow guests count on.
+#: the kernel's power-off) runs about 0.35 s slower on an idle host (cooperative, QEMU 7.2,
+#: press to exit: 0.52-0.55 s against 0.18-0.21 s booted), seconds on a loaded one: past the
+#: 1-2 s timeouts that tests of cooperative and slow guests count on. (Restoring cooperative
+#: guests too was tried: 0.7 CPU-s against 5.2-6.5 for a boot, but in one pass of the
+#: real-guest tests out of two a restored cooperative guest was not off within an Ansible
+#: test's 2 s and was forced.)
 RESTORABLE_MODES = frozenset({"ignores", "needs-presses", "reboots", "updating", "stalls"})
 #: Off with QMPSHUTDOWN_TEST_RESTORE=0: every guest is booted.
 ENABLED = os.environ.get("QMPSHUTDOWN_TEST_RESTORE", "1") != "0"
@@ -55,7 +59,6 @@ SERIAL_ID = "qsdserial"
 def restorable(
     mode: str,
     *,
-    disk: bool,
     qmp: bool,
     wait_ready: bool,
     extra_args: Sequence[str],
@@ -63,17 +66,22 @@ def restorable(
 ) -> bool:
     """Whether a guest booted with these options may be restored instead."""
     return (
-        ENABLED and mode in RESTORABLE_MODES and not disk and qmp and wait_ready
+        ENABLED and mode in RESTORABLE_MODES and qmp and wait_ready
         and not extra_args and not kernel_args
     )  # fmt: skip
 
 
-def kind_of(argv: Sequence[str], workdir: Path, files: Sequence[Path]) -> str:
+def kind_of(
+    argv: Sequence[str], workdir: Path, files: Sequence[Path], texts: Sequence[str] = ()
+) -> str:
     """The kind of a guest: its command line but for *workdir*, and what its files hold.
 
     :param files: the kernel and initramfs (their size and mtime stand for their content).
+    :param texts: whatever else makes the kind (how its disk is made).
     """
     digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode() + b"\0")
     binary = shutil.which(argv[0]) or argv[0]
     for path in (binary, *files):
         stat = os.stat(path)
@@ -88,10 +96,12 @@ async def state_of(
     """The saved state of *kind* and its serial log; the first caller makes them.
 
     :param first: boots the kind's first guest in the directory it is given, to READY;
-        returns it (a ``Guest``: its ``qmp_path`` and ``serial_log`` are read).
+        returns it (a ``Guest``: its ``qmp_path``, ``serial_log`` and ``disk_path`` are
+        read; a disk is saved too, at :func:`disk_of` the state).
     :param end: kills and reaps every guest *first* started (called however it went).
     """
     state, serial = states / f"{kind}.state", states / f"{kind}.serial"
+    disk = disk_of(state)
     if state.is_file():
         return state, serial
     states.mkdir(parents=True, exist_ok=True)
@@ -106,6 +116,11 @@ async def state_of(
                 partial = states / f"{kind}.{os.getpid()}.partial"
                 await _save(guest.qmp_path, partial)
                 shutil.copyfile(guest.serial_log, serial)
+                if guest.disk_path is not None:
+                    # Paused at the end of the save, its disk flushed and let go of by QEMU
+                    # (the image inactivated, as for a destination to take over): the disk
+                    # as the saved page cache and journal expect it.
+                    await asyncio.to_thread(shutil.copyfile, guest.disk_path, disk)
                 os.replace(partial, state)  # last: the state's name says both are whole
             finally:
                 end()
@@ -113,6 +128,11 @@ async def state_of(
     finally:
         os.close(lock)  # and with it the lock
     return state, serial
+
+
+def disk_of(state: Path) -> Path:
+    """The disk saved beside *state* (its kind's guests have one): a copy for each restored one."""
+    return state.with_suffix(".disk.qcow2")
 
 
 class _Monitor:
