@@ -20,7 +20,7 @@ import pytest
 import qmpshutdown
 from qmpshutdown import Outcome, ShutdownFailed, Stage
 from support.guests import decode_png
-from support.policies import FAULTS
+from support.policies import FAULTS, PRESSED
 
 POLICY = FAULTS
 
@@ -73,7 +73,7 @@ async def test_a_forced_guest_leaves_a_screenshot_before_the_first_forced_rung(g
 @pytest.mark.qemu
 async def test_a_graceful_stop_captures_nothing(guests, tmp_path):
     guest = await guests.boot("cooperative", display=True)
-    result = await stop(guest.qmp_path, evidence_dir=tmp_path)
+    result = await stop(guest.qmp_path, PRESSED, evidence_dir=tmp_path)
     assert outcomes(result) == [("powerdown", "done")]
     assert result.screenshot is None and pngs(tmp_path) == []
 

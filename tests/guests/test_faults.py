@@ -23,7 +23,7 @@ import pytest
 
 import qmpshutdown
 from support.guests import free_port, qmp_connect, qmp_disconnect
-from support.policies import FAULTS
+from support.policies import FAULTS, PRESSED
 from support.robustness import Case
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
@@ -358,7 +358,7 @@ async def human_monitor(guests, case, clock, caplog):
     finally:
         assert guest.alive() and not _stopped(guest.pid)
         # nothing reached the guest: the next stop, over QMP, finds it running and presses
-        result = await stop(guest, Clock())
+        result = await stop(guest, Clock(), PRESSED)
         assert (result.stage.value, result.graceful, result.runstate) == (
             "powerdown", True, "running"
         )  # fmt: skip
@@ -425,7 +425,7 @@ async def wrong_pid(guests, case, clock, caplog):
     finally:
         assert guest.alive() and (other is None or other.alive())
         # nothing reached the guest: the next stop finds it running and presses
-        result = await stop(guest, Clock())
+        result = await stop(guest, Clock(), PRESSED)
         assert (result.stage.value, result.runstate) == ("powerdown", "running")
 
 

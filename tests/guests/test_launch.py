@@ -15,7 +15,7 @@ import pytest
 import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import guest_argv
-from support.policies import GUEST
+from support.policies import GUEST, PRESSED
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -67,7 +67,7 @@ def our_qemus(marker: str, *, zombies: bool = True) -> list[int]:
 
 async def test_block_end_stops_the_guest_with_the_power_button(argv):
     command_line = argv()
-    async with qmpshutdown.launch(command_line, POLICY, name="coop") as vm:
+    async with qmpshutdown.launch(command_line, PRESSED, name="coop") as vm:
         assert (await vm.monitor.execute("query-status"))["status"] == "running"
         pid, socket_dir = vm.pid, vm.qmp_socket.parent
         assert vm.qmp_socket.exists()

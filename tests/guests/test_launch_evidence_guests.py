@@ -10,7 +10,7 @@ import pytest
 import qmpshutdown
 from qmpshutdown import Stage
 from support.guests import READY_PREFIX, guest_argv
-from support.policies import FAULTS
+from support.policies import FAULTS, PRESSED
 
 POLICY = FAULTS
 
@@ -53,8 +53,8 @@ async def test_a_forced_teardown_keeps_the_console_tail_and_the_screenshot(guest
 @pytest.mark.qemu
 async def test_a_graceful_teardown_keeps_no_tail(guests, tmp_path):
     argv = guest_argv("cooperative", workdir=tmp_path, qmp=False)  # its own -serial file:
-    vm = qmpshutdown.launch(argv, POLICY, "cooperative", console_log=True)
-    with anyio.fail_after(POLICY.bound + 90):
+    vm = qmpshutdown.launch(argv, PRESSED, "cooperative", console_log=True)
+    with anyio.fail_after(PRESSED.bound + 90):
         async with vm:
             assert vm.console_log == tmp_path / "serial.log"
             await wait_for(vm.console_log, f"{READY_PREFIX} mode=cooperative")

@@ -14,7 +14,7 @@ import pytest
 import qmpshutdown
 from qmpshutdown import Stage
 from support.guests import Guest, qmp_connect, qmp_disconnect
-from support.policies import FAULTS
+from support.policies import FAULTS, PRESSED
 
 pytestmark = pytest.mark.asyncio
 
@@ -39,7 +39,13 @@ def _told(result: object) -> str:
 async def test_results_in_order_and_one_failure_stops_nothing(guests, tmp_path, limit):
     cooperative, ignoring, other = await guests.boot_many("cooperative", "ignores", "cooperative")
     missing = tmp_path / "missing.sock"
-    targets = [cooperative.qmp_path, missing, ignoring.qmp_path, other.qmp_path]
+    # The cooperative guests get a long press step (PRESSED): it ends at their power-off.
+    targets = [
+        qmpshutdown.Job(cooperative.qmp_path, policy=PRESSED),
+        missing,
+        ignoring.qmp_path,
+        qmpshutdown.Job(other.qmp_path, policy=PRESSED),
+    ]
     with anyio.fail_after(60):
         results = await qmpshutdown.shutdown_many(targets, POLICY, limit=limit)
     assert len(results) == 4
@@ -102,8 +108,8 @@ async def test_jobs_and_targets_mixed_keep_order_with_their_own_policy_and_pid(g
 async def test_a_wrong_pid_in_a_job_is_that_vms_error_only(guests):
     first, second = await guests.boot_many("cooperative", "cooperative")
     targets = [qmpshutdown.Job(first.qmp_path, pid=second.pid), second.qmp_path]
-    with anyio.fail_after(30):
-        results = await qmpshutdown.shutdown_many(targets, POLICY)
+    with anyio.fail_after(PRESSED.bound + 10):
+        results = await qmpshutdown.shutdown_many(targets, PRESSED)
     assert isinstance(results[0], qmpshutdown.PidMismatchError)
     assert isinstance(results[1], qmpshutdown.ShutdownResult), results[1]
     assert results[1].graceful, _told(results[1])
@@ -125,8 +131,8 @@ async def test_group_1_starts_only_after_group_0_ended_and_a_failure_stops_nothi
             began_at.setdefault(update.target, time.time())
 
     targets = [
-        qmpshutdown.Job(db.qmp_path, group=1, name="db"),
-        qmpshutdown.Job(web.qmp_path, name="web"),
+        qmpshutdown.Job(db.qmp_path, group=1, name="db", policy=PRESSED),
+        qmpshutdown.Job(web.qmp_path, name="web", policy=PRESSED),
         qmpshutdown.Job(tmp_path / "missing.sock", name="missing"),  # fails at once
         qmpshutdown.Job(slow.qmp_path, name="slow"),  # forced after POLICY's 3 s
     ]

@@ -18,7 +18,7 @@ from qemu.qmp import QMPClient
 import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import free_port, qmp_connect, qmp_disconnect
-from support.policies import GUEST
+from support.policies import GUEST, PRESSED
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -55,9 +55,9 @@ async def wait_runstate(client: QMPClient, status: str, timeout: float = 30.0) -
 
 async def test_cooperative_guest_powers_off_on_one_press(guests):
     guest = await guests.boot("cooperative")
-    # No re-press: on a loaded host a cooperative guest can take over POLICY's 1 s to go, and
-    # a second press would be a second POWERDOWN (seen in CI for other tests).
-    result = await stop(guest, attrs.evolve(POLICY, repress_interval=None))
+    # No re-press (PRESSED): on a loaded host a cooperative guest can take over a second to
+    # go, and a second press would be a second POWERDOWN (seen in CI for other tests).
+    result = await stop(guest, PRESSED)
     assert (result.stage, result.graceful, result.reason) == (
         Stage.POWERDOWN,
         True,
@@ -226,7 +226,7 @@ async def test_rebooting_guest_under_no_reboot_counts_as_off(guests):
 
 async def test_no_shutdown_guest_off_then_qemu_ended_by_quit(guests):
     guest = await guests.boot("cooperative", extra_args=["-no-shutdown"])
-    result = await stop(guest)
+    result = await stop(guest, PRESSED)
     assert (result.stage, result.graceful, result.reason) == (
         Stage.POWERDOWN,
         True,
@@ -240,7 +240,7 @@ async def test_no_shutdown_guest_off_then_qemu_ended_by_quit(guests):
 
 async def test_no_shutdown_without_force_leaves_qemu_off_then_already_off(guests):
     guest = await guests.boot("cooperative", extra_args=["-no-shutdown"])
-    first = await stop(guest, attrs.evolve(POLICY, stages=("powerdown",)))
+    first = await stop(guest, attrs.evolve(PRESSED, stages=("powerdown",)))
     assert (first.stage, first.graceful) == (Stage.POWERDOWN, True)
     assert outcomes(first) == [("powerdown", "done")]
     assert guest.alive()  # left in runstate 'shutdown' for its owner
@@ -287,8 +287,8 @@ async def test_tcp_monitor_without_pid_ends_on_monitor_eof_and_cannot_signal(gue
         {"mode": "cooperative", "extra_args": qmp_tcp},
         {"mode": "ignores", "extra_args": ["-qmp", f"tcp:127.0.0.1:{port + 1},server=on,wait=off"]},
     )
-    with anyio.fail_after(30):
-        result = await qmpshutdown.shutdown(("127.0.0.1", port), POLICY)
+    with anyio.fail_after(PRESSED.bound + 10):
+        result = await qmpshutdown.shutdown(("127.0.0.1", port), PRESSED)
     assert (result.stage, result.graceful, result.pid) == (Stage.POWERDOWN, True, None)
     assert await exited(cooperative) == 0
 
@@ -349,5 +349,5 @@ async def test_existing_client_is_reused_and_left_open(guests):
 
 async def test_shutdown_sync_from_a_thread(guests):
     guest = await guests.boot("cooperative")
-    result = await asyncio.to_thread(qmpshutdown.shutdown_sync, guest.qmp_path, POLICY)
+    result = await asyncio.to_thread(qmpshutdown.shutdown_sync, guest.qmp_path, PRESSED)
     assert (result.stage, result.graceful) == (Stage.POWERDOWN, True)

@@ -20,7 +20,7 @@ from test_launch import our_qemus
 import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import guest_argv
-from support.policies import GUEST
+from support.policies import GUEST, PRESSED
 
 pytestmark = pytest.mark.qemu
 
@@ -58,7 +58,7 @@ def gone(pid: int) -> bool:
 
 def test_block_end_stops_the_guest_with_the_power_button(argv):
     command_line = argv()
-    with qmpshutdown.launch_sync(command_line, POLICY, name="coop") as vm:
+    with qmpshutdown.launch_sync(command_line, PRESSED, name="coop") as vm:
         assert vm.qmp("query-status")["status"] == "running"
         assert vm.qmp("qom-get", path="/machine", property="type").startswith("pc-q35-")
         pid, socket_dir = vm.pid, vm.qmp_socket.parent
