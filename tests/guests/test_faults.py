@@ -361,7 +361,7 @@ async def human_monitor(guests, case, clock, caplog):
         result = await stop(guest, Clock(), PRESSED)
         assert (result.stage.value, result.graceful, result.runstate) == (
             "powerdown", True, "running"
-        )  # fmt: skip
+        ), result.steps  # fmt: skip
 
 
 def _stopped(pid: int) -> bool:
@@ -426,7 +426,7 @@ async def wrong_pid(guests, case, clock, caplog):
         assert guest.alive() and (other is None or other.alive())
         # nothing reached the guest: the next stop finds it running and presses
         result = await stop(guest, Clock(), PRESSED)
-        assert (result.stage.value, result.runstate) == ("powerdown", "running")
+        assert (result.stage.value, result.runstate) == ("powerdown", "running"), result.steps
 
 
 async def tcp_decoy(guests, case, clock, caplog):
