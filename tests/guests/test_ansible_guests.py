@@ -29,9 +29,10 @@ pytestmark = [pytest.mark.qemu]
 FAST = {"powerdown_timeout": 2, "repress_interval": 1, "quit_timeout": 5,
         "terminate_timeout": 5, "kill_timeout": 5, "connect_timeout": 3,
         "command_timeout": 3}  # fmt: skip
-#: For a play that stops only cooperative guests: the press step ends when the guest is off,
-#: so a long one costs nothing, and CI once saw a booted guest kept past FAST's 2 s.
-PATIENT = {**FAST, "powerdown_timeout": 30}
+#: For a play that stops only cooperative guests (as support.policies.PRESSED): the press
+#: step ends when the guest is off and the wait for QEMU's exit after it at the exit, so long
+#: ones cost nothing; loaded hosts have taken over 2 s and some 19 s for them (CI).
+PATIENT = {**FAST, "powerdown_timeout": 30, "quit_timeout": 30}
 
 
 def shutdown(register: str, **options: object) -> dict[str, object]:

@@ -31,9 +31,10 @@ RESULT_KEYS = list(
 #: Short but safe on 2 TCG cores: a press is acted on in well under a second.
 FAST = ["--timeout", "2", "--repress", "1", "--quit-timeout", "5", "--term-timeout", "5",
         "--kill-timeout", "5", "--connect-timeout", "3", "--command-timeout", "3"]  # fmt: skip
-#: For a run that stops only cooperative guests: the press step ends at the power-off, so a
-#: long one costs nothing, and 2 loaded TCG cores have kept a booted guest past 2 s (CI).
-PRESSED = ["--timeout", "30", "--no-repress", *FAST[4:]]
+#: For a run that stops only cooperative guests (as support.policies.PRESSED): the press
+#: step ends at the power-off and the wait for QEMU's exit after it at the exit, so long ones
+#: cost nothing; loaded hosts have taken over 2 s and some 19 s for them (CI).
+PRESSED = ["--timeout", "30", "--no-repress", "--quit-timeout", "30", *FAST[6:]]
 
 
 def free_port() -> int:
