@@ -36,6 +36,9 @@ from ._result import Activity
 
 #: The longest the baseline reading waits after the press (see ``Sampler.sample_forever``).
 FIRST_READING_AFTER = 0.25
+#: Run-queue wait counts as demand up to this many times the run time in the same interval
+#: (see :func:`demand`).
+WAIT_PER_RUN = 2.0
 #: Asks QEMU one QMP command for a reading; None when it cannot answer.
 Ask = Callable[[str], Awaitable[object]]
 
@@ -49,7 +52,8 @@ def vcpu_times(pid: int, tids: Sequence[int]) -> tuple[float, float] | None:
 
     ``schedstat`` holds run time and run-queue wait in ns: their sum is what the
     guest *wanted*, which reads 1.0 a second for a busy vCPU however loaded the
-    host is (run time alone under-reads when other guests share the cores).
+    host is (run time alone under-reads when other guests share the cores;
+    :func:`demand` keeps an idle thread's wake-up latency out of it).
     Without schedstat, ``stat``'s utime+stime (ticks) stands in for both.
     """
     ran = wanted = 0.0
@@ -70,6 +74,22 @@ def vcpu_times(pid: int, tids: Sequence[int]) -> tuple[float, float] | None:
         ran += run
         wanted += run + wait
     return ran, wanted
+
+
+def demand(ran: float, wanted: float) -> float:
+    """The CPU time vCPU threads wanted in an interval in which they *ran* and ran or waited.
+
+    A busy thread sharing a core with *n* others runs 1/(n+1) of the time and waits
+    the rest: its wait is *n* times its run, and run plus wait reads the whole
+    interval. A thread that sleeps and wakes briefly (an idle guest's timers) waits
+    for each short run on a loaded host, and that wait is latency, not work: it
+    can be ten times the run or more (CI saw 0.31 s wanted against under 0.01 s
+    run in one second). So the wait counts only up to :data:`WAIT_PER_RUN` times
+    the run: a busy vCPU reads in full up to three runnable threads a core, and at
+    least 0.4 s a second (the default ``busy_cpu``) up to seven.
+    """
+    ran = max(0.0, ran)
+    return ran + min(max(0.0, wanted - ran), WAIT_PER_RUN * ran)
 
 
 try:
@@ -212,10 +232,13 @@ class Sampler:
         if seconds <= 0:
             return None
         busy = False
+        wanted: float | None = None
         if before.ran is not None and after.ran is not None:
-            self.ran += max(0.0, after.ran - before.ran)
-        if before.wanted is not None and after.wanted is not None:
-            busy = (after.wanted - before.wanted) / seconds >= self.policy.busy_cpu
+            ran = after.ran - before.ran
+            self.ran += max(0.0, ran)
+            if before.wanted is not None and after.wanted is not None:
+                wanted = demand(ran, after.wanted - before.wanted) / seconds
+                busy = wanted >= self.policy.busy_cpu
         if before.io is not None and after.io is not None:
             read, written = after.io[0] - before.io[0], after.io[1] - before.io[1]
             self.read += max(0, read)
@@ -225,9 +248,7 @@ class Sampler:
         logger.debug(
             "%s: sample: vCPU wanted %.2f s/s, I/O %d B/s: %s",
             name,
-            (after.wanted - before.wanted) / seconds
-            if before.wanted is not None and after.wanted is not None
-            else -1.0,
+            wanted if wanted is not None else -1.0,
             (sum(after.io[:2]) - sum(before.io[:2])) / seconds
             if before.io is not None and after.io is not None
             else -1,

@@ -184,10 +184,11 @@ class ShutdownPolicy:
     :param idle_cutoff: adaptive: escalate once the guest has done nothing for this
         long after the press (or since it last worked); a re-press gets
         ``min(idle_cutoff, repress_interval)`` to show a reaction.
-    :param busy_cpu: vCPU time per second (run plus run-queue wait, summed over the
-        vCPUs) at or above which the guest counts as working. Calibrated under
-        TCG on 2 loaded cores: an idle guest reads 0.00 to 0.02, a working one 0.9 to 1.0
-        per busy vCPU, with or without another guest burning a core beside it.
+    :param busy_cpu: vCPU time per second (run plus run-queue wait, the wait
+        counted up to twice the run, summed over the vCPUs) at or above which the
+        guest counts as working. Calibrated under TCG on 2 loaded cores: an idle
+        guest reads 0.00 to 0.02, a working one 0.9 to 1.0 per busy vCPU, with or
+        without another guest burning a core beside it.
     :param busy_io: bytes per second of block I/O (read plus written) at or above
         which the guest counts as working (idle guests read 0; an update writing
         with fsync reads ~0.5 MiB/s).

@@ -15,7 +15,7 @@ import pytest
 import qmpshutdown._patience as patience_module
 from qmpshutdown import Activity, Cause, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli import parse_command_line
-from qmpshutdown._patience import Reading, Sampler, vcpu_times
+from qmpshutdown._patience import Reading, Sampler, demand, vcpu_times
 from qmpshutdown._policy import wait_budget
 from qmpshutdown._verdict import likely_cause, press_cause
 from support.fakes import FakeMonitor, FakeQemu
@@ -250,6 +250,21 @@ def test_an_interval_is_busy_on_cpu_or_disk_and_idle_stretches_are_counted():
         samples=5, vcpu_seconds=0.9, bytes_read=0, bytes_written=2**20, longest_idle=3.0,
         busy_seconds=2.0, busy_at_end=False, ended=None,
     )  # fmt: skip
+
+
+def test_run_queue_wait_counts_as_work_only_beside_runs():
+    """A busy vCPU sharing its core reads busy; an idle one that waits to wake does not."""
+    patience = Sampler(ShutdownPolicy(), pid=1)
+    patience.quiet_since = 0.0
+    sharing = (Reading(0.0, 0.0, 0.0, None), Reading(1.0, 0.34, 1.0, None))  # 3 a core
+    crowded = (Reading(1.0, 0.34, 1.0, None), Reading(2.0, 0.48, 2.0, None))  # 7 a core
+    waking = (Reading(2.0, 0.48, 2.0, None), Reading(3.0, 0.49, 2.31, None))  # CI's idle guest
+    first_press = (Reading(3.0, 0.49, 2.31, None), Reading(3.75, 0.55, 2.72, None))  # restored
+    busy = [patience.take(*pair) for pair in (sharing, crowded, waking, first_press)]
+    assert busy == [True, True, False, False]
+    assert demand(0.34, 1.0) == pytest.approx(1.0)  # all of its wait counts
+    assert demand(0.01, 0.31) == pytest.approx(0.03)  # twice its run, not 0.31
+    assert demand(0.5, 0.4) == 0.5 and demand(-0.1, 0.2) == 0.0  # never less than the run
 
 
 def test_vcpu_times_reads_this_process_and_none_for_a_missing_thread():

@@ -18,6 +18,7 @@ import pytest
 from test_cli import qmpshutdown
 
 from qmpshutdown import ShutdownResult
+from support.policies import CLI_FAST, CLI_PRESSED
 
 #: The keys of ShutdownResult.to_dict(), in its order.
 RESULT_KEYS = list(
@@ -28,13 +29,7 @@ RESULT_KEYS = list(
 )  # fmt: skip
 
 
-#: Short but safe on 2 TCG cores: a press is acted on in well under a second.
-FAST = ["--timeout", "2", "--repress", "1", "--quit-timeout", "5", "--term-timeout", "5",
-        "--kill-timeout", "5", "--connect-timeout", "3", "--command-timeout", "3"]  # fmt: skip
-#: For a run that stops only cooperative guests (as support.policies.PRESSED): the press
-#: step ends at the power-off and the wait for QEMU's exit after it at the exit, so long ones
-#: cost nothing; loaded hosts have taken over 2 s and some 19 s for them (CI).
-PRESSED = ["--timeout", "30", "--no-repress", "--quit-timeout", "30", *FAST[6:]]
+FAST, PRESSED = CLI_FAST, CLI_PRESSED
 
 
 def free_port() -> int:

@@ -33,13 +33,11 @@ from test_cli import qmpshutdown as run_cli
 import qmpshutdown
 from qmpshutdown._discover import scan
 from support.guests import QEMU_BINARY, GuestFactory, accel_args, images_dir
+from support.policies import CLI_FAST, CLI_PRESSED
 
 pytestmark = [pytest.mark.qemu]
 
-FAST = ["--timeout", "2", "--repress", "1", "--quit-timeout", "5", "--term-timeout", "5",
-        "--kill-timeout", "5", "--connect-timeout", "3", "--command-timeout", "3"]  # fmt: skip
-#: For a run that stops only cooperative guests (as support.policies.PRESSED).
-PRESSED = ["--timeout", "30", "--no-repress", "--quit-timeout", "30", *FAST[6:]]
+FAST, PRESSED = CLI_FAST, CLI_PRESSED
 AGENT = [
     "-device", "virtio-serial-pci,id=vser0",
     "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import attrs
+
 from qmpshutdown import ShutdownPolicy
 
 #: The ladder before the agent rung: tests of the other rungs climb it, so that their exact
@@ -73,13 +75,29 @@ GUEST = ShutdownPolicy(
 #: before the ladder goes on; a loaded host has taken some 19 s (CI, QEMU 10.0). One press:
 #: a booted guest hears it, and a second one while it goes would be a second POWERDOWN.
 #: Never for a stop that also times a guest out.
-PRESSED = ShutdownPolicy(
-    powerdown_timeout=30.0,
-    repress_interval=None,
-    quit_timeout=30.0,
-    terminate_timeout=5.0,
-    kill_timeout=5.0,
-    connect_timeout=3.0,
-    command_timeout=3.0,
-    stages=WITHOUT_AGENT,
+PRESSED = attrs.evolve(GUEST, powerdown_timeout=30.0, repress_interval=None, quit_timeout=30.0)
+
+#: The CLI's options for each timeout a policy gives (the CLI maps each onto its field).
+_CLI_SECONDS = (
+    ("--timeout", "powerdown_timeout"),
+    ("--quit-timeout", "quit_timeout"),
+    ("--term-timeout", "terminate_timeout"),
+    ("--kill-timeout", "kill_timeout"),
+    ("--connect-timeout", "connect_timeout"),
+    ("--command-timeout", "command_timeout"),
 )
+
+
+def cli_options(policy: ShutdownPolicy) -> list[str]:
+    """The ``qmpshutdown`` command line's options that give *policy*'s timeouts and presses."""
+    options: list[str] = []
+    for option, field in _CLI_SECONDS:
+        options += [option, f"{getattr(policy, field):g}"]
+    repress = policy.repress_interval
+    return options + (["--no-repress"] if repress is None else ["--repress", f"{repress:g}"])
+
+
+#: The CLI's and discovery's tests: GUEST with a 2 s press (a press is acted on in well
+#: under a second), and PRESSED for a run that stops only cooperative guests.
+CLI_FAST = cli_options(attrs.evolve(GUEST, powerdown_timeout=2.0))
+CLI_PRESSED = cli_options(PRESSED)
