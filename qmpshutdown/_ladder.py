@@ -64,7 +64,9 @@ async def ladder(qemu: Qemu, rungs: Sequence[Rung], actions: Sequence[Action]) -
                     if action.applies(qemu):
                         await take_step(qemu, action.stage, action.budget(qemu.policy), action.run)
     if qemu.guest_off and not qemu.gone and not any(rung.forced for rung in rungs):
-        qemu.recorder.say("guest is off; QEMU is left in runstate 'shutdown' (no force allowed)")
+        stalled = qemu.exit_stalled
+        left = "has not finished its exit" if stalled else "is left in runstate 'shutdown'"
+        qemu.recorder.say(f"guest is off; QEMU {left} (no force allowed)")
 
 
 async def take_step(

@@ -17,6 +17,7 @@ import pytest
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
+from support.records import as_pressed, stalled_exit
 
 pytestmark = pytest.mark.asyncio
 
@@ -158,6 +159,27 @@ async def test_a_guest_off_whose_qemu_is_stopped_is_not_waited_for():
     assert "neither exited nor stopped" in powerdown.detail
     assert powerdown.ended - powerdown.started < 2 * policy.command_timeout + 1.0  # no 5 s
     assert result.graceful and result.stage is not Stage.POWERDOWN
+
+
+async def test_a_qemu_whose_exit_stalls_after_the_guests_shutdown_gets_sigterm_not_quit():
+    # Seen in CI and reproduced (QEMU 10.0 beside 3 CPU burners, 1 stop in 16): the guest's
+    # SHUTDOWN, then QEMU neither exits nor answers until a signal (SIGTERM: 0.01 s). It had
+    # quit_timeout already; quit, unanswered, waited as long again before SIGTERM.
+    qemu = FakeQemu(quit="hang")
+    policy = attrs.evolve(FAST, quit_timeout=0.5)
+    _slow_exit(qemu, 3600.0)
+    result = await run(qemu, policy)
+    assert (result.stage, result.graceful, result.reason) == (
+        Stage.TERMINATE, True, "guest-shutdown",
+    )  # fmt: skip
+    assert outcomes(result) == [("powerdown", "failed"), ("quit", "skipped"), ("terminate", "done")]
+    assert "cannot end an exit already begun" in result.step(Stage.QUIT).detail
+    assert qemu.process.signals == [signal.SIGTERM]
+    # The real-guest tests know this record (tests/support/records.py) and no other.
+    assert stalled_exit(result) and not stalled_exit(attrs.evolve(result, reason="host-signal"))
+    pressed = as_pressed(result)
+    assert (pressed.stage, pressed.graceful, pressed.cause) == (Stage.POWERDOWN, True, None)
+    assert outcomes(pressed) == [("powerdown", "done")]
 
 
 async def test_sigterm_ignored_then_sigkill():

@@ -9,6 +9,12 @@ from .._result import Cause, Outcome
 from .._steps import Ended, OpenStep
 from .base import Budgeted, no_monitor
 
+#: Why quit is skipped after a stalled exit (``Qemu.exit_stalled``).
+STALLED_EXIT = (
+    "QEMU began its exit after the guest's SHUTDOWN and has not finished it in quit_timeout:"
+    " quit cannot end an exit already begun"
+)
+
 
 class Quit(Budgeted):
     """Send ``quit``, then wait ``quit_timeout`` for QEMU's exit."""
@@ -17,6 +23,8 @@ class Quit(Budgeted):
     forced = True
 
     def why_not(self, qemu: Qemu) -> Ended | None:
+        if qemu.exit_stalled:
+            return Ended(Outcome.SKIPPED, STALLED_EXIT)
         return no_monitor(qemu, or_closed=True)
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:

@@ -15,6 +15,7 @@ import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import AGENT_PORT_NAME, RawAgent
 from support.policies import GUEST
+from support.records import as_pressed
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -33,7 +34,9 @@ def outcomes(result):
 
 async def stop(guest, policy=POLICY, **kwargs):
     with anyio.fail_after(policy.bound + 10):
-        return await qmpshutdown.shutdown(guest.qmp_path, policy, agent=guest.agent_path, **kwargs)
+        return as_pressed(
+            await qmpshutdown.shutdown(guest.qmp_path, policy, agent=guest.agent_path, **kwargs)
+        )
 
 
 async def agent_status(guest) -> str:

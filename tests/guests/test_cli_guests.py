@@ -18,7 +18,7 @@ import pytest
 from test_cli import qmpshutdown
 
 from qmpshutdown import ShutdownResult
-from support.policies import CLI_FAST, CLI_PRESSED
+from support.policies import CLI_FAST, CLI_MIXED, CLI_PRESSED
 
 #: The keys of ShutdownResult.to_dict(), in its order.
 RESULT_KEYS = list(
@@ -91,7 +91,7 @@ async def test_ignoring_guest_is_forced_exit_1_with_progress_on_stderr(guests):
 async def test_several_targets_print_json_in_the_order_given_and_the_worst_wins(guests):
     cooperative, ignoring = await guests.boot_many("cooperative", "ignores")
     # The ignoring guest goes first, though the cooperative one finishes first.
-    run = await qmpshutdown("--json", *FAST, ignoring.qmp_path, cooperative.qmp_path)
+    run = await qmpshutdown("--json", *CLI_MIXED, ignoring.qmp_path, cooperative.qmp_path)
     assert run.status == 1, run.err
     assert run.err == ""
     forced, graceful = run.records()
@@ -112,7 +112,7 @@ async def test_several_targets_print_json_in_the_order_given_and_the_worst_wins(
     assert (graceful["stage"], graceful["graceful"], graceful["reason"]) == (
         "powerdown", True, "guest-shutdown"
     )  # fmt: skip
-    assert graceful["presses"] >= 1  # 2 when a loaded host kept it past --repress 1 (seen)
+    assert graceful["presses"] >= 1  # 2 if a loaded host kept it past the re-press (seen)
     assert await ignoring.wait_exit(5) == 0
     assert await cooperative.wait_exit(5) == 0
 

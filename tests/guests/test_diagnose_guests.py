@@ -14,6 +14,7 @@ import pytest
 import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.policies import GUEST
+from support.records import as_pressed
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -32,8 +33,10 @@ def outcomes(result):
 async def stop(guest, policy=POLICY, **kwargs):
     with anyio.fail_after(policy.bound + MARGIN):
         try:
-            return await qmpshutdown.shutdown(
-                guest.qmp_path, policy, agent=guest.agent_path, pid=guest.pid, **kwargs
+            return as_pressed(
+                await qmpshutdown.shutdown(
+                    guest.qmp_path, policy, agent=guest.agent_path, pid=guest.pid, **kwargs
+                )
             )
         except qmpshutdown.ShutdownFailed as failed:
             return failed.result

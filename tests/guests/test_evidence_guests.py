@@ -21,6 +21,7 @@ import qmpshutdown
 from qmpshutdown import Outcome, ShutdownFailed, Stage
 from support.guests import decode_png
 from support.policies import FAULTS, PRESSED
+from support.records import as_pressed
 
 POLICY = FAULTS
 
@@ -31,7 +32,7 @@ def outcomes(result):
 
 async def stop(target, policy=POLICY, **kwargs):
     with anyio.fail_after(policy.bound + 10):
-        return await qmpshutdown.shutdown(target, policy, **kwargs)
+        return as_pressed(await qmpshutdown.shutdown(target, policy, **kwargs))
 
 
 def read_png(path: str | Path) -> tuple[int, int, set[bytes]]:

@@ -24,6 +24,7 @@ import pytest
 import qmpshutdown
 from support.guests import free_port, qmp_connect, qmp_disconnect
 from support.policies import FAULTS, PRESSED
+from support.records import as_pressed
 from support.robustness import Case
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
@@ -241,7 +242,7 @@ class Clock:
 
 async def stop(guest, clock, policy=POLICY, **kwargs):
     with clock.timing(), anyio.fail_after(policy.bound + 10):
-        return await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs)
+        return as_pressed(await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs))
 
 
 # ---- scenarios: each returns the outcome line ---------------------------------

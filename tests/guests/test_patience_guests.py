@@ -18,6 +18,7 @@ import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import qmp_connect, qmp_disconnect
 from support.policies import GUEST
+from support.records import as_pressed
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu, pytest.mark.timeout(240)]
 
@@ -49,7 +50,9 @@ async def stop(guest, policy):
     for attempt in (1, 2):
         try:
             with anyio.fail_after(policy.bound + 10):
-                return await qmpshutdown.shutdown(guest.qmp_path, policy, pid=guest.pid)
+                return as_pressed(
+                    await qmpshutdown.shutdown(guest.qmp_path, policy, pid=guest.pid)
+                )
         except qmpshutdown.PidMismatchError:
             if attempt == 2:
                 raise

@@ -65,7 +65,8 @@ from qmpshutdown import ShutdownPolicy
 
 @pytest.fixture
 def qemu_shutdown_policy():
-    return ShutdownPolicy(powerdown_timeout=3.0, repress_interval=None)
+    # 6 s: a booted cooperative guest has gone past 2 s on a loaded host (CI)
+    return ShutdownPolicy(powerdown_timeout=6.0, repress_interval=None)
 
 def test_two_guests_one_ignores_the_button(qemu_launcher_sync, tmp_path):
     vms = []
@@ -207,7 +208,8 @@ def test_the_report_names_the_screenshot_kept_for_a_failing_test(
 ) -> None:
     # Both launchers keep a failing test's evidence in its tmp_path and drop a passing one's
     # (before 0.2 the sync one silently dropped evidence_dir and keep_evidence).
-    marker = "qsd-plugin-evidence"
+    # Each variant its own marker: xdist may run the two side by side.
+    marker = f"qsd-plugin-evidence-{'sync' if source is SYNC_EVIDENCE else 'async'}"
     pytester.makepyfile(test_inner=source.replace("MARKER", marker))
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     result = pytester.runpytest_subprocess(

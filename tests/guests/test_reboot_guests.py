@@ -22,6 +22,7 @@ import qmpshutdown
 from qmpshutdown import Stage
 from support.guests import RawAgent, qmp_connect, qmp_disconnect
 from support.policies import GUEST
+from support.records import as_pressed
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -42,7 +43,7 @@ def record(result: qmpshutdown.ShutdownResult) -> tuple[object, ...]:
 
 async def stop(path, policy=POLICY):
     with anyio.fail_after(policy.bound + 10):
-        return await qmpshutdown.shutdown(path, policy)
+        return as_pressed(await qmpshutdown.shutdown(path, policy))
 
 
 async def test_a_rebooting_guest_is_stopped_unforced_as_under_no_reboot(guests):

@@ -17,6 +17,7 @@ import qmpshutdown
 from qmpshutdown import Cause, Outcome, Stage
 from support.guests import Guest, GuestFactory, guest_argv
 from support.policies import GUEST
+from support.records import as_pressed
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -39,7 +40,7 @@ def outcomes(result: qmpshutdown.ShutdownResult) -> list[tuple[str, str]]:
 
 async def stop(guest: Guest, policy: qmpshutdown.ShutdownPolicy = POLICY, **kwargs: object):
     with anyio.fail_after(policy.bound + 10):
-        return await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs)  # type: ignore[arg-type]
+        return as_pressed(await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs))  # type: ignore[arg-type]
 
 
 async def wait_for_file_text(path: Path, pattern: re.Pattern[str], timeout: float) -> str:

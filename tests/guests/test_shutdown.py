@@ -19,6 +19,7 @@ import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import free_port, qmp_connect, qmp_disconnect
 from support.policies import GUEST, PRESSED
+from support.records import as_pressed
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -36,7 +37,7 @@ def event_names(result):
 
 async def stop(guest, policy=POLICY, **kwargs):
     with anyio.fail_after(policy.bound + 10):
-        return await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs)
+        return as_pressed(await qmpshutdown.shutdown(guest.qmp_path, policy, **kwargs))
 
 
 async def exited(guest, timeout=5.0):
