@@ -17,7 +17,7 @@ import pytest
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
-from support.records import as_pressed, stalled_exit
+from support.records import as_pressed, as_pressed_record, stalled_exit
 
 pytestmark = pytest.mark.asyncio
 
@@ -180,6 +180,10 @@ async def test_a_qemu_whose_exit_stalls_after_the_guests_shutdown_gets_sigterm_n
     pressed = as_pressed(result)
     assert (pressed.stage, pressed.graceful, pressed.cause) == (Stage.POWERDOWN, True, None)
     assert outcomes(pressed) == [("powerdown", "done")]
+    record = as_pressed_record(result.to_dict())
+    assert (record["stage"], record["cause"]) == ("powerdown", None)
+    assert [(s["stage"], s["outcome"]) for s in record["steps"]] == [("powerdown", "done")]
+    assert as_pressed_record(attrs.evolve(result, graceful=False).to_dict())["stage"] == "terminate"
 
 
 async def test_sigterm_ignored_then_sigkill():

@@ -23,6 +23,7 @@ import pytest
 from support import policies
 from support.guests import REPO_ROOT
 from support.playbooks import play, run_playbook
+from support.records import as_pressed_record
 
 pytestmark = [pytest.mark.qemu]
 
@@ -98,6 +99,7 @@ async def test_stops_a_cooperative_and_an_ignoring_guest_and_the_same_play_again
     stopped = run["stopped"]
     assert stopped["changed"] is True and not stopped.get("failed")
     first, second = stopped["results"]
+    first = as_pressed_record(first)
     assert (first["target"], first["error"]) == (targets[0], None)
     assert (first["stage"], first["graceful"], first["reason"]) == (
         "powerdown", True, "guest-shutdown",
@@ -211,6 +213,7 @@ async def test_info_lists_the_guests_and_all_with_match_stops_only_the_matched_o
     warning = f"left alone: {hmp_name} (pid {hmp.pid}): {left_alone[0]['why']}"
     assert stopped["warnings"] == [warning]
     (record,) = stopped["results"]
+    record = as_pressed_record(record)
     assert (record["target"], record["pid"], record["stage"], record["graceful"]) == (
         str(mine.qmp_path), mine.pid, "powerdown", True,
     ), record

@@ -19,6 +19,7 @@ from test_cli import qmpshutdown
 
 from qmpshutdown import ShutdownResult
 from support.policies import CLI_FAST, CLI_MIXED, CLI_PRESSED
+from support.records import as_pressed_record
 
 #: The keys of ShutdownResult.to_dict(), in its order.
 RESULT_KEYS = list(
@@ -91,10 +92,13 @@ async def test_ignoring_guest_is_forced_exit_1_with_progress_on_stderr(guests):
 async def test_several_targets_print_json_in_the_order_given_and_the_worst_wins(guests):
     cooperative, ignoring = await guests.boot_many("cooperative", "ignores")
     # The ignoring guest goes first, though the cooperative one finishes first.
-    run = await qmpshutdown("--json", *CLI_MIXED, ignoring.qmp_path, cooperative.qmp_path)
+    run = await qmpshutdown(
+        "--json", *CLI_MIXED, ignoring.qmp_path, cooperative.qmp_path, timeout=90
+    )
     assert run.status == 1, run.err
     assert run.err == ""
     forced, graceful = run.records()
+    graceful = as_pressed_record(graceful)
     assert list(forced) == list(graceful) == ["target", *RESULT_KEYS]
     assert (forced["target"], graceful["target"]) == (
         str(ignoring.qmp_path),

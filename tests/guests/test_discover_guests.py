@@ -34,6 +34,7 @@ import qmpshutdown
 from qmpshutdown._discover import scan
 from support.guests import QEMU_BINARY, GuestFactory, accel_args, images_dir
 from support.policies import CLI_FAST, CLI_PRESSED
+from support.records import as_pressed_record
 
 pytestmark = [pytest.mark.qemu]
 
@@ -271,15 +272,15 @@ async def test_all_with_match_stops_exactly_the_matched_ones(
     # Only cooperative guests are stopped: a long press step and a long wait for QEMU's exit
     # after the guest's SHUTDOWN cost nothing (they end at the power-off and the exit), and
     # loaded hosts have taken over 2 s and some 19 s for them (CI).
-    run = await run_cli("--all", "--match", f"{first.workdir}/*", *PRESSED)
+    run = await run_cli("--all", "--match", f"{first.workdir}/*", *PRESSED, timeout=90)
     assert run.status == 0, run.err
     assert run.err.splitlines()[-1].startswith(f"{first.qmp_path}  powerdown graceful "), run.err
     assert await first.wait_exit(10) == 0
     assert second.alive()
 
-    run = await run_cli("--all", "--json", "--match", f"{tmp_path}/*", *PRESSED)
+    run = await run_cli("--all", "--json", "--match", f"{tmp_path}/*", *PRESSED, timeout=90)
     assert run.status == 2, run.err  # the human monitor's QEMU: unreachable, untouched
-    rows = [json.loads(line) for line in run.out.splitlines()]
+    rows = [as_pressed_record(json.loads(line)) for line in run.out.splitlines()]
     assert [(r["name"], r["target"], r.get("stage")) for r in rows] == [
         (str(second.qmp_path), str(second.qmp_path), "powerdown"),
         (f"qemu-{human}", None, None),
