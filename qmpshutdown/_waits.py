@@ -34,7 +34,8 @@ class GuestWait:
     would end early or on time, the guest is asked whether it holds a block
     inhibitor; while it does, that counts as work (the guest asks for time, up
     to the cap), asked again every :data:`LISTEN_EVERY` ``sample_interval`` s, and once it
-    lets go the wait returns at once so that the rung presses again.
+    lets go the wait returns at once so that the rung presses again; the moment it let go
+    counts as its last work, so that press has ``idle_cutoff`` to be answered.
     """
 
     def __init__(self, qemu: Qemu, timeout: float) -> None:
@@ -45,6 +46,9 @@ class GuestWait:
         self.over: str | None = None  #: why the wait is over ("timeout", "idle-cutoff", "cap")
         self.listen: Listener | None = None  #: asks the guest whether it holds an inhibitor
         self.held_at: float | None = None  #: when the guest last said it holds one
+        #: When the guest last spoke of an inhibitor: it held one, or let go of it (both
+        #: count as work: the press that follows a release gets ``idle_cutoff`` from it).
+        self.spoke_at: float | None = None
 
     @classmethod
     def begin(cls, qemu: Qemu, timeout: float) -> GuestWait:
@@ -61,14 +65,14 @@ class GuestWait:
         """When the wait ends as things stand (anyio clock), and why it would."""
         policy, sampler = self.qemu.policy, self.sampler
         base = self.started + self.timeout
-        if policy.patience is not Patience.ADAPTIVE or (sampler.blind and self.held_at is None):
+        if policy.patience is not Patience.ADAPTIVE or (sampler.blind and self.spoke_at is None):
             return base, "timeout"
         cap = self.started + wait_budget(policy, self.timeout)
         last_busy = None if sampler.blind else sampler.last_busy
         if last_busy is not None and last_busy <= self.started:
             last_busy = None  # work before this wait is no reaction to it
-        if self.held_at is not None:  # the guest said it holds an inhibitor: it asks for time
-            last_busy = self.held_at if last_busy is None else max(last_busy, self.held_at)
+        if self.spoke_at is not None:  # it holds an inhibitor (asks for time), or let go of one
+            last_busy = self.spoke_at if last_busy is None else max(last_busy, self.spoke_at)
         late = base if last_busy is None else max(base, last_busy + policy.idle_cutoff)
         interval = policy.repress_interval
         window = policy.idle_cutoff if interval is None else min(policy.idle_cutoff, interval)
@@ -120,10 +124,14 @@ class GuestWait:
             self.listen = self.held_at = None  # it cannot tell (no agent, no guest-exec)
             return False
         if held:
-            self.held_at = anyio.current_time()
+            self.held_at = self.spoke_at = anyio.current_time()
             return False
         released, self.held_at = self.held_at is not None, None
         if released:
+            # Its last work: the press that follows gets idle_cutoff from now, not a deadline
+            # that the time it held the inhibitor had already passed (CI: a guest that went
+            # 0.8 s after that press was escalated 0.1 s after it).
+            self.spoke_at = anyio.current_time()
             self.qemu.recorder.say("the guest let go of its inhibitor: pressing again at once")
         else:
             self.listen = None  # it held none when asked: the wait ends as it would have

@@ -286,6 +286,63 @@ async def test_a_held_inhibitor_is_waited_for_and_its_release_pressed_at_once(tm
     assert result.diagnosis is None  # it went: never diagnosed
 
 
+async def test_the_press_after_a_release_gets_idle_cutoff_to_be_answered(tmp_path):
+    # CI: a guest that went 0.8 s after the press that followed its release was escalated
+    # 0.1 s after that press: the wait's deadline had passed while the inhibitor was held.
+    fake = FakeQemu(guest="ignores")
+    policy = attrs.evolve(LISTENING, idle_cutoff=1.0, max_powerdown_timeout=6.0)
+    answer_after = policy.idle_cutoff / 2
+
+    async def let_go_then_go_slowly(agent):
+        await anyio.sleep(1.0)
+        agent.exec_outputs[linux.INHIBITORS_ARGV] = inhibitors()
+        while fake.presses < 2:
+            await anyio.sleep(0.01)
+        await anyio.sleep(answer_after)  # longer than an agent round trip, within idle_cutoff
+        fake.power_off()
+
+    outputs = linux_outputs(held=[BACKUP])
+    result, _, said = await stop(tmp_path, fake, policy, during=let_go_then_go_slowly,
+                                 osinfo=DEBIAN, exec_outputs=outputs)  # fmt: skip
+    assert not isinstance(result, ShutdownFailed), result
+    assert (result.stage, result.graceful, result.presses) == (Stage.POWERDOWN, True, 2), said
+    assert [step.stage.value for step in result.steps] == ["powerdown"]
+    assert "the guest let go of its inhibitor: pressing again at once" in said
+
+
+async def test_a_guest_that_powers_off_while_it_is_asked_why_ends_unforced(tmp_path):
+    # CI: the guest went during the diagnosis; QEMU closed its monitor and exited a moment
+    # after the ladder reached quit, which was skipped ("the monitor is closed"): the record
+    # said ShutdownFailed, and QEMU was gone a moment later.
+    fake = FakeQemu(guest="ignores")
+    policy = attrs.evolve(POLICY, stages=("powerdown", "quit"), freeze_before_force=False)
+
+    asked = anyio.Event()
+
+    class GoesWhileAsked(dict):
+        def __getitem__(self, argv):  # the first question's answer is the guest's last
+            if not asked.is_set():
+                asked.set()
+                fake.monitor.emit("SHUTDOWN", guest=True, reason="guest-shutdown")
+                fake.monitor.closed.set()  # how QEMU's exit begins; the process goes later
+            return super().__getitem__(argv)
+
+    async def go_while_asked(agent):
+        agent.exec_outputs = GoesWhileAsked(agent.exec_outputs)
+        await asked.wait()
+        await anyio.sleep(policy.quit_timeout / 2)
+        fake.process.exit()
+
+    outputs = linux_outputs(held=[BACKUP])
+    result, _, _ = await stop(tmp_path, fake, policy, during=go_while_asked, osinfo=DEBIAN,
+                              exec_outputs=outputs)  # fmt: skip
+    assert not isinstance(result, ShutdownFailed), result
+    assert (result.stage, result.graceful, result.reason) == (Stage.QUIT, True, "guest-shutdown")
+    quit_ = result.step("quit")
+    assert quit_.outcome.value == "done" and "QEMU closed its monitor" in quit_.detail
+    assert fake.monitor.commands.count("quit") == 0  # never sent: the monitor was closed
+
+
 async def test_an_inhibitor_held_to_the_cap_is_then_diagnosed(tmp_path):
     fake = FakeQemu(guest="ignores")
     policy = attrs.evolve(LISTENING, max_powerdown_timeout=1.0)

@@ -25,10 +25,30 @@ class Quit(Budgeted):
     def why_not(self, qemu: Qemu) -> Ended | None:
         if qemu.exit_stalled:
             return Ended(Outcome.SKIPPED, STALLED_EXIT)
+        if exiting(qemu) and qemu.may_answer_late():
+            return None  # run() waits for the exit that QEMU began
         return no_monitor(qemu, or_closed=True)
 
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
+        if exiting(qemu):
+            # A guest that powered off while the ladder asked it why (its SHUTDOWN came during
+            # the diagnosis; CI): QEMU closed the monitor and is on its way out. Wait for that
+            # exit as quit would have, rather than give up on a QEMU about to be gone.
+            timeout = qemu.policy.quit_timeout
+            step.note(f"QEMU closed its monitor; waiting up to {timeout:g} s for its exit")
+            return await qemu.wait_gone_or(
+                timeout, step, f"QEMU closed its monitor and still runs {timeout:g} s later"
+            )
         return await quit_and_wait(qemu, step)
+
+
+def exiting(qemu: Qemu) -> bool:
+    """True when the guest powered off and QEMU (not our side) then closed the monitor."""
+    monitor = qemu.monitor
+    return (
+        qemu.watch.guest_shut_down and monitor is not None
+        and monitor.is_closed() and monitor.peer_hung_up()
+    )  # fmt: skip
 
 
 async def quit_and_wait(qemu: Qemu, step: OpenStep, *, kept: str = "") -> Ended:

@@ -7,6 +7,8 @@ The guests boot in about 40 s under TCG, so each test boots one and asserts all 
 
 from __future__ import annotations
 
+import json
+
 import anyio
 import attrs
 import pytest
@@ -28,6 +30,11 @@ MARGIN = 5.0
 
 def outcomes(result):
     return [(step.stage.value, step.outcome.value) for step in result.steps]
+
+
+def record(result):
+    """The whole record, for a failing assert: each step's detail says what happened."""
+    return json.dumps(result.to_dict(), indent=1, default=str)
 
 
 async def stop(guest, policy=POLICY, **kwargs):
@@ -101,7 +108,7 @@ async def test_adaptive_patience_waits_for_the_inhibitor_and_presses_at_its_rele
                           repress_interval=None)  # fmt: skip
     said: list[str] = []
     result = await stop(guest, policy, on_progress=lambda p: said.append(p.message))
-    assert (result.stage, result.graceful) == (Stage.POWERDOWN, True), outcomes(result)
+    assert (result.stage, result.graceful) == (Stage.POWERDOWN, True), record(result)
     assert result.presses == 2
     assert result.elapsed >= 12.0
     assert any(m.startswith("the guest asks for time: nightly-backup") for m in said), said

@@ -324,8 +324,22 @@ class Guest:
 #: panic ("IO-APIC + timer doesn't work!"; seen in CI). ``cryptomgr.notests``: no self-tests
 #: of the kernel's crypto algorithms, half a second of TCG at every boot (``initcall_debug``:
 #: ``crypto_algapi_init`` 0.49 s, the longest initcall; a cooperative guest's boot to READY,
-#: QEMU 7.2, medians of 6 boots each: 5.9 -> 5.0 CPU-s).
-KERNEL_ARGS = ("panic=0", "loglevel=4", "no_timer_check", "cryptomgr.notests")
+#: QEMU 7.2, medians of 6 boots each: 5.9 -> 5.0 CPU-s). ``noreplace-smp``: a kernel on
+#: one CPU rewrites every ``lock`` prefix of its text (and of each module it loads) to UP
+#: code, 0.24 s of TCG per boot (``Freeing SMP alternatives memory`` came 0.21 s late).
+KERNEL_ARGS = ("panic=0", "loglevel=4", "no_timer_check", "cryptomgr.notests", "noreplace-smp")
+#: The kernel the test guests boot: the ELF build.py takes out of Debian's bzImage, which
+#: QEMU starts at its PVH entry: no decompression under TCG. With ``noreplace-smp``, a
+#: cooperative guest's boot to READY took 1.23 CPU-s against 1.69 from ``vmlinuz`` (QEMU 7.2,
+#: medians of 4 boots each, interleaved, an idle 2-core host). Not for ``asleep``: woken from
+#: S3, a kernel booted at its PVH entry booted again (QEMU 7.2: READY a second time) instead of
+#: resuming, so that mode boots the bzImage (``vmlinuz``).
+KERNEL = "vmlinux"
+
+
+def kernel_for(mode: str) -> str:
+    """The kernel file (in :func:`images_dir`) a guest in *mode* boots: see :data:`KERNEL`."""
+    return "vmlinuz" if mode == "asleep" else KERNEL
 
 
 def guest_argv(
@@ -368,7 +382,7 @@ def guest_argv(
         "-no-user-config",
         "-display", "none",
         "-serial", f"file:{workdir / 'serial.log'}",
-        "-kernel", str(images / "vmlinuz"),
+        "-kernel", str(images / kernel_for(mode)),
         # qemu-ga and its libraries make the initramfs 3.6x bigger: only when asked for.
         "-initrd", str(images / ("initramfs-agent.img" if agent else "initramfs.img")),
         "-append", " ".join(append),
@@ -424,7 +438,7 @@ def systemd_guest_argv(
     if scenario not in SYSTEMD_SCENARIOS:
         raise ValueError(f"unknown systemd guest scenario {scenario!r}; one of {SYSTEMD_SCENARIOS}")
     images = systemd_images_dir()
-    kernel = images_dir() / "vmlinuz"
+    kernel = images_dir() / KERNEL
     append = ["console=ttyS0", *KERNEL_ARGS, f"qsd.scenario={scenario}", *kernel_args]
     argv = [
         QEMU_BINARY,
@@ -538,7 +552,7 @@ class GuestFactory:
         initrd = "initramfs-agent.img" if again["agent"] else "initramfs.img"
         # A disk's kind is also how make_disk() makes it (its size and its code).
         disk = [f"{DISK_SIZE_MIB} MiB\n{inspect.getsource(make_disk)}"] if again["disk"] else []
-        kind = saved.kind_of(argv, workdir, [images / "vmlinuz", images / initrd], disk)
+        kind = saved.kind_of(argv, workdir, [images / kernel_for(mode), images / initrd], disk)
         firsts: list[GuestFactory] = []
 
         async def first(directory: Path) -> Guest:

@@ -25,20 +25,19 @@ T = TypeVar("T")
 
 def stalled_exit(result: ShutdownResult) -> bool:
     """True for the record of a guest that went on the press and a QEMU whose exit stalled."""
-    if not (result.graceful and result.reason == "guest-shutdown"):
-        return False
-    if result.stage is not Stage.TERMINATE:
-        return False
-    kinds = [(step.stage, step.outcome) for step in result.steps]
-    quit_ = result.step(Stage.QUIT)
-    powerdown = result.step(Stage.POWERDOWN)
+    return _stalled(result.to_dict())
+
+
+def _stalled(record: dict[str, Any]) -> bool:
+    """:func:`stalled_exit` for a record as JSON gives it."""
+    steps = record.get("steps") or []
+    kinds = [(step.get("stage"), step.get("outcome")) for step in steps]
     return (
-        kinds == [
-            (Stage.POWERDOWN, Outcome.FAILED), (Stage.QUIT, Outcome.SKIPPED),
-            (Stage.TERMINATE, Outcome.DONE),
-        ]
-        and quit_ is not None and quit_.detail == STALLED_EXIT
-        and powerdown is not None and "SHUTDOWN came but QEMU neither" in powerdown.detail
+        record.get("stage") == "terminate" and record.get("graceful") is True
+        and record.get("reason") == "guest-shutdown"
+        and kinds == [("powerdown", "failed"), ("quit", "skipped"), ("terminate", "done")]
+        and steps[1].get("detail") == STALLED_EXIT
+        and "SHUTDOWN came but QEMU neither" in (steps[0].get("detail") or "")
     )  # fmt: skip
 
 
@@ -62,17 +61,9 @@ def as_pressed(result: T) -> T:
 
 def as_pressed_record(record: dict[str, Any]) -> dict[str, Any]:
     """:func:`as_pressed` for a record as JSON gives it (the CLI's ``--json``, Ansible's)."""
-    steps = record.get("steps") or []
-    kinds = [(step.get("stage"), step.get("outcome")) for step in steps]
-    stalled = (
-        record.get("stage") == "terminate" and record.get("graceful") is True
-        and record.get("reason") == "guest-shutdown"
-        and kinds == [("powerdown", "failed"), ("quit", "skipped"), ("terminate", "done")]
-        and steps[1].get("detail") == STALLED_EXIT
-        and "SHUTDOWN came but QEMU neither" in steps[0].get("detail", "")
-    )  # fmt: skip
-    if not stalled:
+    if not _stalled(record):
         return record
+    steps = record["steps"]
     print(f"support.records: QEMU's exit stalled after the guest's SHUTDOWN: {steps}",
           file=sys.stderr)  # fmt: skip
     done = {**steps[0], "outcome": "done", "cause": None}
