@@ -129,8 +129,8 @@ class GuestWait:
         released, self.held_at = self.held_at is not None, None
         if released:
             # Its last work: the press that follows gets idle_cutoff from now, not a deadline
-            # that the time it held the inhibitor had already passed (CI: a guest that went
-            # 0.8 s after that press was escalated 0.1 s after it).
+            # that the time it held the inhibitor had already passed (seen on 3 test workers,
+            # QEMU 10.0: a guest that went 0.8 s after that press was escalated 0.1 s after it).
             self.spoke_at = anyio.current_time()
             self.qemu.recorder.say("the guest let go of its inhibitor: pressing again at once")
         else:

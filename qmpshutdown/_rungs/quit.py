@@ -32,8 +32,9 @@ class Quit(Budgeted):
     async def run(self, qemu: Qemu, step: OpenStep) -> Ended:
         if exiting(qemu):
             # A guest that powered off while the ladder asked it why (its SHUTDOWN came during
-            # the diagnosis; CI): QEMU closed the monitor and is on its way out. Wait for that
-            # exit as quit would have, rather than give up on a QEMU about to be gone.
+            # the diagnosis; seen on 3 test workers): QEMU closed the monitor and is on its way
+            # out. Wait for that exit as quit would have, rather than give up on a QEMU about
+            # to be gone.
             timeout = qemu.policy.quit_timeout
             step.note(f"QEMU closed its monitor; waiting up to {timeout:g} s for its exit")
             return await qemu.wait_gone_or(

@@ -11,6 +11,7 @@ import pytest
 from test_fleetfile import write
 
 from qmpshutdown import Stage
+from support.records import as_pressed_record
 
 
 @pytest.mark.asyncio
@@ -26,7 +27,7 @@ async def test_a_fleet_file_stops_its_groups_in_order(guests, tmp_path):
         proc = await anyio.run_process(argv, check=False, stdin=subprocess.DEVNULL)
     err = proc.stderr.decode()
     assert proc.returncode == 1, err  # web needed force: the worst wins
-    records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    records = [as_pressed_record(json.loads(line)) for line in proc.stdout.decode().splitlines()]
     assert [(r["target"], r["stage"]) for r in records] == [
         ("db", Stage.POWERDOWN.value), ("web", Stage.QUIT.value),
     ]  # fmt: skip

@@ -16,6 +16,7 @@ import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import guest_argv
 from support.policies import GUEST, PRESSED
+from support.records import as_pressed
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.qemu]
 
@@ -72,7 +73,7 @@ async def test_block_end_stops_the_guest_with_the_power_button(argv):
         pid, socket_dir = vm.pid, vm.qmp_socket.parent
         assert vm.qmp_socket.exists()
         await wait_ready(command_line)  # the guest booted and its button handler listens
-    result = vm.result
+    result = as_pressed(vm.result)
     assert (result.stage, result.graceful, result.reason) == (
         Stage.POWERDOWN,
         True,

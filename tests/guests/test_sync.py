@@ -21,6 +21,7 @@ import qmpshutdown
 from qmpshutdown import Cause, Stage
 from support.guests import guest_argv
 from support.policies import GUEST, PRESSED
+from support.records import as_pressed
 
 pytestmark = pytest.mark.qemu
 
@@ -65,7 +66,7 @@ def test_block_end_stops_the_guest_with_the_power_button(argv):
         assert vm.qmp_socket.exists()
         assert vm.name == "coop"
         wait_ready(command_line)  # the guest booted and its button handler listens
-    result = vm.result
+    result = as_pressed(vm.result)
     assert (result.stage, result.graceful, result.reason) == (
         Stage.POWERDOWN,
         True,
