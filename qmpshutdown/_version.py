@@ -1,3 +1,3 @@
 """The version of qmpshutdown: written here only (pyproject.toml reads it from this file)."""
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"

@@ -17,7 +17,7 @@ from ansible.module_utils.basic import missing_required_lib
 
 #: The library's version this collection is made with: it uses the library's own parsing
 #: of targets, discovery and connection, which came with it.
-NEEDS = "0.4.0"
+NEEDS = "0.4.1"
 
 try:
     import qmpshutdown
