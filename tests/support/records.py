@@ -7,7 +7,8 @@ itself). The library's record says so: the press step failed with "SHUTDOWN came
 but QEMU neither exited nor stopped" after ``quit_timeout``, ``quit`` was skipped
 (it cannot end an exit already begun) and SIGTERM ended QEMU; ``graceful`` holds,
 reason ``guest-shutdown``. The guest went on the press, which is what a test of a
-cooperative guest asks; the stall is QEMU's, not the guest's or the library's.
+cooperative guest asks; the stall is QEMU's, not the guest's or the library's (its
+main thread waits in ``monitor_cleanup()`` for a wake-up it missed: ``docs/why.md``).
 """
 
 from __future__ import annotations
