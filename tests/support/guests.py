@@ -329,9 +329,10 @@ class Guest:
 #: code, 0.24 s of TCG per boot (``Freeing SMP alternatives memory`` came 0.21 s late).
 KERNEL_ARGS = ("panic=0", "loglevel=4", "no_timer_check", "cryptomgr.notests", "noreplace-smp")
 #: The kernel the test guests boot: the ELF build.py takes out of Debian's bzImage, which
-#: QEMU starts at its PVH entry: no decompression under TCG. With ``noreplace-smp``, a
-#: cooperative guest's boot to READY took 1.23 CPU-s against 1.69 from ``vmlinuz`` (QEMU 7.2,
-#: medians of 4 boots each, interleaved, an idle 2-core host). Not for ``asleep``: woken from
+#: QEMU starts at its PVH entry: no decompression under TCG. With ``noreplace-smp`` and the
+#: initramfs not compressed, a plain guest's boot to READY took 1.33 CPU-s against 1.79 from
+#: ``vmlinuz`` (QEMU 7.2, medians of 6 boots each, interleaved, an idle 2-core host; the table
+#: in fixtures/qemu-images/README.md). Not for ``asleep``: woken from
 #: S3, a kernel booted at its PVH entry booted again (QEMU 7.2: READY a second time) instead of
 #: resuming, so that mode boots the bzImage (``vmlinuz``).
 KERNEL = "vmlinux"
