@@ -93,6 +93,15 @@ class Monitor(Protocol):
         """Tell whether the peer ended the connection (EOF, reset), not a protocol error."""
         ...
 
+    def unanswered(self) -> int | None:
+        """Return how many commands QEMU has been sent and has not answered yet (also those
+        the ladder stopped waiting for), or None when this monitor cannot tell.
+
+        New in 0.4.1; a monitor without it still works: a stopped QEMU then gets SIGTERM
+        and SIGCONT at once (docs/why.md, the exit that crashes).
+        """
+        ...
+
     async def wait_closed(self) -> None:
         """Return once the connection has ended (EOF, reset, or :meth:`close`)."""
         ...
@@ -116,13 +125,20 @@ class _Client(QMPClient):
         self._listeners.remove(self.events)
         self.events = RecentEvents()
         self.register_listener(self.events)
+        #: Commands written and not answered yet, including those nobody waits for any
+        #: more (qemu.qmp drops a late reply; it still counts here as the answer).
+        self.unanswered = 0
 
     def _cb_outbound(self, msg: Message) -> Message:
+        if "execute" in msg:
+            self.unanswered += 1
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("--> %s", str(msg))
         return msg
 
     def _cb_inbound(self, msg: Message) -> Message:
+        if self.unanswered and ("return" in msg or "error" in msg):
+            self.unanswered -= 1
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("<-- %s", str(msg))
         return msg
@@ -275,6 +291,11 @@ class QMPMonitor:
             return False
         err = reader.exception()
         return err is None or isinstance(err, (EOFError, OSError))
+
+    def unanswered(self) -> int | None:
+        # Counted by our own client only; a caller's QMPClient (wrap_client) cannot tell.
+        count = getattr(self.client, "unanswered", None)
+        return count if isinstance(count, int) else None
 
     async def wait_closed(self) -> None:
         while not self.is_closed():

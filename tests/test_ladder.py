@@ -108,6 +108,77 @@ async def test_quit_unanswered_by_a_stopped_qemu_moves_on_at_once():
     assert result.stage is Stage.TERMINATE
 
 
+def _stopped_at_quit(qemu: FakeQemu, *, on_continue: str) -> list[tuple[int, int]]:
+    """QEMU is stopped as quit is written, so quit stays unanswered; on SIGCONT it answers
+    0.05 s later (*on_continue* "answers"), exits on that quit ("exits"), or stays silent
+    ("silent": traced by a debugger). Returns each signal with the count unanswered then."""
+    process = qemu.process
+    unanswered = [0]
+    qemu.monitor.unanswered = lambda: unanswered[0]
+    sent: list[tuple[int, int]] = []
+
+    async def stop_then_quit(fake, arguments):
+        process.stopped = True
+        unanswered[0] = 1
+        await anyio.sleep_forever()
+
+    qemu.handlers["quit"] = stop_then_quit
+    send_signal = process.send_signal
+
+    def signalled(signum: int) -> None:
+        sent.append((signum, unanswered[0]))
+        send_signal(signum)
+        loop = asyncio.get_running_loop()
+        if signum == signal.SIGCONT and on_continue == "answers":
+            loop.call_later(0.05, unanswered.__setitem__, 0, 0)
+        elif signum == signal.SIGCONT and on_continue == "exits":
+            loop.call_later(0.05, process.exit)
+
+    process.send_signal = signalled
+    return sent
+
+
+async def test_a_stopped_qemu_answers_what_it_was_sent_before_its_sigterm():
+    # QEMU 10.0 crashed (SIGSEGV in monitor_cleanup) when SIGTERM and SIGCONT together
+    # raced the commands it had been sent while stopped (CI of stop 34).
+    qemu = FakeQemu(guest="ignores")
+    sent = _stopped_at_quit(qemu, on_continue="answers")
+    result = await run(qemu)
+    assert sent == [(signal.SIGCONT, 1), (signal.SIGTERM, 0)]
+    assert outcomes(result)[-1] == ("terminate", "done")
+    detail = result.step(Stage.TERMINATE).detail
+    assert detail.startswith(
+        "sent SIGCONT (QEMU was stopped, 1 command unanswered); its commands answered; "
+        "then sent SIGTERM; QEMU exited"
+    ), detail
+
+
+async def test_a_stopped_qemu_that_exits_on_its_pending_quit_gets_no_sigterm():
+    qemu = FakeQemu(guest="ignores")
+    sent = _stopped_at_quit(qemu, on_continue="exits")
+    result = await run(qemu)
+    assert sent == [(signal.SIGCONT, 1)]
+    assert outcomes(result)[-1] == ("terminate", "done")
+    assert result.step(Stage.TERMINATE).detail.startswith(
+        "sent SIGCONT (QEMU was stopped, 1 command unanswered); QEMU exited"
+    )
+
+
+async def test_a_continued_qemu_that_answers_nothing_gets_sigterm_within_the_budget():
+    qemu = FakeQemu(guest="ignores")
+    sent = _stopped_at_quit(qemu, on_continue="silent")
+    process = qemu.process
+    process.ignores = frozenset({signal.SIGTERM})
+    result = await run(qemu)
+    assert sent[:2] == [(signal.SIGCONT, 1), (signal.SIGTERM, 1)]
+    terminate = result.step(Stage.TERMINATE)
+    assert terminate.outcome.value == "timeout"
+    assert "1 still unanswered; then sent SIGTERM; QEMU still running" in terminate.detail
+    assert "over its budget" not in terminate.detail  # the wait came out of the rung's budget
+    assert terminate.ended - terminate.started < FAST.terminate_timeout + 0.1
+    assert result.stage is Stage.KILL
+
+
 def _slow_exit(qemu: FakeQemu, after: float, *, stop: bool = False) -> None:
     """The guest powers off on the press; QEMU answers nothing more, and exits *after* s later
     (a loaded host, seen in CI), or is SIGSTOPped right after its SHUTDOWN (*stop*)."""
