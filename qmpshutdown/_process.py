@@ -70,7 +70,9 @@ class Process(Protocol):
         """Call *callback* once, from the event loop, when the process exits (no task).
 
         :return: a function that withdraws the callback (idempotent); call it before
-            :meth:`close`, and do not :meth:`wait_exited` while a callback is set.
+            :meth:`close`, and do not :meth:`wait_exited` while a callback is set. One
+            callback at a time: the pidfd has one reader on the loop, and a second
+            callback replaces the first (the ladder holds it: ``Qemu.until_gone``).
 
         New in 0.3; a process without it still works with :func:`~qmpshutdown.climb`
         (a task then awaits :meth:`wait_exited`).

@@ -15,9 +15,16 @@ import attrs
 import pytest
 
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
+from qmpshutdown._cli_output import print_progress
 from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
-from support.records import as_pressed, as_pressed_record, stalled_exit
+from support.records import (
+    as_pressed,
+    as_pressed_line,
+    as_pressed_record,
+    as_pressed_report,
+    stalled_exit,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -110,8 +117,9 @@ async def test_quit_unanswered_by_a_stopped_qemu_moves_on_at_once():
 
 def _stopped_at_quit(qemu: FakeQemu, *, on_continue: str) -> list[tuple[int, int]]:
     """QEMU is stopped as quit is written, so quit stays unanswered; on SIGCONT it answers
-    0.05 s later (*on_continue* "answers"), exits on that quit ("exits"), or stays silent
-    ("silent": traced by a debugger). Returns each signal with the count unanswered then."""
+    0.05 s later (*on_continue* "answers"), exits on that quit ("exits"), closes its monitor
+    on it and exits 0.12 s later ("hangs up", seen in CI), or stays silent ("silent": traced
+    by a debugger). Returns each signal with the count unanswered then."""
     process = qemu.process
     unanswered = [0]
     qemu.monitor.unanswered = lambda: unanswered[0]
@@ -133,6 +141,9 @@ def _stopped_at_quit(qemu: FakeQemu, *, on_continue: str) -> list[tuple[int, int
             loop.call_later(0.05, unanswered.__setitem__, 0, 0)
         elif signum == signal.SIGCONT and on_continue == "exits":
             loop.call_later(0.05, process.exit)
+        elif signum == signal.SIGCONT and on_continue == "hangs up":  # then exits, slowly
+            loop.call_later(0.03, qemu.monitor.closed.set)
+            loop.call_later(0.12, process.exit)
 
     process.send_signal = signalled
     return sent
@@ -162,6 +173,23 @@ async def test_a_stopped_qemu_that_exits_on_its_pending_quit_gets_no_sigterm():
     assert result.step(Stage.TERMINATE).detail.startswith(
         "sent SIGCONT (QEMU was stopped, 1 command unanswered); QEMU exited"
     )
+
+
+async def test_a_continued_qemu_that_hangs_up_and_exits_later_is_seen_gone_at_its_exit():
+    # CI: QEMU 10.0 answered its pending quit with an EOF and exited ~3 s later; a second
+    # reader on the pidfd (this rung's own) had replaced the ladder's, and the exit was
+    # seen only at the end of the rung's budget.
+    qemu = FakeQemu(guest="ignores")
+    sent = _stopped_at_quit(qemu, on_continue="hangs up")
+    qemu.process.ignores = frozenset({signal.SIGTERM})  # the exit is QEMU's own, later
+    result = await run(qemu)
+    assert sent == [(signal.SIGCONT, 1), (signal.SIGTERM, 1)]
+    terminate = result.step(Stage.TERMINATE)
+    assert terminate.outcome.value == "done"
+    assert terminate.detail.startswith(
+        "sent SIGCONT (QEMU was stopped, 1 command unanswered); its monitor closed; "
+        "then sent SIGTERM; QEMU exited"
+    ), terminate.detail
 
 
 async def test_a_continued_qemu_that_answers_nothing_gets_sigterm_within_the_budget():
@@ -255,6 +283,29 @@ async def test_a_qemu_whose_exit_stalls_after_the_guests_shutdown_gets_sigterm_n
     assert (record["stage"], record["cause"]) == ("powerdown", None)
     assert [(s["stage"], s["outcome"]) for s in record["steps"]] == [("powerdown", "done")]
     assert as_pressed_record(attrs.evolve(result, graceful=False).to_dict())["stage"] == "terminate"
+
+
+async def test_the_text_forms_of_a_stalled_exit_are_read_as_a_press(capsys):
+    # The CLI's text output and the pytest plugin's report have no record to read: the
+    # real-guest tests read them with these helpers, which must know this record's text.
+    qemu = FakeQemu(quit="hang")
+    _slow_exit(qemu, 3600.0)
+    with anyio.fail_after(10):
+        result = await climb(
+            qemu.monitor, qemu.process, attrs.evolve(FAST, quit_timeout=0.5),
+            started=anyio.current_time(), name="fake", on_progress=print_progress,
+        )  # fmt: skip
+    err = capsys.readouterr().err
+    line = f"fake  {result.summary()}"
+    assert line.startswith("fake  terminate graceful reason=guest-shutdown "), line
+    assert as_pressed_line(line, err, "fake").startswith(
+        "fake  powerdown graceful reason=guest-shutdown presses=1 "
+    )
+    assert as_pressed_line(line, err, "other") == line  # another target's progress
+    assert as_pressed_line(line, err.replace("quit skipped", "quit failed"), "fake") == line
+    report = f"vm1: {result.summary()}\nvm2: quit forced reason=host-qmp-quit"
+    assert as_pressed_report(report, "vm1").startswith("vm1: powerdown graceful reason=guest-")
+    assert as_pressed_report(report, "vm2") == report
 
 
 async def test_sigterm_ignored_then_sigkill():

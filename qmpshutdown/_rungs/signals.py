@@ -87,13 +87,12 @@ async def _answer_first(qemu: Qemu, step: OpenStep, waiting: int, seconds: float
     plural = "s" if waiting > 1 else ""
     step.note(f"sent SIGCONT (QEMU was stopped, {waiting} command{plural} unanswered)")
 
-    async def answered() -> None:
-        # Polled: the count is kept by the client's reader, and this path is rare.
-        while _unanswered(qemu):  # noqa: ASYNC110
-            await anyio.sleep(_ANSWER_POLL)
-
+    # Polled: the count is kept by the client's reader, and this path is rare. QEMU's exit
+    # is watched by the ladder already (Qemu.until_gone: one reader on the pidfd), which
+    # marks it gone here and then cancels the step.
     with anyio.move_on_after(seconds):
-        await qemu.until_gone(answered)
+        while _unanswered(qemu) and not qemu.gone:  # noqa: ASYNC110
+            await anyio.sleep(_ANSWER_POLL)
     left = _unanswered(qemu)
     if qemu.exited_now():
         return True

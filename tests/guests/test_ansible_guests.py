@@ -239,7 +239,7 @@ async def test_the_documented_rolling_stop_keeps_the_records_and_fetches_the_evi
     assert run.returncode == 0, run.stdout + run.stderr
     records = json.loads((tmp_path / "records" / "localhost.json").read_text())
     assert sorted(vm["pid"] for vm in records["before"]) == sorted([good.pid, deaf.pid])
-    by_pid = {vm["pid"]: vm for vm in records["stopped"]}
+    by_pid = {vm["pid"]: as_pressed_record(vm) for vm in records["stopped"]}
     assert (by_pid[good.pid]["stage"], by_pid[good.pid]["screenshot"]) == ("powerdown", None)
     forced = by_pid[deaf.pid]
     assert (forced["stage"], forced["cause"]) == ("quit", "ignored-power-button")

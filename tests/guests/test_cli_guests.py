@@ -19,7 +19,7 @@ from test_cli import qmpshutdown
 
 from qmpshutdown import ShutdownResult
 from support.policies import CLI_FAST, CLI_MIXED, CLI_PRESSED
-from support.records import as_pressed_record
+from support.records import as_pressed_line, as_pressed_record
 
 #: The keys of ShutdownResult.to_dict(), in its order.
 RESULT_KEYS = list(
@@ -54,7 +54,7 @@ async def test_cooperative_guest_is_exit_0_and_a_missing_neighbour_makes_it_2(gu
     assert run.status == 0, run.err
     assert run.out == ""
     assert len(progress(run.err, alone.qmp_path, "pressed the power button")) == 1
-    assert run.err.splitlines()[-1].startswith(
+    assert as_pressed_line(run.err.splitlines()[-1], run.err, alone.qmp_path).startswith(
         f"{alone.qmp_path}  powerdown graceful reason=guest-shutdown presses=1 "
     )
     assert await alone.wait_exit(5) == 0
@@ -62,10 +62,10 @@ async def test_cooperative_guest_is_exit_0_and_a_missing_neighbour_makes_it_2(gu
     missing = tmp_path / "missing.sock"
     run = await qmpshutdown(*PRESSED, beside.qmp_path, missing)
     assert run.status == 2, run.err
-    assert run.err.splitlines()[-2:] == [
-        next(line for line in run.err.splitlines() if line.startswith(f"{beside.qmp_path}  power")),
-        f"error: {missing}: No such file or directory",
-    ]
+    summary, error = run.err.splitlines()[-2:]
+    summary = as_pressed_line(summary, run.err, beside.qmp_path)
+    assert summary.startswith(f"{beside.qmp_path}  powerdown graceful "), run.err
+    assert error == f"error: {missing}: No such file or directory"
     assert await beside.wait_exit(5) == 0
 
 

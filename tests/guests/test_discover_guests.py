@@ -34,7 +34,7 @@ import qmpshutdown
 from qmpshutdown._discover import scan
 from support.guests import QEMU_BINARY, GuestFactory, accel_args, images_dir
 from support.policies import CLI_FAST, CLI_PRESSED
-from support.records import as_pressed_record
+from support.records import as_pressed_line, as_pressed_record
 
 pytestmark = [pytest.mark.qemu]
 
@@ -274,7 +274,8 @@ async def test_all_with_match_stops_exactly_the_matched_ones(
     # loaded hosts have taken over 2 s and some 19 s for them (CI).
     run = await run_cli("--all", "--match", f"{first.workdir}/*", *PRESSED, timeout=90)
     assert run.status == 0, run.err
-    assert run.err.splitlines()[-1].startswith(f"{first.qmp_path}  powerdown graceful "), run.err
+    last = as_pressed_line(run.err.splitlines()[-1], run.err, first.qmp_path)
+    assert last.startswith(f"{first.qmp_path}  powerdown graceful "), run.err
     assert await first.wait_exit(10) == 0
     assert second.alive()
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from test_launch import our_qemus
 
+from support.records import as_pressed_report
+
 pytest_plugins = ["pytester"]
 
 
@@ -125,7 +127,7 @@ def test_sync_fixture_stops_every_guest_and_reports_how(
     marker = "qsd-plugin-sync"
     result = run_inner(pytester, monkeypatch, SYNC_INNER.replace("MARKER", marker))
     result.assert_outcomes(passed=1)
-    output = result.stdout.str()
+    output = as_pressed_report(result.stdout.str(), "cooperative")
     assert "Captured qmpshutdown teardown" in output
     assert "cooperative: powerdown graceful reason=guest-shutdown" in output
     assert "ignores: quit forced reason=host-qmp-quit" in output

@@ -88,7 +88,11 @@ class FakeProcess:
         await self.exited.wait()
 
     def on_exit(self, callback: Callable[[], None]) -> Callable[[], None]:
-        # As a pidfd's reader: called from the loop, once, after the exit happened.
+        # As a pidfd's reader: called from the loop, once, after the exit happened. A pidfd
+        # has one reader on the loop: a second callback would replace the first.
+        assert not any(w[0] for _, w in self._on_exit if not self.exited.is_set()), (
+            "one on_exit callback at a time (the real one is the pidfd's only reader)"
+        )
         waiting = [True]
         self._on_exit.append((callback, waiting))
         if self.exited.is_set():

@@ -13,6 +13,7 @@ main thread waits in ``monitor_cleanup()`` for a wake-up it missed: ``docs/why.m
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, TypeVar
 
@@ -69,3 +70,34 @@ def as_pressed_record(record: dict[str, Any]) -> dict[str, Any]:
           file=sys.stderr)  # fmt: skip
     done = {**steps[0], "outcome": "done", "cause": None}
     return {**record, "stage": "powerdown", "cause": None, "steps": [done]}
+
+
+def as_pressed_line(line: str, err: str, target: object) -> str:
+    """The CLI's summary *line* for *target*, or for a stalled exit the line of a stop on the press.
+
+    The text output has no record to read: a stalled exit is the summary
+    ``terminate graceful reason=guest-shutdown`` together with the progress line, in
+    *err*, of ``quit`` skipped for :data:`STALLED_EXIT` for that same target.
+    """
+    skipped = rf"{re.escape(str(target))}  \+\d+\.\d\ds  quit skipped: {re.escape(STALLED_EXIT)}"
+    forced = f"{target}  terminate graceful reason=guest-shutdown "
+    if not line.startswith(forced) or not any(re.fullmatch(skipped, x) for x in err.splitlines()):
+        return line
+    print(f"support.records: QEMU's exit stalled after the guest's SHUTDOWN: {line}",
+          file=sys.stderr)  # fmt: skip
+    return line.replace("  terminate graceful ", "  powerdown graceful ", 1)
+
+
+def as_pressed_report(report: str, name: str) -> str:
+    """The pytest plugin's teardown *report*, with VM *name*'s stalled exit read as a press.
+
+    The report has one summary line per VM and no steps: ``terminate graceful
+    reason=guest-shutdown`` can only be a guest that powered off and a QEMU that
+    needed SIGTERM to finish its exit (a stalled exit).
+    """
+    forced = f"{name}: terminate graceful reason=guest-shutdown "
+    if forced not in report:
+        return report
+    print(f"support.records: QEMU's exit stalled after the guest's SHUTDOWN ({name})",
+          file=sys.stderr)  # fmt: skip
+    return report.replace(forced, f"{name}: powerdown graceful reason=guest-shutdown ", 1)
