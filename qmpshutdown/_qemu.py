@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
@@ -81,6 +82,8 @@ class Qemu:
         #: True when the guest powered off (its own SHUTDOWN) and QEMU began its exit but
         #: neither finished it nor answered within ``quit_timeout`` (see _confirm_guest_off).
         self.exit_stalled = False
+        #: True when such an exit was woken with SIGTERM before ``quit_timeout`` ran out.
+        self.exit_woken = False
         #: What the guest does while graceful rungs wait.
         self.sampler = Sampler(self.policy, None if process is None else process.pid)
         #: The way to the guest agent (the job's socket), shared by the agent rung and the
@@ -195,13 +198,34 @@ class Qemu:
         # it what quit would give it rather than force a guest that is already off.
         timeout = self.policy.quit_timeout
         self.recorder.say(f"guest powered off; waiting up to {timeout:g} s for QEMU's exit")
-        if await watch.wait_until(off, anyio.current_time() + timeout):
+        deadline = anyio.current_time() + timeout
+        if await watch.wait_until(off, deadline - timeout / 2):
             return True
         # QEMU 10.0 under load has stayed so until signalled (1 stop in 16 beside 3 CPU
-        # burners; SIGTERM ended it in 0.01 s): the guest is off, quit cannot end an exit
-        # already begun, and the forced rungs that follow need not wait for it again.
+        # burners; SIGTERM ended it in 0.01 s): its main thread waits in monitor_cleanup()
+        # for a wake-up it missed (docs/why.md). Half of quit's time for its own exit, then
+        # SIGTERM wakes it: its handler only asks for the exit that has already begun.
+        if self._may_wake_exit():
+            assert self.process is not None
+            self.process.send_signal(signal.SIGTERM)
+            self.recorder.say("QEMU's exit stalled after the guest's SHUTDOWN: sent SIGTERM")
+            if await watch.wait_until(off, deadline):
+                self.exit_woken = self.gone
+                return True
+        # Still there: the guest is off, quit cannot end an exit already begun, and the
+        # forced rungs that follow need not wait for it again.
         self.exit_stalled = True
         return False
+
+    def _may_wake_exit(self) -> bool:
+        """True when a SIGTERM may wake a stalled exit: the plan signals, the process runs,
+        and its command line says it exits when its guest powers off (no ``-no-shutdown``:
+        that QEMU stays, and SIGTERM would end it)."""
+        if Stage.TERMINATE not in self.policy.stages or not self.may_answer_late():
+            return False
+        assert self.process is not None
+        argv = getattr(self.process, "command_line", lambda: None)()
+        return argv is not None and not stays_after_shutdown(argv)
 
     def guest_ended(self, seen: Guest, step: OpenStep, cause: Cause | None) -> Ended:
         """How a graceful rung ended, from what its wait saw (not WAITING)."""
@@ -246,6 +270,8 @@ class Qemu:
         what = "QEMU exited"
         if graceful_rung and self.watch.guest_shut_down:
             what = "guest powered off"
+        if self.exit_woken:
+            said += "; its exit had stalled until a SIGTERM woke it"
         so_far = step.so_far if so_far is None else so_far
         return Ended(Outcome.DONE, _join(so_far, what + said), at=self.watch.gone_at)
 
@@ -387,6 +413,18 @@ class Qemu:
                 await self.monitor.wait_closed()
         for event in self.monitor.pending_events():
             self.note(event)
+
+
+def stays_after_shutdown(argv: tuple[str, ...] | list[str]) -> bool:
+    """True when QEMU's command line keeps it running once its guest powers off
+    (``-no-shutdown``, or ``-action shutdown=pause``)."""
+    for i, arg in enumerate(argv):
+        if arg.lstrip("-") == "no-shutdown":
+            return True
+        action = arg.lstrip("-") == "action" and i + 1 < len(argv)
+        if action and "shutdown=pause" in argv[i + 1].split(","):
+            return True
+    return False
 
 
 def _join(so_far: str, what: str) -> str:

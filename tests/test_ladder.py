@@ -16,6 +16,7 @@ import pytest
 
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli_output import print_progress
+from qmpshutdown._qemu import stays_after_shutdown
 from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
 from support.records import (
@@ -260,20 +261,58 @@ async def test_a_guest_off_whose_qemu_is_stopped_is_not_waited_for():
     assert result.graceful and result.stage is not Stage.POWERDOWN
 
 
-async def test_a_qemu_whose_exit_stalls_after_the_guests_shutdown_gets_sigterm_not_quit():
+async def test_a_qemu_whose_exit_stalls_after_the_guests_shutdown_is_woken_by_sigterm():
     # Seen in CI and reproduced (QEMU 10.0 beside 3 CPU burners, 1 stop in 16): the guest's
-    # SHUTDOWN, then QEMU neither exits nor answers until a signal (SIGTERM: 0.01 s). It had
-    # quit_timeout already; quit, unanswered, waited as long again before SIGTERM.
+    # SHUTDOWN, then QEMU neither exits nor answers until a signal (SIGTERM: 0.01 s): its
+    # main thread waits in monitor_cleanup() for a wake-up it missed (docs/why.md). Half of
+    # quit_timeout for its own exit, then a SIGTERM wakes it: a stop on the press.
     qemu = FakeQemu(quit="hang")
     policy = attrs.evolve(FAST, quit_timeout=0.5)
     _slow_exit(qemu, 3600.0)
+    result = await run(qemu, policy)
+    assert (result.stage, result.graceful, result.reason, result.cause) == (
+        Stage.POWERDOWN, True, "guest-shutdown", None,
+    )  # fmt: skip
+    assert outcomes(result) == [("powerdown", "done")]
+    assert qemu.process.signals == [signal.SIGTERM]
+    powerdown = result.step(Stage.POWERDOWN)
+    assert powerdown.detail.endswith(
+        "guest powered off (SHUTDOWN guest-shutdown); its exit had stalled until a SIGTERM woke it"
+    ), powerdown.detail
+    # the press, command_timeout for the exit, a query-status, then half of quit_timeout
+    took = powerdown.ended - powerdown.started
+    assert 2 * policy.command_timeout + 0.25 <= took < 2 * policy.command_timeout + 0.5, took
+    assert not stalled_exit(result)
+
+
+def _deaf_to_the_first_sigterm(process: FakeProcess) -> None:
+    send_signal, heard = process.send_signal, []
+
+    def signalled(signum: int) -> None:
+        if signum == signal.SIGTERM and not heard:
+            heard.append(signum)
+            process.signals.append(signum)
+            return
+        send_signal(signum)
+
+    process.send_signal = signalled
+
+
+async def test_a_stalled_exit_that_sigterm_does_not_wake_skips_quit_and_is_terminated():
+    # The record of stop 33's fix, kept when the wake-up does not help: quit cannot end an
+    # exit already begun, and the terminate rung's SIGTERM follows at once.
+    qemu = FakeQemu(quit="hang")
+    policy = attrs.evolve(FAST, quit_timeout=0.5)
+    _slow_exit(qemu, 3600.0)
+    _deaf_to_the_first_sigterm(qemu.process)
     result = await run(qemu, policy)
     assert (result.stage, result.graceful, result.reason) == (
         Stage.TERMINATE, True, "guest-shutdown",
     )  # fmt: skip
     assert outcomes(result) == [("powerdown", "failed"), ("quit", "skipped"), ("terminate", "done")]
     assert "cannot end an exit already begun" in result.step(Stage.QUIT).detail
-    assert qemu.process.signals == [signal.SIGTERM]
+    assert "woke" not in result.step(Stage.TERMINATE).detail
+    assert qemu.process.signals == [signal.SIGTERM, signal.SIGTERM]
     # The real-guest tests know this record (tests/support/records.py) and no other.
     assert stalled_exit(result) and not stalled_exit(attrs.evolve(result, reason="host-signal"))
     pressed = as_pressed(result)
@@ -285,11 +324,43 @@ async def test_a_qemu_whose_exit_stalls_after_the_guests_shutdown_gets_sigterm_n
     assert as_pressed_record(attrs.evolve(result, graceful=False).to_dict())["stage"] == "terminate"
 
 
+@pytest.mark.parametrize(
+    ("argv", "stages"),
+    [
+        (("qemu-system-x86_64", "-no-shutdown"), None),
+        (("qemu-system-x86_64", "-action", "reboot=shutdown,shutdown=pause"), None),
+        (None, None),  # its command line unknown
+        (("qemu-system-x86_64",), ("powerdown", "quit", "kill")),  # the plan sends no SIGTERM
+    ],
+    ids=["no-shutdown", "action-shutdown-pause", "argv-unknown", "no-terminate"],
+)
+async def test_a_stalled_exit_is_not_woken_where_sigterm_could_end_more(argv, stages):
+    qemu = FakeQemu(quit="hang", process=FakeProcess(argv=argv))
+    policy = attrs.evolve(FAST, quit_timeout=0.5)
+    if stages is not None:
+        policy = attrs.evolve(policy, stages=stages)
+    _slow_exit(qemu, 3600.0)
+    result = await run(qemu, policy)
+    assert result.step(Stage.POWERDOWN).outcome.value == "failed"
+    assert "woke" not in str(result.steps)
+    assert qemu.process.signals == ([signal.SIGTERM] if stages is None else [signal.SIGKILL])
+
+
+async def test_stays_after_shutdown_reads_the_command_line():
+    assert stays_after_shutdown(["qemu", "-no-shutdown"])
+    assert stays_after_shutdown(["qemu", "--no-shutdown"])
+    assert stays_after_shutdown(["qemu", "-action", "shutdown=pause"])
+    assert not stays_after_shutdown(["qemu", "-action", "reboot=shutdown"])
+    assert not stays_after_shutdown(["qemu", "-name", "no-shutdown-vm", "-action"])
+    assert not stays_after_shutdown(["qemu", "-nodefaults"])
+
+
 async def test_the_text_forms_of_a_stalled_exit_are_read_as_a_press(capsys):
     # The CLI's text output and the pytest plugin's report have no record to read: the
     # real-guest tests read them with these helpers, which must know this record's text.
     qemu = FakeQemu(quit="hang")
     _slow_exit(qemu, 3600.0)
+    _deaf_to_the_first_sigterm(qemu.process)
     with anyio.fail_after(10):
         result = await climb(
             qemu.monitor, qemu.process, attrs.evolve(FAST, quit_timeout=0.5),

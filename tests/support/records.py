@@ -3,8 +3,10 @@
 QEMU's exit after its guest's own SHUTDOWN can stall until a signal ends it: QEMU
 10.0 beside 3 CPU burners did so in 1 stop of 16 (SIGTERM then ended it in 0.01
 s), and CI saw it on both QEMU versions (once a stall of some 19 s that ended by
-itself). The library's record says so: the press step failed with "SHUTDOWN came
-but QEMU neither exited nor stopped" after ``quit_timeout``, ``quit`` was skipped
+itself). The library now wakes such an exit with SIGTERM after half of
+``quit_timeout`` (a stop on the press); when that does not end it, its record
+says so: the press step failed with "SHUTDOWN came but QEMU neither exited nor
+stopped" after ``quit_timeout``, ``quit`` was skipped
 (it cannot end an exit already begun) and SIGTERM ended QEMU; ``graceful`` holds,
 reason ``guest-shutdown``. The guest went on the press, which is what a test of a
 cooperative guest asks; the stall is QEMU's, not the guest's or the library's (its
