@@ -142,6 +142,8 @@ def _stopped_at_quit(qemu: FakeQemu, *, on_continue: str) -> list[tuple[int, int
             loop.call_later(0.05, unanswered.__setitem__, 0, 0)
         elif signum == signal.SIGCONT and on_continue == "exits":
             loop.call_later(0.05, process.exit)
+        elif signum == signal.SIGCONT and on_continue == "stopped again":
+            loop.call_later(0.03, setattr, process, "stopped", True)
         elif signum == signal.SIGCONT and on_continue == "hangs up":  # then exits, slowly
             loop.call_later(0.03, qemu.monitor.closed.set)
             loop.call_later(0.12, process.exit)
@@ -190,6 +192,20 @@ async def test_a_continued_qemu_that_hangs_up_and_exits_later_is_seen_gone_at_it
     assert terminate.detail.startswith(
         "sent SIGCONT (QEMU was stopped, 1 command unanswered); its monitor closed; "
         "then sent SIGTERM; QEMU exited"
+    ), terminate.detail
+
+
+async def test_a_continued_qemu_stopped_again_gets_sigterm_and_sigcont():
+    # SIGSTOP again while it answers (the chaos soak's random moments): SIGTERM alone
+    # would wait for a SIGCONT that never comes.
+    qemu = FakeQemu(guest="ignores")
+    sent = _stopped_at_quit(qemu, on_continue="stopped again")
+    result = await run(qemu)
+    assert sent == [(signal.SIGCONT, 1), (signal.SIGTERM, 1), (signal.SIGCONT, 1)]
+    terminate = result.step(Stage.TERMINATE)
+    assert terminate.outcome.value == "done"
+    assert "then sent SIGTERM and SIGCONT (QEMU was stopped again); QEMU exited" in (
+        terminate.detail
     ), terminate.detail
 
 

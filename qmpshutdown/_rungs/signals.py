@@ -49,6 +49,9 @@ class Signal:
                     return qemu.gone_ended(step)
                 detail = f"{step.so_far}; then {detail}"
                 qemu.process.send_signal(self.signum)
+                if qemu.process.is_stopped():  # stopped again meanwhile
+                    qemu.process.send_signal(signal.SIGCONT)
+                    detail += " and SIGCONT (QEMU was stopped again)"
             else:
                 # A stopped process queues SIGTERM until it runs again; let it take its
                 # clean exit.
