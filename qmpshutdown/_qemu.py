@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 import enum
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
 from typing import TypeVar
 
 import anyio
 
 from ._agent import AgentLink
 from ._errors import CommandError, MonitorClosedError
+from ._exitwake import wait_or_wake, waker
 from ._job import Job
 from ._monitor import Monitor
 from ._patience import Sampler
@@ -198,34 +199,14 @@ class Qemu:
         # it what quit would give it rather than force a guest that is already off.
         timeout = self.policy.quit_timeout
         self.recorder.say(f"guest powered off; waiting up to {timeout:g} s for QEMU's exit")
-        deadline = anyio.current_time() + timeout
-        if await watch.wait_until(off, deadline - timeout / 2):
+        wake = waker(self.policy, self.process, self.may_answer_late())  # QEMU 10.0: _exitwake
+        ended = await wait_or_wake(partial(watch.wait_until, off), timeout, wake, self.recorder.say)
+        self.exit_woken = ended == "woken" and self.gone
+        if ended != "stalled":
             return True
-        # QEMU 10.0 under load has stayed so until signalled (1 stop in 16 beside 3 CPU
-        # burners; SIGTERM ended it in 0.01 s): its main thread waits in monitor_cleanup()
-        # for a wake-up it missed (docs/why.md). Half of quit's time for its own exit, then
-        # SIGTERM wakes it: its handler only asks for the exit that has already begun.
-        if self._may_wake_exit():
-            assert self.process is not None
-            self.process.send_signal(signal.SIGTERM)
-            self.recorder.say("QEMU's exit stalled after the guest's SHUTDOWN: sent SIGTERM")
-            if await watch.wait_until(off, deadline):
-                self.exit_woken = self.gone
-                return True
-        # Still there: the guest is off, quit cannot end an exit already begun, and the
-        # forced rungs that follow need not wait for it again.
+        # Still there: the guest is off, quit cannot end an exit begun, nor need force wait.
         self.exit_stalled = True
         return False
-
-    def _may_wake_exit(self) -> bool:
-        """True when a SIGTERM may wake a stalled exit: the plan signals, the process runs,
-        and its command line says it exits when its guest powers off (no ``-no-shutdown``:
-        that QEMU stays, and SIGTERM would end it)."""
-        if Stage.TERMINATE not in self.policy.stages or not self.may_answer_late():
-            return False
-        assert self.process is not None
-        argv = getattr(self.process, "command_line", lambda: None)()
-        return argv is not None and not stays_after_shutdown(argv)
 
     def guest_ended(self, seen: Guest, step: OpenStep, cause: Cause | None) -> Ended:
         """How a graceful rung ended, from what its wait saw (not WAITING)."""
@@ -413,18 +394,6 @@ class Qemu:
                 await self.monitor.wait_closed()
         for event in self.monitor.pending_events():
             self.note(event)
-
-
-def stays_after_shutdown(argv: tuple[str, ...] | list[str]) -> bool:
-    """True when QEMU's command line keeps it running once its guest powers off
-    (``-no-shutdown``, or ``-action shutdown=pause``)."""
-    for i, arg in enumerate(argv):
-        if arg.lstrip("-") == "no-shutdown":
-            return True
-        action = arg.lstrip("-") == "action" and i + 1 < len(argv)
-        if action and "shutdown=pause" in argv[i + 1].split(","):
-            return True
-    return False
 
 
 def _join(so_far: str, what: str) -> str:

@@ -219,6 +219,23 @@ def reboot_action(argv: Sequence[str]) -> str:
     return action
 
 
+def shutdown_action(argv: Sequence[str]) -> str:
+    """What QEMU does when its guest powers off, as its command line set it (no I/O).
+
+    ``-no-shutdown`` is ``pause``; ``-action shutdown=X`` is X; the later one wins;
+    neither is QEMU's default, ``poweroff``.
+    """
+    action = "poweroff"
+    items = list(argv[1:])
+    for index, raw in enumerate(items):
+        option = raw[1:] if raw.startswith("--") else raw
+        if option == "-no-shutdown":
+            action = "pause"
+        elif option == "-action" and index + 1 < len(items):
+            action = parse_options(items[index + 1]).get("shutdown", action)
+    return action
+
+
 def without_incoming(argv: Sequence[str]) -> list[str]:
     """*argv* without its ``-incoming`` options (no I/O).
 

@@ -16,7 +16,6 @@ import pytest
 
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli_output import print_progress
-from qmpshutdown._qemu import stays_after_shutdown
 from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
 from support.records import (
@@ -360,15 +359,6 @@ async def test_a_stalled_exit_is_not_woken_where_sigterm_could_end_more(argv, st
     assert result.step(Stage.POWERDOWN).outcome.value == "failed"
     assert "woke" not in str(result.steps)
     assert qemu.process.signals == ([signal.SIGTERM] if stages is None else [signal.SIGKILL])
-
-
-async def test_stays_after_shutdown_reads_the_command_line():
-    assert stays_after_shutdown(["qemu", "-no-shutdown"])
-    assert stays_after_shutdown(["qemu", "--no-shutdown"])
-    assert stays_after_shutdown(["qemu", "-action", "shutdown=pause"])
-    assert not stays_after_shutdown(["qemu", "-action", "reboot=shutdown"])
-    assert not stays_after_shutdown(["qemu", "-name", "no-shutdown-vm", "-action"])
-    assert not stays_after_shutdown(["qemu", "-nodefaults"])
 
 
 async def test_the_text_forms_of_a_stalled_exit_are_read_as_a_press(capsys):

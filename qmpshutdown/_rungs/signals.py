@@ -41,9 +41,11 @@ class Signal:
         assert qemu.process is not None
         grace = self.budget(qemu.policy)
         detail = f"{self.label}sent {self.signum.name}"
+        answered_first = False
         if self.signum == signal.SIGTERM and qemu.process.is_stopped():
             waiting = _unanswered(qemu)
             if waiting:
+                answered_first = True
                 answer_for = min(qemu.policy.command_timeout, grace / 2)
                 if await _answer_first(qemu, step, waiting, answer_for):
                     return qemu.gone_ended(step)
@@ -65,7 +67,7 @@ class Signal:
         if spent > 0.01:  # what is left of the budget, a moment before the step's own end
             grace = max(0.0, math.floor((grace - spent) * 100) / 100 - 0.01)
         still_running = f"QEMU still running {grace:g} s after {self.signum.name}"
-        if detail.startswith("sent SIGCONT"):  # what came before SIGTERM belongs in the record
+        if answered_first:  # what came before SIGTERM belongs in the record
             still_running = f"{detail}; {still_running}"
         return await qemu.wait_gone_or(grace, step, still_running)
 

@@ -1,0 +1,55 @@
+"""A stalled exit, woken: after its guest's SHUTDOWN, QEMU 10.0's exit can wait for a
+wake-up it missed, until a signal comes (docs/why.md).
+
+Its main thread waits in ``monitor_cleanup()`` for QMP's dispatcher to end, in a poll
+without timeout. SIGTERM's handler only asks for the exit that has already begun, and
+wakes that poll (0.01 s here). So half of ``quit_timeout`` for QEMU's own exit, then a
+SIGTERM where nothing else can come of it, then the other half.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from ._policy import ShutdownPolicy, Stage
+from ._process import Process
+from ._qemuargs import shutdown_action
+
+
+def waker(policy: ShutdownPolicy, process: Process | None, running: bool) -> Process | None:
+    """The process to wake with SIGTERM, or None where SIGTERM could end more than an exit.
+
+    :param running: the process runs (not stopped: SIGSTOP, a debugger).
+    :return: None when the plan has no ``terminate``, the process is stopped or unknown,
+        or its command line keeps QEMU once its guest is off (``-no-shutdown``,
+        ``-action shutdown=pause``) or cannot be read.
+    """
+    if process is None or not running or Stage.TERMINATE not in policy.stages:
+        return None
+    read = getattr(process, "command_line", None)  # a caller's Process may lack it
+    argv = None if read is None else read()
+    return process if argv is not None and shutdown_action(argv) == "poweroff" else None
+
+
+async def wait_or_wake(
+    wait_until: Callable[[float], Awaitable[bool]],
+    seconds: float,
+    process: Process | None,
+    say: Callable[[str], None],
+) -> str:
+    """Wait up to *seconds* for the exit, waking *process* (if any) half-way.
+
+    :param wait_until: waits for the exit until a deadline (anyio clock); tells whether it came.
+    :return: ``"exited"``, ``"woken"`` (it came after the SIGTERM) or ``"stalled"``.
+    """
+    deadline = anyio.current_time() + seconds
+    if await wait_until(deadline - seconds / 2):
+        return "exited"
+    if process is None:
+        return "exited" if await wait_until(deadline) else "stalled"
+    process.send_signal(signal.SIGTERM)
+    say("QEMU's exit stalled after the guest's SHUTDOWN: sent SIGTERM")
+    return "woken" if await wait_until(deadline) else "stalled"
