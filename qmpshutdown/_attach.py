@@ -89,7 +89,6 @@ async def _stop_at(
     """
     address = check_address(job.target)
     name = job.name or format_address(address)
-    job = attrs.evolve(job, name=name)
     pid, policy = job.pid, job.the_policy
     rungs = plan(policy) if rungs is None else list(rungs)
     may_signal = any(rung.stage in (Stage.TERMINATE, Stage.KILL) for rung in rungs)
@@ -101,7 +100,7 @@ async def _stop_at(
         no_signal_why: str = "",
     ) -> ShutdownResult:
         return await run_plan(
-            job, monitor, process, started=started, on_progress=on_progress, rungs=rungs,
+            job, monitor, process, started=started, on_progress=on_progress, rungs=rungs, name=name,
             no_monitor_why=no_monitor_why, no_signal_why=no_signal_why,
         )  # fmt: skip
 

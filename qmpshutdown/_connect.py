@@ -42,32 +42,34 @@ async def connect_socket(address: Address, limit: float) -> socket.socket:
     loop = asyncio.get_running_loop()
     where = format_address(address)
     try:
-        with anyio.fail_after(limit):
-            if isinstance(address, tuple):
-                host, port = address
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                last: OSError | None = None
-                for family, kind, proto, _name, sockaddr in infos:
-                    sock = socket.socket(family, kind, proto)
-                    sock.setblocking(False)
-                    try:
-                        await loop.sock_connect(sock, sockaddr)
-                        return sock
-                    except OSError as err:
-                        sock.close()
-                        last = err
-                    except BaseException:
-                        sock.close()
-                        raise
-                raise last or OSError(f"no address for {host}")
+        if not isinstance(address, tuple):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
-                await _connect_unix(sock, os.fspath(address))
+                if not _connected_at_once(sock, os.fspath(address)):
+                    with anyio.fail_after(limit):
+                        await _connect_unix(sock, os.fspath(address))
             except BaseException:
                 sock.close()
                 raise
             return sock
+        with anyio.fail_after(limit):  # a TCP monitor
+            host, port = address
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            last: OSError | None = None
+            for family, kind, proto, _name, sockaddr in infos:
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, sockaddr)
+                    return sock
+                except OSError as err:
+                    sock.close()
+                    last = err
+                except BaseException:
+                    sock.close()
+                    raise
+            raise last or OSError(f"no address for {host}")
     except TimeoutError as err:
         raise ConnectError(f"{where}: no connection within {limit:g} s") from err
     except socket.gaierror as err:
@@ -76,6 +78,15 @@ async def connect_socket(address: Address, limit: float) -> socket.socket:
         # asyncio's own wording ("Connect call failed (...)") hides the reason
         why = os.strerror(err.errno) if err.errno else (err.strerror or str(err))
         raise ConnectError(f"{where}: {why}") from err
+
+
+def _connected_at_once(sock: socket.socket, path: str) -> bool:
+    """Connect a non-blocking unix socket if that needs no wait; False when it must wait."""
+    try:
+        sock.connect(path)
+    except BlockingIOError:
+        return False
+    return True
 
 
 async def _connect_unix(sock: socket.socket, path: str) -> None:

@@ -137,11 +137,13 @@ async def run_plan(
     no_signal_why: str = "QEMU's pid is unknown",
     rungs: Sequence[Rung] | None = None,
     actions: Sequence[Action] | None = None,
+    name: str | None = None,
 ) -> ShutdownResult:
-    """:func:`climb` for one :class:`~._job.Job` (its policy and name set), with the rungs
-    and actions given instead of the policy's own plan when given.
+    """:func:`climb` for one :class:`~._job.Job` (its policy set), with the rungs and
+    actions given instead of the policy's own plan when given, named *name* (else the
+    job's name).
     """
-    recorder = Recorder(started, job.name or "qemu", on_progress)
+    recorder = Recorder(started, name or job.name or "qemu", on_progress)
     qemu = Qemu(job, monitor, process, recorder,
                 no_monitor_why=no_monitor_why, no_signal_why=no_signal_why)  # fmt: skip
     rungs = plan(qemu.policy) if rungs is None else list(rungs)

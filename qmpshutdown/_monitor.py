@@ -321,6 +321,15 @@ async def disconnect(client: QMPClient, sock: socket.socket | None) -> None:
     """
     if client.runstate == Runstate.IDLE:
         return
+    reader = getattr(client, "_reader_task", None)
+    if reader is not None and reader.done():
+        # QEMU hung up (it does when it exits): qemu.qmp flushes nothing then, only closes
+        # the stream, so nothing here can block and no task of ours need bound it.
+        try:
+            await client.disconnect()
+        except Exception as err:  # EOFError, ConnectionResetError: how the connection ended
+            logger.debug("monitor connection ended with %r", err)
+        return
     task = asyncio.ensure_future(client.disconnect())
     done, _ = await asyncio.wait({task}, timeout=CLOSE_GRACE)
     if not done and sock is not None:

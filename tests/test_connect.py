@@ -78,3 +78,24 @@ def test_format_address() -> None:
     assert format_address("/run/vm.sock") == "/run/vm.sock"
     assert format_address(("127.0.0.1", 4444)) == "127.0.0.1:4444"
     assert format_address(("::1", 4444)) == "[::1]:4444"
+
+
+@pytest.mark.asyncio
+async def test_a_full_backlog_is_waited_for_and_the_wait_is_bounded(tmp_path) -> None:
+    # QEMU listens with a backlog of 1: a second client waits until the first is accepted.
+    path = str(tmp_path / "qmp.sock")
+    with socket.socket(socket.AF_UNIX) as server, socket.socket(socket.AF_UNIX) as first:
+        server.bind(path)
+        server.listen(0)
+        first.connect(path)  # fills the backlog
+        with pytest.raises(ConnectError, match=r"no connection within 0\.2 s"):
+            await connect_socket(path, 0.2)
+        accepted: list[socket.socket] = []
+        accepter = threading.Timer(0.1, lambda: accepted.append(server.accept()[0]))
+        accepter.start()
+        with await connect_socket(path, 5.0) as sock:  # connected once the first was accepted
+            accepter.join(5.0)
+            assert len(accepted) == 1
+            assert sock.getpeername() == path
+        for conn in accepted:
+            conn.close()

@@ -120,6 +120,24 @@ def test_frozen(record: object, name: str) -> None:
         setattr(record, name, before)
 
 
+def test_an_events_data_is_a_deep_copy_the_callers_changes_do_not_reach() -> None:
+    class Box:  # not JSON: copied all the same
+        def __init__(self) -> None:
+            self.items = [1]
+
+    data = {"guest": True, "nested": {"list": [1, {"x": "y"}]}, "box": Box()}
+    record = EventRecord("SHUTDOWN", 1.0, data)
+    data["nested"]["list"][1]["x"] = "changed"  # type: ignore[index]
+    data["nested"]["list"].append(2)  # type: ignore[union-attr]
+    data["box"].items.append(2)  # type: ignore[attr-defined]
+    data["guest"] = False
+    assert record.data["guest"] is True
+    assert record.data["nested"] == {"list": [1, {"x": "y"}]}
+    assert record.data["box"].items == [1]
+    with pytest.raises(TypeError):
+        record.data["guest"] = False  # type: ignore[index]
+
+
 def test_result_stores_events_and_steps_as_tuples() -> None:
     result = make_result()
     assert type(result.events) is tuple
