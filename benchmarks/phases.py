@@ -1,6 +1,7 @@
 """Where one cooperative stop's CPU goes, phase by phase (cProfile on a CPU clock).
 
     .venv/bin/python benchmarks/phases.py [--stops 200] [--delay-ms 5] [--dump FILE]
+                                          [--library DIR]
 
 One stop at a time against stand-in QEMUs (tests/support/fakeqemu.py, pinned like
 QEMU), default policy, ``shutdown(path)``. First the CPU per stop without a
@@ -12,6 +13,10 @@ it (callees included); the tasks qemu.qmp runs on its own (its reader and its
 disconnect) are phases of their own. Each phase is shown as its share of the
 profiled CPU and as that share of the unprofiled CPU per stop (the profiler
 slows everything down by about the same factor). Prints a Markdown table.
+
+``--library DIR`` measures the ``qmpshutdown`` package in DIR instead of the installed
+one (another checkout, e.g. ``git worktree add /tmp/before HEAD~1``): before and after,
+each against the bare client of its own run.
 """
 
 from __future__ import annotations
@@ -29,7 +34,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import qmpshutdown
+
+def _library_from_argv() -> None:
+    """``--library DIR``: import the qmpshutdown package in DIR, not the installed one."""
+    if "--library" not in sys.argv[:-1]:
+        return
+    where = os.path.abspath(sys.argv[sys.argv.index("--library") + 1])
+    # An editable install finds its own checkout first: take its finder out.
+    sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in repr(finder)]
+    sys.path.insert(0, where)
+
+
+_library_from_argv()
+
+import qmpshutdown  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FAKEQEMU = HERE.parent / "tests" / "support" / "fakeqemu.py"
@@ -193,4 +211,8 @@ if __name__ == "__main__":
     parser.add_argument("--stops", type=int, default=200)
     parser.add_argument("--delay-ms", type=float, default=5.0)
     parser.add_argument("--dump", metavar="FILE", help="also write the profile (pstats) here")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--library", metavar="DIR",
+                        help="measure the qmpshutdown package in DIR (another checkout)")
+    arguments = parser.parse_args()
+    print(f"qmpshutdown from {Path(qmpshutdown.__file__).parent.parent}", file=sys.stderr)
+    asyncio.run(main(arguments))

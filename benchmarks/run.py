@@ -57,6 +57,7 @@ READY_TIMEOUT = 240.0  # per batch of guests: generous, TCG on 2 cores
 BATCH = 8  # guests booted at once
 SETTLE = 0.3  # seconds after the last READY before a timed stop
 MANY_MEMORY = 192  # MiB per guest in the many-at-once case
+OUTLIER_WALL = 5.0  # seconds: a many-at-once run this long logs its slowest record
 CASES = ("cooperative", "forced", "hung", "many", "import", "fleet", "fastpath")
 #: Sections of RESULTS.md written by hand (or by their own script), kept by --write.
 KEPT = (
@@ -336,6 +337,8 @@ async def many_scenario(
                         f"cpu/guest {ms(figures['cpu_s'] / size)}, "
                         f"peak RSS +{figures['peak_rss_kib']} KiB"
                     )
+                    if figures.get("slowest") and figures["wall_s"] > OUTLIER_WALL:
+                        log(f"  the slowest record: {figures['slowest']}")
                 finally:
                     factory.cleanup()
     return data

@@ -64,10 +64,21 @@ def measure_qmpshutdown(paths: list[str]) -> dict[str, Any]:
             or result.stage is not qmpshutdown.Stage.POWERDOWN
             or not result.graceful
         ]
+        stopped = [r for r in results if isinstance(r, qmpshutdown.ShutdownResult)]
+        slowest = max(stopped, key=lambda r: r.elapsed, default=None)
+        told = None if slowest is None else _told(slowest)
         return {"wall_s": wall1 - wall0, "cpu_s": cpu1 - cpu0, "peak_rss_kib": rss1 - rss0,
-                "errors": errors}  # fmt: skip
+                "errors": errors, "slowest": told}  # fmt: skip
 
     return asyncio.run(run())
+
+
+def _told(result: Any) -> str:
+    """One record in a line: how long, the presses, and each step (for an outlier's why)."""
+    steps = "; ".join(f"{s.stage.value} {s.outcome.value} {s.started:.2f}-{s.ended:.2f} s: "
+                      f"{s.detail}" for s in result.steps)  # fmt: skip
+    events = ", ".join(f"{e.event}@{e.timestamp:.2f}" for e in result.events)
+    return f"{result.elapsed:.2f} s, {result.presses} press(es); {steps}; events {events}"
 
 
 def measure_raw(paths: list[str]) -> dict[str, Any]:
