@@ -1,5 +1,5 @@
-"""A stalled exit, woken: after its guest's SHUTDOWN, QEMU 10.0's exit can wait for a
-wake-up it missed, until a signal comes (docs/why.md).
+"""A stalled exit, woken: after its guest's SHUTDOWN, QEMU's exit can wait for a wake-up
+it missed, until a signal comes (seen on QEMU 10.0 and 7.2: docs/why.md).
 
 Its main thread waits in ``monitor_cleanup()`` for QMP's dispatcher to end, in a poll
 without timeout. SIGTERM's handler only asks for the exit that has already begun, and
