@@ -208,15 +208,7 @@ def reboot_action(argv: Sequence[str]) -> str:
     ``-no-reboot`` is ``shutdown``; ``-action reboot=X`` is X; the later one wins (QEMU
     applies them in order); neither is QEMU's default, ``reset``.
     """
-    action = "reset"
-    items = list(argv[1:])
-    for index, raw in enumerate(items):
-        option = raw[1:] if raw.startswith("--") else raw
-        if option == "-no-reboot":
-            action = "shutdown"
-        elif option == "-action" and index + 1 < len(items):
-            action = parse_options(items[index + 1]).get("reboot", action)
-    return action
+    return _action(argv, "reboot", flag="-no-reboot", flagged="shutdown", default="reset")
 
 
 def shutdown_action(argv: Sequence[str]) -> str:
@@ -225,14 +217,19 @@ def shutdown_action(argv: Sequence[str]) -> str:
     ``-no-shutdown`` is ``pause``; ``-action shutdown=X`` is X; the later one wins;
     neither is QEMU's default, ``poweroff``.
     """
-    action = "poweroff"
+    return _action(argv, "shutdown", flag="-no-shutdown", flagged="pause", default="poweroff")
+
+
+def _action(argv: Sequence[str], event: str, *, flag: str, flagged: str, default: str) -> str:
+    """*event*'s action: *flag* sets *flagged*, ``-action EVENT=X`` sets X, the later wins."""
+    action = default
     items = list(argv[1:])
     for index, raw in enumerate(items):
         option = raw[1:] if raw.startswith("--") else raw
-        if option == "-no-shutdown":
-            action = "pause"
+        if option == flag:
+            action = flagged
         elif option == "-action" and index + 1 < len(items):
-            action = parse_options(items[index + 1]).get("shutdown", action)
+            action = parse_options(items[index + 1]).get(event, action)
     return action
 
 
