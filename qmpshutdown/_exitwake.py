@@ -3,8 +3,9 @@ it missed, until a signal comes (seen on QEMU 10.0 and 7.2: docs/why.md).
 
 Its main thread waits in ``monitor_cleanup()`` for QMP's dispatcher to end, in a poll
 without timeout. SIGTERM's handler only asks for the exit that has already begun, and
-wakes that poll (0.01 s here). So half of ``quit_timeout`` for QEMU's own exit, then a
-SIGTERM where nothing else can come of it, then the other half.
+wakes that poll (0.01 s here). So a QEMU not gone ``command_timeout`` after its guest's
+SHUTDOWN gets a SIGTERM where nothing else can come of it (no command: one read late can
+crash QEMU 10.0 in that window), then ``quit_timeout`` for its exit.
 """
 
 from __future__ import annotations
@@ -40,14 +41,12 @@ async def wait_or_wake(
     process: Process | None,
     say: Callable[[str], None],
 ) -> str:
-    """Wait up to *seconds* for the exit, waking *process* (if any) half-way.
+    """Wait up to *seconds* for the exit, waking *process* (if any) with SIGTERM first.
 
     :param wait_until: waits for the exit until a deadline (anyio clock); tells whether it came.
     :return: ``"exited"``, ``"woken"`` (it came after the SIGTERM) or ``"stalled"``.
     """
     deadline = anyio.current_time() + seconds
-    if await wait_until(deadline - seconds / 2):
-        return "exited"
     if process is None:
         return "exited" if await wait_until(deadline) else "stalled"
     process.send_signal(signal.SIGTERM)

@@ -80,13 +80,12 @@ class Qemu:
         self.runstate: str | None = None  #: as found on arrival
         self.presses = 0
         self.reboot_action: str | None = None  #: to put back at the end (:mod:`._rungs.reboot`)
-        #: True when the guest powered off (its own SHUTDOWN) and QEMU began its exit but
-        #: neither finished it nor answered within ``quit_timeout`` (see _confirm_guest_off).
+        #: True when the guest powered off (its own SHUTDOWN) and QEMU's exit, begun, did not
+        #: end within ``quit_timeout`` more (see _confirm_guest_off).
         self.exit_stalled = False
-        #: True when such an exit was woken with SIGTERM before ``quit_timeout`` ran out.
+        #: True when such an exit ended after a SIGTERM that woke it (:mod:`._exitwake`).
         self.exit_woken = False
-        #: What the guest does while graceful rungs wait.
-        self.sampler = Sampler(self.policy, None if process is None else process.pid)
+        self.sampler = Sampler(self.policy, None if process is None else process.pid)  #: reads it
         #: The way to the guest agent (the job's socket), shared by the agent rung and the
         #: freeze; None without an agent socket.
         agent = job.agent_path
@@ -134,8 +133,9 @@ class Qemu:
         return None
 
     async def ask(self, name: str) -> object:
-        """Run *name* for a reading of the guest: its reply, or None (no monitor, an error)."""
-        if self.monitor is None or self.monitor.is_closed():
+        """A reading's reply, or None (no monitor, an error, the guest off: QEMU 10.0 exiting
+        can crash reading a command, docs/why.md)."""
+        if self.monitor is None or self.monitor.is_closed() or self.watch.guest_shut_down:
             return None
         try:
             return await self.command(name)
@@ -185,21 +185,21 @@ class Qemu:
         def off() -> bool:
             return watch.stopped_after_shutdown or self.gone
 
-        if await watch.wait_until(off, deadline):
+        if await watch.wait_until(off, deadline) or self.exited_now():
             if not self.gone:
                 self.recorder.say("guest powered off; QEMU stays (runstate shutdown)")
             return True
-        runstate = await self.read_runstate()
-        if runstate == "shutdown" or self.exited_now():
-            return True
-        if runstate is not None or not self.may_answer_late():
-            return False
-        # No answer, or the monitor closed (how an exit begins), and QEMU's process runs: on
-        # a loaded host its exit after the guest's SHUTDOWN took seconds (seen in CI). Give
-        # it what quit would give it rather than force a guest that is already off.
+        wake = waker(self.policy, self.process, self.may_answer_late())  # QEMU 10.0: _exitwake
+        if wake is None:  # with one, only an exit can follow: no command sent into it
+            runstate = await self.read_runstate()
+            if runstate == "shutdown" or self.exited_now():
+                return True
+            if runstate is not None or not self.may_answer_late():
+                return False
+        # QEMU's process runs, its exit not ended: on a loaded host it took seconds (seen in CI),
+        # or it stalled. Give it what quit would rather than force a guest already off.
         timeout = self.policy.quit_timeout
         self.recorder.say(f"guest powered off; waiting up to {timeout:g} s for QEMU's exit")
-        wake = waker(self.policy, self.process, self.may_answer_late())  # QEMU 10.0: _exitwake
         ended = await wait_or_wake(partial(watch.wait_until, off), timeout, wake, self.recorder.say)
         self.exit_woken = ended == "woken" and self.gone
         if ended != "stalled":
