@@ -405,6 +405,43 @@ async def test_sigterm_ignored_then_sigkill():
     assert qemu.process.signals == [signal.SIGTERM, signal.SIGKILL]
 
 
+
+async def test_a_qemu_whose_exit_stalls_after_quit_is_woken_by_sigterm():
+    # quit answered, QEMU's exit can stall as after the guest's SHUTDOWN (the same
+    # monitor_cleanup() wait): command_timeout into quit_timeout, a SIGTERM wakes it, and
+    # the record is still quit's (the signal began nothing that quit had not).
+    qemu = FakeQemu(guest="ignores", quit="stall")
+    policy = attrs.evolve(FAST, quit_timeout=1.0)
+    result = await run(qemu, policy)
+    assert (result.stage, result.graceful, result.reason) == (Stage.QUIT, False, "host-qmp-quit")
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+    assert qemu.process.signals == [signal.SIGTERM]
+    step = result.step(Stage.QUIT)
+    assert step.detail.endswith("its exit had stalled until a SIGTERM woke it"), step.detail
+    took = step.ended - step.started
+    assert policy.command_timeout <= took < policy.command_timeout + 0.2, took
+
+
+@pytest.mark.parametrize("case", ["sigterm-ignored", "no-terminate", "no-time-left"])
+async def test_a_stalled_exit_after_quit_is_woken_only_where_it_can_be(case):
+    process = FakeProcess(ignores=frozenset({signal.SIGTERM} if case == "sigterm-ignored" else ()))
+    qemu = FakeQemu(guest="ignores", quit="stall", process=process)
+    quit_timeout = FAST.command_timeout if case == "no-time-left" else 1.0
+    policy = attrs.evolve(FAST, quit_timeout=quit_timeout)
+    if case == "no-terminate":
+        policy = attrs.evolve(policy, stages=("powerdown", "quit", "kill"))
+    result = await run(qemu, policy)
+    assert result.step(Stage.QUIT).outcome.value == "timeout"
+    assert "woke" not in str(result.steps)
+    expected = {
+        # the wake-up, terminate's, then kill
+        "sigterm-ignored": [signal.SIGTERM, signal.SIGTERM, signal.SIGKILL],
+        "no-terminate": [signal.SIGKILL],
+        "no-time-left": [signal.SIGTERM],  # terminate's own
+    }[case]
+    assert qemu.process.signals == expected
+    assert result.stage is (Stage.TERMINATE if case == "no-time-left" else Stage.KILL)
+
 async def test_stopped_qemu_gets_sigcont_after_sigterm_so_it_can_exit_cleanly():
     process = FakeProcess(stopped=True)
     qemu = FakeQemu(process=process)

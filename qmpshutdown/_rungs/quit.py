@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from .._errors import CommandError, MonitorClosedError
+from .._exitwake import wait_or_wake, waker
 from .._policy import Stage
 from .._qemu import Qemu
 from .._result import Cause, Outcome
@@ -63,9 +66,10 @@ async def quit_and_wait(qemu: Qemu, step: OpenStep, *, kept: str = "") -> Ended:
         # Said before the reply: QEMU exits right after it, and its exit cancels the step
         # (the pidfd's reader) as soon as the loop sees it, maybe before the reply is read.
         step.note("sent quit")
-    late = ""
+    late, answered = "", False
     try:
         await qemu.command("quit")
+        answered = True
     except MonitorClosedError:
         pass  # QEMU may close the socket before it answers quit
     except TimeoutError:
@@ -81,9 +85,27 @@ async def quit_and_wait(qemu: Qemu, step: OpenStep, *, kept: str = "") -> Ended:
         so_far = f"{so_far}{late}; "
     except CommandError as err:
         return Ended(Outcome.FAILED, f"{so_far}quit refused: {err}{kept}")
-    ended = await qemu.wait_gone_or(
-        timeout, step, f"{so_far}QEMU still running {timeout:g} s after quit"
+    still = f"{so_far}QEMU still running {timeout:g} s after quit"
+    ended = await _exit_after_quit(qemu, step, still) if answered else (
+        await qemu.wait_gone_or(timeout, step, still)
     )
     if late and ended.outcome is not Outcome.DONE:
         return Ended(Outcome.FAILED, f"{ended.detail}{kept}", Cause.MONITOR_UNRESPONSIVE)
     return ended
+
+
+async def _exit_after_quit(qemu: Qemu, step: OpenStep, still: str) -> Ended:
+    """Wait ``quit_timeout`` for the exit ``quit`` began, woken by SIGTERM after
+    ``command_timeout`` of it if it stalled (:mod:`.._exitwake`: only an exit can follow).
+    """
+    policy = qemu.policy
+    wake = waker(policy, qemu.process, qemu.may_answer_late(), quit_answered=True)
+    if wake is None:
+        return await qemu.wait_gone_or(policy.quit_timeout, step, still)
+    watch = qemu.watch
+    ended = await wait_or_wake(
+        partial(watch.wait_until, lambda: qemu.gone), policy.quit_timeout, wake,
+        qemu.recorder.say, wake_after=policy.command_timeout, began="quit",
+    )  # fmt: skip
+    qemu.exit_woken = ended == "woken" and qemu.gone
+    return qemu.gone_ended(step) if qemu.gone else Ended(Outcome.TIMEOUT, still)
