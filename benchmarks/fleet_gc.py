@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/fleet_gc.py [--n 1000] [--rounds 2]
 
 One process, N stand-in QEMUs (tests/support/fakeqemu.py, as fleetbench.py) stopped
-at once, alternately by a bare qemu.qmp client (bareqmp.py, asyncio.gather) and by
-``shutdown_many()``, each round with the cyclic GC on, then with it off
+at once, in turn by a bare qemu.qmp client (bareqmp.py, asyncio.gather), the same
+quiet (its ``QuietClient``: no message pretty-printed for a DEBUG line that is off)
+and ``shutdown_many()``, each round with the cyclic GC on, then with it off
 (``gc.disable()`` around the stop only). Prints the CPU per VM of each, the GC's
 collections by generation, and, in a last round with the GC on, the objects the GC
 tracks per live VM at the peak, by type. Nothing in qmpshutdown is changed: this
@@ -35,8 +36,9 @@ from phases import fake_binary  # noqa: E402
 
 
 async def stop_all(client: str, paths: list[Path]) -> None:
-    if client == "bare":
-        outcomes = await asyncio.gather(*(bareqmp.stop(str(p)) for p in paths),
+    if client.startswith("bare"):
+        quiet = client == "bare-quiet"
+        outcomes = await asyncio.gather(*(bareqmp.stop(str(p), quiet=quiet) for p in paths),
                                         return_exceptions=True)  # fmt: skip
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         assert not failed, failed[:3]
@@ -97,7 +99,7 @@ async def main(args: argparse.Namespace) -> None:
         for round_ in range(1, args.rounds + 2):
             last = round_ == args.rounds + 1
             for collect in (True,) if last else (True, False):
-                for client in ("bare", "qmpshutdown"):
+                for client in ("bare", "bare-quiet", "qmpshutdown"):
                     fleet = FakeFleet(binary, scratch, args.n)
                     try:
                         got = await one(client, fleet, collect, census=last)

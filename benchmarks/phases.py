@@ -6,7 +6,9 @@
 One stop at a time against stand-in QEMUs (tests/support/fakeqemu.py, pinned like
 QEMU), default policy, ``shutdown(path)``. First the CPU per stop without a
 profiler (``time.process_time``, median), with a bare qemu.qmp client
-(bareqmp.py) doing the same exchange in the same run for comparison; then the
+(bareqmp.py) doing the same exchange in the same run for comparison, plain and
+quiet (its ``QuietClient``: no message pretty-printed for a DEBUG line that is
+off, as the library's own client); then the
 same stops under cProfile with a CPU-time clock. A coroutine's cumulative time
 counts only while its frames run, so each phase's figure is the CPU spent in
 it (callees included); the tasks qemu.qmp runs on its own (its reader and its
@@ -119,8 +121,8 @@ async def one_stop(tool: str, binary: Path, scratch: Path, index: int, delay_ms:
     proc = spawn(binary, path, delay_ms)
     try:
         c0 = time.process_time()
-        if tool == "bare":
-            await bareqmp.stop(str(path))
+        if tool.startswith("bare"):
+            await bareqmp.stop(str(path), quiet=tool == "bare-quiet")
         else:
             result = await qmpshutdown.shutdown(path)
             assert result.graceful, result
@@ -144,9 +146,11 @@ async def main(args: argparse.Namespace) -> None:
         for i in range(10):  # warm up both
             await one_stop("qmpshutdown", binary, scratch, -i - 1, args.delay_ms)
             await one_stop("bare", binary, scratch, -i - 1, args.delay_ms)
-        cpu: dict[str, list[float]] = {"qmpshutdown": [], "bare": []}
+            await one_stop("bare-quiet", binary, scratch, -i - 1, args.delay_ms)
+        tools = ["qmpshutdown", "bare", "bare-quiet"]
+        cpu: dict[str, list[float]] = {tool: [] for tool in tools}
         for i in range(args.stops):
-            for tool in ("qmpshutdown", "bare") if i % 2 else ("bare", "qmpshutdown"):
+            for tool in tools[i % 3:] + tools[:i % 3]:  # rotating order
                 cpu[tool].append(await one_stop(tool, binary, scratch, i, args.delay_ms))
         profiler = cProfile.Profile(time.thread_time)
         profiled = 0.0
@@ -167,9 +171,11 @@ async def main(args: argparse.Namespace) -> None:
     if args.dump:
         stats.dump_stats(args.dump)
     lib, bare = statistics.median(cpu["qmpshutdown"]), statistics.median(cpu["bare"])
+    quiet = statistics.median(cpu["bare-quiet"])
     print(f"CPU per cooperative stop, median of {args.stops} (process_time, no profiler): "
           f"qmpshutdown {lib * 1000:.2f} ms, bare qemu.qmp {bare * 1000:.2f} ms "
-          f"({lib / bare:.2f}x)\n")  # fmt: skip
+          f"({lib / bare:.2f}x), bare qemu.qmp quiet {quiet * 1000:.2f} ms "
+          f"({lib / quiet:.2f}x)\n")  # fmt: skip
     print("| phase | share of profiled CPU | ≈ ms per stop |")
     print("|---|---|---|")
     for phase, keys in PHASES:
