@@ -59,6 +59,12 @@ class Watch:
         return self.first_shutdown is not None and bool(self.first_shutdown.get("guest"))
 
     @property
+    def exit_begun(self) -> bool:
+        """True once a SHUTDOWN came and no STOP after it: QEMU is in its exit (or done),
+        where a command read late can crash QEMU 10.0 (docs/why.md); send it none."""
+        return self.first_shutdown is not None and not self.stopped_after_shutdown
+
+    @property
     def reason(self) -> str | None:
         if self.first_shutdown is None:
             return None

@@ -16,6 +16,8 @@ import pytest
 
 from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli_output import print_progress
+from qmpshutdown._job import Job
+from qmpshutdown._ladder import run_plan
 from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
 from support.records import (
@@ -306,6 +308,29 @@ async def test_a_qemu_whose_exit_stalls_after_the_guests_shutdown_is_woken_by_si
     assert qemu.monitor.commands[-1] == "system_powerdown", qemu.monitor.commands
     assert not stalled_exit(result)
 
+
+
+async def test_nothing_is_sent_into_an_exit_left_running_when_no_force_is_allowed(tmp_path):
+    # No forced rung in the plan: the ladder ends with QEMU still in its (stalled) exit.
+    # Putting the reboot action back and a last screenshot would be commands into that
+    # exit, where QEMU 10.0 can crash reading one (docs/why.md): neither is sent.
+    qemu = FakeQemu()
+    _slow_exit(qemu, 3600.0)
+    policy = attrs.evolve(FAST, stages=("powerdown",), quit_timeout=0.3)
+    job = Job("fake", policy=policy, name="fake", evidence_dir=str(tmp_path))
+    with anyio.fail_after(10):
+        try:
+            result = await run_plan(job, qemu.monitor, qemu.process, started=anyio.current_time())
+        except ShutdownFailed as failed:
+            result = failed.result
+    commands = qemu.monitor.commands
+    assert commands[:3] == ["query-status", "set-action", "system_powerdown"], commands
+    # After the press only query-status, which asks whether it stopped (no wake-up here:
+    # the plan has no terminate): no set-action to put the reboot action back, no screendump.
+    assert commands[3:] == ["query-status"], commands
+    assert qemu.process.signals == []  # no terminate in the plan: no wake-up either
+    assert [step.stage.value for step in result.steps] == ["powerdown"]
+    assert list(tmp_path.iterdir()) == []
 
 def _deaf_to_the_first_sigterm(process: FakeProcess) -> None:
     send_signal, heard = process.send_signal, []

@@ -72,8 +72,10 @@ class RebootAsShutdown:
         was = qemu.reboot_action
         if was is None or qemu.monitor is None or qemu.monitor.is_closed():
             return
-        if qemu.gone or (qemu.process is not None and qemu.process.has_exited()):
-            return  # QEMU is gone: nothing to put back
+        if qemu.gone or qemu.watch.exit_begun or (
+            qemu.process is not None and qemu.process.has_exited()
+        ):
+            return  # QEMU is gone or on its way: nothing to put back, no command into its exit
         qemu.reboot_action = None
         with anyio.CancelScope(shield=True):
             try:

@@ -148,8 +148,8 @@ class Screenshot(Budgeted):
 
     async def finish(self, qemu: Qemu) -> None:
         """One more screenshot when the ladder ended and QEMU still runs (a recorded step)."""
-        if qemu.gone or not self.applies(qemu):
-            return
+        if qemu.gone or qemu.watch.exit_begun or not self.applies(qemu):
+            return  # gone, or on its way (no command into its exit)
         if qemu.process is not None and qemu.process.has_exited():
             return
         # Bounded by the command's own timeout; recorded like any other step.
