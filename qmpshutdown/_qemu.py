@@ -215,8 +215,8 @@ class Qemu:
         if seen is Guest.OFF:
             return Ended(Outcome.DONE, _join(step.so_far, f"guest off ({self.watch.reason})"))
         if seen is Guest.OFF_UNCONFIRMED:
-            what = "SHUTDOWN came but QEMU neither exited nor stopped"
-            return Ended(Outcome.FAILED, _join(step.so_far, what), cause)
+            what = "SHUTDOWN came but QEMU neither exited nor stopped"  # not the guest's doing
+            return Ended(Outcome.FAILED, _join(step.so_far, what), Cause.MONITOR_UNRESPONSIVE)
         if seen is Guest.PANICKED:
             return Ended(Outcome.FAILED, _join(step.so_far, "guest panicked"), Cause.PANICKED)
         return self.gone_ended(step)

@@ -356,6 +356,8 @@ async def test_a_stalled_exit_that_sigterm_does_not_wake_skips_quit_and_is_termi
     assert (result.stage, result.graceful, result.reason) == (
         Stage.TERMINATE, True, "guest-shutdown",
     )  # fmt: skip
+    # The guest went on the press: QEMU is what did not answer (no ignored-power-button).
+    assert result.cause is Cause.MONITOR_UNRESPONSIVE
     assert outcomes(result) == [("powerdown", "failed"), ("quit", "skipped"), ("terminate", "done")]
     assert "cannot end an exit already begun" in result.step(Stage.QUIT).detail
     assert "woke" not in result.step(Stage.TERMINATE).detail

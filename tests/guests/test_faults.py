@@ -24,6 +24,8 @@ import pytest
 
 import qmpshutdown
 from support.guests import free_port, qmp_connect, qmp_disconnect
+from support.nbdhold import SIZE as NBD_SIZE
+from support.nbdhold import HoldingNbd
 from support.policies import FAULTS, PRESSED
 from support.records import as_pressed
 from support.robustness import Case
@@ -142,6 +144,28 @@ CASES = [
         0.5 + SLACK,
         "the caller's scope",
         {"scenario": "cancel", "point": "handshake"},
+    ),
+    Case(
+        "fault",
+        "QEMU's exit held after the guest's SHUTDOWN",
+        "a block job's read is held (an NBD server of the test's), so QEMU's exit waits in "
+        "its drain; command_timeout after the SHUTDOWN, SIGTERM and no command; the read "
+        "answered then, QEMU exits: a stop on the press",
+        "stage powerdown, cause -",
+        1.0 + POLICY.command_timeout + SLACK,
+        "the press + command_timeout",
+        {"scenario": "exit_held", "released": True},
+    ),
+    Case(
+        "fault",
+        "QEMU's exit held for good after the guest's SHUTDOWN",
+        "the same read never answered: SIGTERM cannot end the drain; quit_timeout, quit "
+        "skipped (it cannot end an exit begun), terminate, then SIGKILL; graceful, for the "
+        "guest went",
+        "stage kill, cause monitor-unresponsive",
+        1.0 + POLICY.command_timeout + POLICY.quit_timeout + POLICY.terminate_timeout + SLACK,
+        "the press + command_timeout + quit_timeout + terminate_timeout",
+        {"scenario": "exit_held", "released": False},
     ),
     Case(
         "safety",
@@ -460,6 +484,56 @@ async def stopped_no_signals(guests, case, clock, caplog):
         await stop(guest, clock, attrs.evolve(POLICY, stages=("powerdown", "quit")))
     finally:
         assert guest.alive()
+
+
+async def exit_held(guests, case, clock, caplog):
+    # Seen on QEMU 10.0 and 7.2 by chance (docs/why.md: the stalled exit), made here on
+    # demand: a blockdev-backup job from an NBD export whose last MiB the test's server
+    # holds is in flight when the guest powers off, and QEMU's exit drains it.
+    released = case.params["released"]
+    sock = guests.root / f"nbd-{len(guests.guests)}.sock"
+    async with HoldingNbd(sock) as nbd:
+        guest = await guests.boot("cooperative", restore=False, extra_args=[
+            "-blockdev", f"driver=nbd,node-name=src,server.type=unix,server.path={sock},"
+                         "read-only=on",
+            "-blockdev", f"driver=null-co,node-name=dst,size={NBD_SIZE}",
+        ])  # fmt: skip
+        client = await qmp_connect(guest.qmp_path)
+        try:
+            await client.execute("blockdev-backup", {
+                "job-id": "held", "device": "src", "target": "dst", "sync": "full",
+            })  # fmt: skip
+            with anyio.fail_after(10):
+                await nbd.arrived.wait()  # the job waits on the held read
+        finally:
+            await qmp_disconnect(client)
+        action = nbd.release if released else (lambda: None)
+        with on_log("sent SIGTERM", action) as hook, clock.timing(), anyio.fail_after(
+            POLICY.bound + 10
+        ):
+            result = await qmpshutdown.shutdown(guest.qmp_path, POLICY)  # the raw record
+        assert hook.fired and nbd.held >= 1
+        assert result.reason == "guest-shutdown" and result.graceful
+        powerdown = result.step("powerdown")
+        if released:
+            assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+                ("powerdown", "done")
+            ]
+            assert powerdown.detail.endswith(
+                "guest powered off (SHUTDOWN guest-shutdown); its exit had stalled until a "
+                "SIGTERM woke it"
+            ), powerdown.detail
+            assert await guest.wait_exit(5) == 0
+        else:
+            assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+                ("powerdown", "failed"), ("quit", "skipped"), ("terminate", "timeout"),
+                ("kill", "done"),
+            ]  # fmt: skip
+            assert await guest.wait_exit(5) == -signal.SIGKILL
+        # Nothing was sent into the exit: no query-status, no sampler's reading.
+        said = [r.getMessage() for r in caplog.records]
+        assert not [line for line in said if "query-status failed" in line], said
+    return outcome(result)
 
 
 SCENARIOS: dict[str, Callable[..., Awaitable[str | None]]] = {
