@@ -99,6 +99,23 @@ async def test_quit_acted_on_but_answered_late_is_still_quit_once_qemu_exits():
     assert qemu.process.signals == []
 
 
+
+async def test_quit_acted_on_but_unanswered_whose_exit_stalls_is_woken():
+    # Seen on a real QEMU whose exit was held (tests/guests/test_faults.py): its SHUTDOWN
+    # host-qmp-quit came, the reply to quit did not. The exit has begun all the same: woken
+    # command_timeout after the reply was given up on, and the record stays quit's.
+    qemu = FakeQemu(guest="ignores", quit="late")
+    qemu.late_by = 3600.0  # its exit: only when a signal comes
+    policy = attrs.evolve(FAST, quit_timeout=1.0)
+    result = await run(qemu, policy)
+    assert outcomes(result) == [("powerdown", "timeout"), ("quit", "done")]
+    assert qemu.process.signals == [signal.SIGTERM]
+    step = result.step(Stage.QUIT)
+    assert step.detail.startswith("no reply to quit"), step.detail
+    assert step.detail.endswith("its exit had stalled until a SIGTERM woke it"), step.detail
+    took = step.ended - step.started
+    assert 2 * policy.command_timeout <= took < 2 * policy.command_timeout + 0.2, took
+
 async def test_quit_unanswered_by_a_stopped_qemu_moves_on_at_once():
     # A stopped QEMU (SIGSTOP, a debugger) cannot be on its way out: no quit_timeout wait.
     qemu = FakeQemu(guest="ignores", quit="hang")

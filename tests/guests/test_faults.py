@@ -168,6 +168,17 @@ CASES = [
         {"scenario": "exit_held", "released": False},
     ),
     Case(
+        "fault",
+        "QEMU's exit held after quit",
+        "the same held read, a guest that ignores the button: quit's SHUTDOWN comes, its "
+        "reply does not (the exit is held first); command_timeout more, SIGTERM; the read "
+        "answered then, QEMU exits: the record stays quit",
+        "stage quit, cause ignored-power-button, forced",
+        POLICY.powerdown_timeout + 2 * POLICY.command_timeout + SLACK,
+        "powerdown_timeout + 2 * command_timeout",
+        {"scenario": "exit_held", "released": True, "mode": "ignores"},
+    ),
+    Case(
         "safety",
         "pid of another QEMU given",
         "refused before anything is sent (SO_PEERCRED names the real peer)",
@@ -490,10 +501,10 @@ async def exit_held(guests, case, clock, caplog):
     # Seen on QEMU 10.0 and 7.2 by chance (docs/why.md: the stalled exit), made here on
     # demand: a blockdev-backup job from an NBD export whose last MiB the test's server
     # holds is in flight when the guest powers off, and QEMU's exit drains it.
-    released = case.params["released"]
+    released, mode = case.params["released"], case.params.get("mode", "cooperative")
     sock = guests.root / f"nbd-{len(guests.guests)}.sock"
     async with HoldingNbd(sock) as nbd:
-        guest = await guests.boot("cooperative", restore=False, extra_args=[
+        guest = await guests.boot(mode, restore=False, extra_args=[
             "-blockdev", f"driver=nbd,node-name=src,server.type=unix,server.path={sock},"
                          "read-only=on",
             "-blockdev", f"driver=null-co,node-name=dst,size={NBD_SIZE}",
@@ -513,6 +524,16 @@ async def exit_held(guests, case, clock, caplog):
         ):
             result = await qmpshutdown.shutdown(guest.qmp_path, POLICY)  # the raw record
         assert hook.fired and nbd.held >= 1
+        if mode == "ignores":  # quit began the exit, and its step says how it ended
+            assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+                ("powerdown", "timeout"), ("quit", "done")
+            ]  # fmt: skip
+            detail = result.step("quit").detail
+            assert detail.endswith(
+                "QEMU exited (SHUTDOWN host-qmp-quit); its exit had stalled until a SIGTERM woke it"
+            ), detail
+            assert await guest.wait_exit(5) == 0
+            return outcome(result)
         assert result.reason == "guest-shutdown" and result.graceful
         powerdown = result.step("powerdown")
         if released:
