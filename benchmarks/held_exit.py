@@ -16,29 +16,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
+from library_arg import use_library_from_argv  # noqa: E402
 
-def _library_from_argv() -> None:
-    """``--library DIR``: import the qmpshutdown package in DIR, not the installed one."""
-    if "--library" not in sys.argv[:-1]:
-        return
-    where = os.path.abspath(sys.argv[sys.argv.index("--library") + 1])
-    sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in repr(finder)]
-    sys.path.insert(0, where)
-
-
-_library_from_argv()
+use_library_from_argv()
 
 import qmpshutdown  # noqa: E402
-from support.guests import GuestFactory, qmp_connect, qmp_disconnect  # noqa: E402
-from support.nbdhold import SIZE, HoldingNbd  # noqa: E402
+from support.guests import GuestFactory  # noqa: E402
+from support.nbdhold import HoldingNbd, held_job_args, start_held_job  # noqa: E402
 
 
 async def one(root: Path, index: int) -> str:
@@ -47,19 +38,9 @@ async def one(root: Path, index: int) -> str:
     sock = root / f"nbd{index}.sock"
     try:
         async with HoldingNbd(sock) as nbd:
-            guest = await factory.boot("cooperative", restore=False, extra_args=[
-                "-blockdev", f"driver=nbd,node-name=src,server.type=unix,server.path={sock},"
-                             "read-only=on",
-                "-blockdev", f"driver=null-co,node-name=dst,size={SIZE}",
-            ])  # fmt: skip
-            client = await qmp_connect(guest.qmp_path)
-            try:
-                await client.execute("blockdev-backup", {
-                    "job-id": "held", "device": "src", "target": "dst", "sync": "full",
-                })  # fmt: skip
-                await asyncio.wait_for(nbd.arrived.wait(), 10)
-            finally:
-                await qmp_disconnect(client)
+            guest = await factory.boot("cooperative", restore=False,
+                                       extra_args=held_job_args(sock))  # fmt: skip
+            await start_held_job(guest.qmp_path, nbd)
             seen: dict[str, float] = {}
 
             def progress(update: qmpshutdown.Progress) -> None:

@@ -36,18 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from library_arg import use_library_from_argv
 
-def _library_from_argv() -> None:
-    """``--library DIR``: import the qmpshutdown package in DIR, not the installed one."""
-    if "--library" not in sys.argv[:-1]:
-        return
-    where = os.path.abspath(sys.argv[sys.argv.index("--library") + 1])
-    # An editable install finds its own checkout first: take its finder out.
-    sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in repr(finder)]
-    sys.path.insert(0, where)
-
-
-_library_from_argv()
+use_library_from_argv()
 
 import qmpshutdown  # noqa: E402
 

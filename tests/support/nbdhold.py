@@ -123,3 +123,26 @@ class HoldingNbd:
                 await self._released.wait()
             writer.write(struct.pack(">IIQ", _SIMPLE_REPLY_MAGIC, 0, cookie) + b"\0" * length)
             await writer.drain()
+
+
+def held_job_args(sock: Path) -> list[str]:
+    """QEMU options for a held exit: the export at *sock* as node ``src``, a null ``dst``."""
+    return [
+        "-blockdev", f"driver=nbd,node-name=src,server.type=unix,server.path={sock},read-only=on",
+        "-blockdev", f"driver=null-co,node-name=dst,size={SIZE}",
+    ]  # fmt: skip
+
+
+async def start_held_job(qmp_path: Path, nbd: HoldingNbd, limit: float = 10.0) -> None:
+    """Start ``blockdev-backup`` src → dst over a client of our own (closed before
+    returning), and return once the job waits on a held read (within *limit* s)."""
+    from support.guests import qmp_connect, qmp_disconnect
+
+    client = await qmp_connect(qmp_path)
+    try:
+        await client.execute("blockdev-backup", {
+            "job-id": "held", "device": "src", "target": "dst", "sync": "full",
+        })  # fmt: skip
+        await asyncio.wait_for(nbd.arrived.wait(), limit)
+    finally:
+        await qmp_disconnect(client)
