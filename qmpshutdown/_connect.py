@@ -19,6 +19,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.qmp_client import NegotiationError
 
 from ._errors import ConnectError
+from ._greeting import negotiate
 from ._monitor import (
     CLOSE_GRACE,
     HandshakeFailed,
@@ -145,13 +146,18 @@ async def first_words(sock: socket.socket, limit: float) -> None:
 async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:
     """Greet and negotiate capabilities over a connected socket; wrap the client.
 
+    The library reads the greeting and negotiates itself (:func:`~._greeting.negotiate`),
+    then hands the open session to qemu.qmp.
+
     :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
     :raises HandshakeFailed: the peer is not a QMP server (HMP, other text) or hung up.
     """
     deadline = anyio.current_time() + limit
     await first_words(sock, limit)
-    client = await connect_client(sock, max(0.0, deadline - anyio.current_time()))
-    return QMPMonitor(client, sock, owned=True)
+    early = await negotiate(sock, deadline)  # events before the greeting too (_greeting.py)
+    left = max(0.0, deadline - anyio.current_time())
+    client = await connect_client(sock, left, negotiated=True)
+    return QMPMonitor(client, sock, owned=True, early_events=early)
 
 
 async def open_client(path: str, limit: float, name: str | None = None) -> QMPClient:
@@ -190,8 +196,13 @@ def format_address(address: Address) -> str:
     return os.fspath(address)
 
 
-async def connect_client(sock: socket.socket, limit: float, name: str | None = None) -> QMPClient:
+async def connect_client(
+    sock: socket.socket, limit: float, name: str | None = None, *, negotiated: bool = False
+) -> QMPClient:
     """Return a :class:`QMPClient` connected over *sock*, greeted and negotiated.
+
+    *negotiated*: the greeting and ``qmp_capabilities`` are done already (the
+    library's own handshake); the client only takes the session over.
 
     The client's connect() runs in its own asyncio task: cancelling it from an
     anyio scope leaves qemu.qmp wedged (it is cancelled again while it cleans up).
@@ -200,6 +211,8 @@ async def connect_client(sock: socket.socket, limit: float, name: str | None = N
     :raises HandshakeFailed: the peer is not a QMP server or hung up.
     """
     client = new_client(name)
+    if negotiated:
+        client.await_greeting = client.negotiate = False  # qemu.qmp's public switches
     task = asyncio.ensure_future(client.connect(sock))
     try:
         done, _ = await asyncio.wait({task}, timeout=limit)

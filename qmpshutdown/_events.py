@@ -32,6 +32,10 @@ class EventQueue(EventListener):
     callback: EventCallback | None = None
 
     async def put(self, event: Any) -> None:
+        self.take(event)
+
+    def take(self, event: Any) -> None:
+        """Queue *event* or hand it to the callback, as :meth:`put` does, without awaiting."""
         if not self.accept(event):
             return
         if self.callback is None:

@@ -17,7 +17,7 @@ import logging
 import os
 import select
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
@@ -167,13 +167,24 @@ class QMPMonitor:
     :param client: a connected client.
     :param sock: the socket under the client, when this object owns the connection.
     :param owned: close the connection in :meth:`close` (False for a caller's client).
+    :param early_events: events QEMU sent before the session was the client's (before its
+        greeting: :mod:`._greeting`); they come first.
     """
 
-    def __init__(self, client: QMPClient, sock: socket.socket | None, *, owned: bool) -> None:
+    def __init__(
+        self,
+        client: QMPClient,
+        sock: socket.socket | None,
+        *,
+        owned: bool,
+        early_events: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
         self.client = client
         self._sock = sock
         self._owned = owned
         self._events = EventQueue()
+        for msg in early_events:
+            self._events.take(msg)
         client.register_listener(self._events)
         self._closed_by_us = False
         # A second descriptor of our own connection: when asyncio drops it on an error

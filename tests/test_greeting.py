@@ -1,0 +1,142 @@
+"""The library's own greeting and negotiation (qmpshutdown._greeting), over socketpairs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+
+import anyio
+import pytest
+
+from qmpshutdown._greeting import CAPABILITIES, negotiate
+from qmpshutdown._monitor import HandshakeFailed, HandshakeTimeout
+
+
+def line(msg: object) -> bytes:
+    return json.dumps(msg).encode() + b"\r\n"
+
+
+def event(name: str, **data: object) -> bytes:
+    stamp = {"seconds": 1, "microseconds": 2}
+    return line({"timestamp": stamp, "event": name, **({"data": data} if data else {})})
+
+
+GREETING = line({"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}},
+                         "capabilities": []}})  # fmt: skip
+MIGRATION = event("MIGRATION", status="setup")
+RESUME = event("RESUME")
+OK = line({"return": {}})
+AFTER = event("SHUTDOWN")
+
+
+
+def qemu_like(
+    before: list[bytes], reply: bytes | None, after: bytes = b""
+) -> tuple[socket.socket, list[bytes]]:
+    """Our end of a socketpair whose other end sends *before*, reads the capabilities
+    command, then sends *reply* + *after* at once (None: says nothing more) and holds on."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    heard: list[bytes] = []
+
+    def serve() -> None:
+        with theirs, contextlib.suppress(OSError):  # our end may close first
+            for chunk in before:
+                theirs.sendall(chunk)
+                time.sleep(0.01)  # separate reads on our side
+            theirs.settimeout(5)
+            heard.append(theirs.recv(4096))
+            if reply is not None:
+                theirs.sendall(reply + after)
+            theirs.recv(1)  # until our end closes
+
+    threading.Thread(target=serve, daemon=True).start()
+    return ours, heard
+
+
+@pytest.mark.asyncio
+async def test_a_greeting_then_the_reply_negotiates_and_nothing_after_it_is_taken() -> None:
+    sock, heard = qemu_like([GREETING], OK, AFTER)
+    with sock:
+        with anyio.fail_after(3):
+            early = await negotiate(sock, anyio.current_time() + 2)
+        assert early == []
+        assert heard == [CAPABILITIES]
+        await anyio.sleep(0.05)
+        assert sock.recv(4096) == AFTER  # left for qemu.qmp's reader
+
+
+@pytest.mark.asyncio
+async def test_events_before_the_greeting_are_kept_in_order() -> None:
+    # QEMU 7.2 loading a state (-incoming) sent MIGRATION to a new connection first.
+    sock, heard = qemu_like([MIGRATION, RESUME, GREETING], OK)
+    with sock, anyio.fail_after(3):
+        early = await negotiate(sock, anyio.current_time() + 2)
+    assert [msg["event"] for msg in early] == ["MIGRATION", "RESUME"]
+    assert early[0]["data"] == {"status": "setup"}
+    assert heard == [CAPABILITIES]
+
+
+@pytest.mark.asyncio
+async def test_a_greeting_split_across_reads_is_one_line() -> None:
+    cut = len(GREETING) // 3
+    sock, _ = qemu_like([GREETING[:cut], GREETING[cut : 2 * cut], GREETING[2 * cut :]], OK)
+    with sock, anyio.fail_after(3):
+        assert await negotiate(sock, anyio.current_time() + 2) == []
+
+
+@pytest.mark.asyncio
+async def test_a_refused_negotiation_says_so() -> None:
+    refused = b'{"error": {"class": "CommandNotFound", "desc": "nope"}}\r\n'
+    sock, _ = qemu_like([GREETING], refused)
+    with sock, pytest.raises(HandshakeFailed, match=r"qmp_capabilities\) failed: nope"):
+        await negotiate(sock, anyio.current_time() + 2)
+
+
+@pytest.mark.asyncio
+async def test_no_reply_is_a_timeout_by_the_deadline() -> None:
+    sock, _ = qemu_like([GREETING], None)
+    started = time.monotonic()
+    with sock, pytest.raises(HandshakeTimeout, match="negotiation"):
+        await negotiate(sock, anyio.current_time() + 0.3)
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.asyncio
+async def test_a_reply_before_any_greeting_is_not_qmp() -> None:
+    sock, _ = qemu_like([OK], OK)
+    with sock, pytest.raises(HandshakeFailed, match="before any greeting"):
+        await negotiate(sock, anyio.current_time() + 2)
+
+
+@pytest.mark.asyncio
+async def test_half_a_greeting_then_a_hang_up_is_not_qmp() -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.sendall(GREETING[:20])
+    theirs.close()
+    with ours, pytest.raises(HandshakeFailed, match="not a QMP monitor: the peer hung up mid-line"):
+        await negotiate(ours, anyio.current_time() + 2)
+
+
+@pytest.mark.asyncio
+async def test_a_line_that_is_not_a_json_object_is_shown() -> None:
+    sock, _ = qemu_like([b"[1, 2]\r\n"], OK)
+    with sock, pytest.raises(HandshakeFailed, match=r"it says '\[1, 2\]'"):
+        await negotiate(sock, anyio.current_time() + 2)
+
+
+@pytest.mark.asyncio
+async def test_a_line_over_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("qmpshutdown._greeting.LINE_LIMIT", 1000)
+    long = b'{"QMP": "' + b"x" * 5000 + b'"}\r\n'
+    sock, _ = qemu_like([long], OK)
+    with sock, pytest.raises(HandshakeFailed, match="over the 1000 byte limit"):
+        await negotiate(sock, anyio.current_time() + 2)
+
+
+def test_the_capabilities_command_is_what_qemu_expects() -> None:
+    assert json.loads(CAPABILITIES) == {"execute": "qmp_capabilities"}
