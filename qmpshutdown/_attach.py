@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anyio
 import attrs
@@ -45,6 +45,7 @@ from ._process import (
 from ._progress import ProgressCallback
 from ._result import ShutdownResult
 from ._rungs import Rung, plan
+from ._rungs.reboot import REBOOT_AS_SHUTDOWN
 
 logger = logging.getLogger("qmpshutdown")
 
@@ -136,7 +137,9 @@ async def _stop_at(
         signallable = pinned or process
         logger.debug("%s: connected; waiting for its greeting", name)
         try:
-            monitor = await handshake(sock, max(0.0, deadline - anyio.current_time()))
+            left = max(0.0, deadline - anyio.current_time())
+            first = _first_commands(rungs, signallable)
+            monitor = await handshake(sock, left, first=first, first_within=policy.command_timeout)
         except HandshakeTimeout as err:
             # Said nothing at all: QEMU stopped or hung, or its monitor is held by another client.
             sock.close()
@@ -175,6 +178,20 @@ async def _stop_at(
         finally:
             if process is not None:
                 process.close()
+
+
+def _first_commands(
+    rungs: Sequence[Rung], process: Process | None
+) -> list[tuple[str, Mapping[str, object] | None]]:
+    """The commands the handshake sends with the capabilities: the ladder's first question
+    (``query-status``) and, when the power button will press, its ``set-action``."""
+    first: list[tuple[str, Mapping[str, object] | None]] = [("query-status", None)]
+    if any(rung.stage is Stage.POWERDOWN for rung in rungs):
+        read = getattr(process, "command_line", None)  # a caller's Process may lack it
+        reboot = REBOOT_AS_SHUTDOWN.first_command(None if read is None else read())
+        if reboot is not None:
+            first.append(reboot)
+    return first
 
 
 def _pin_process(

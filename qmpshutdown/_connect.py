@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import socket
+from collections.abc import Mapping, Sequence
 from typing import Union
 
 import anyio
@@ -19,7 +20,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.qmp_client import NegotiationError
 
 from ._errors import ConnectError
-from ._greeting import negotiate
+from ._greeting import negotiate, take_replies
 from ._monitor import (
     CLOSE_GRACE,
     HandshakeFailed,
@@ -143,21 +144,36 @@ async def first_words(sock: socket.socket, limit: float) -> None:
     raise HandshakeFailed(f"not a QMP monitor: it says {shown!r}")
 
 
-async def handshake(sock: socket.socket, limit: float) -> QMPMonitor:
+async def handshake(
+    sock: socket.socket,
+    limit: float,
+    *,
+    first: Sequence[tuple[str, Mapping[str, object] | None]] = (),
+    first_within: float = 0.0,
+) -> QMPMonitor:
     """Greet and negotiate capabilities over a connected socket; wrap the client.
 
     The library reads the greeting and negotiates itself (:func:`~._greeting.negotiate`),
-    then hands the open session to qemu.qmp.
+    then hands the open session to qemu.qmp. *first*: commands (name, arguments) sent
+    with the capabilities, their replies waited for up to *first_within* seconds (a
+    command's bound); each answer waits in the monitor
+    (:meth:`~._monitor.QMPMonitor.take_arrival`).
 
     :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
     :raises HandshakeFailed: the peer is not a QMP server (HMP, other text) or hung up.
     """
     deadline = anyio.current_time() + limit
     await first_words(sock, limit)
-    early = await negotiate(sock, deadline)  # events before the greeting too (_greeting.py)
-    left = max(0.0, deadline - anyio.current_time())
+    early = await negotiate(sock, deadline, first)  # events before the greeting too
+    left = max(0.0, deadline - anyio.current_time())  # a command's wait is not the connect's
+    names = [name for name, _ in first]
+    answers = await take_replies(sock, names, anyio.current_time() + first_within, early)
     client = await connect_client(sock, left, negotiated=True)
-    return QMPMonitor(client, sock, owned=True, early_events=early)
+    late = sum(isinstance(answer, TimeoutError) for answer in answers)
+    if late and isinstance(getattr(client, "unanswered", None), int):
+        client.unanswered += late  # type: ignore[attr-defined]  # their replies may still come
+    arrivals = dict(zip(names, answers, strict=True))
+    return QMPMonitor(client, sock, owned=True, early_events=early, arrivals=arrivals)
 
 
 async def open_client(path: str, limit: float, name: str | None = None) -> QMPClient:

@@ -160,15 +160,14 @@ class _Client(QMPClient):
                 self.logger.debug("Discarding an exception from wait_closed", exc_info=True)
 
 
-
 class QMPMonitor:
     """A :class:`Monitor` backed by a :class:`qemu.qmp.QMPClient`.
 
     :param client: a connected client.
     :param sock: the socket under the client, when this object owns the connection.
     :param owned: close the connection in :meth:`close` (False for a caller's client).
-    :param early_events: events QEMU sent before the session was the client's (before its
-        greeting: :mod:`._greeting`); they come first.
+    :param early_events: events QEMU sent before the client's session (:mod:`._greeting`).
+    :param arrivals: the answers to the commands the handshake sent, by name.
     """
 
     def __init__(
@@ -178,8 +177,10 @@ class QMPMonitor:
         *,
         owned: bool,
         early_events: Sequence[Mapping[str, Any]] = (),
+        arrivals: Mapping[str, object] | None = None,
     ) -> None:
         self.client = client
+        self._arrivals = dict(arrivals or {})
         self._sock = sock
         self._owned = owned
         self._events = EventQueue()
@@ -222,6 +223,10 @@ class QMPMonitor:
                 return
             await asyncio.sleep(0)
         await asyncio.sleep(0)  # the reader task handles the lines the transport just read
+
+    def take_arrival(self, command: str) -> object:
+        """Once: the reply to *command* sent with the handshake (or the error it met), or None."""
+        return self._arrivals.pop(command, None)
 
     def send_fd(self, fd: int) -> None:
         """Send a copy of *fd* to QEMU over the monitor socket (SCM_RIGHTS); *fd* stays open.

@@ -21,7 +21,7 @@ from ._agent import AgentLink
 from ._errors import CommandError, MonitorClosedError
 from ._exitwake import wait_or_wake, waker
 from ._job import Job
-from ._monitor import Monitor
+from ._monitor import Monitor, QMPMonitor
 from ._patience import Sampler
 from ._policy import GRACEFUL_STAGES, RUNGS, ShutdownPolicy, Stage
 from ._process import Process
@@ -143,9 +143,12 @@ class Qemu:
             logger.debug("%s: %s for sampling failed: %r", self.recorder.name, name, err)
             return None
 
-    async def read_runstate(self) -> str | None:
+    async def read_runstate(self, answered: object = None) -> str | None:
+        """QEMU's runstate, or None; *answered*: query-status's reply (or error) asked already."""
         try:
-            reply = await self.command("query-status")
+            if isinstance(answered, Exception):
+                raise answered
+            reply = await self.command("query-status") if answered is None else answered
         except (CommandError, MonitorClosedError, TimeoutError) as err:
             self.recorder.say(f"query-status failed: {str(err) or 'no reply'}")
             return None
@@ -156,7 +159,9 @@ class Qemu:
         """Read the runstate the ladder starts from."""
         if self.monitor is None:
             return
-        self.runstate = await self.read_runstate()
+        monitor = self.monitor
+        asked = monitor.take_arrival("query-status") if isinstance(monitor, QMPMonitor) else None
+        self.runstate = await self.read_runstate(asked)
         self.watch.suspended = self.watch.slept = self.runstate == "suspended"
         if self.runstate == "shutdown":
             self.recorder.say("guest is already off (runstate shutdown)")
@@ -264,11 +269,8 @@ class Qemu:
 
     @contextlib.asynccontextmanager
     async def sampling(self) -> AsyncIterator[None]:
-        """Read the guest while a graceful rung waits for it.
-
-        Nothing runs before the first reading is due (a timer, no task): a guest
-        that powers off within :attr:`~._patience.Sampler.first_reading_after`
-        costs no task and no reading.
+        """Read the guest while a graceful rung waits for it. Nothing runs before the first
+        reading is due (a timer, no task): a guest off before then costs no task, no reading.
         """
         sampler = self.sampler
         if sampler.pid is None:
@@ -303,10 +305,8 @@ class Qemu:
 
     @contextlib.asynccontextmanager
     async def listening(self) -> AsyncIterator[None]:
-        """QEMU's events go to the watch while this lasts, as the monitor's reader reads
-        them (:meth:`~._monitor.Monitor.on_event`); a caller's monitor without that method
-        is read by a task, as before 0.3.
-        """
+        """QEMU's events go to the watch while this lasts, as the monitor's reader reads them
+        (:meth:`~._monitor.Monitor.on_event`); a caller's monitor without it: by a task."""
         monitor = self.monitor
         on_event = None if monitor is None else getattr(monitor, "on_event", None)
         if on_event is not None:

@@ -243,33 +243,31 @@ CASES: list[Case] = [
     ),
     bad_peer(
         "16 MiB greeting",
-        "line over qemu.qmp's 10 MiB limit: not a QMP monitor",
+        "line over the 10 MiB line limit (qemu.qmp's): not a QMP monitor",
         "long-greeting",
         "limit",
     ),
-    # -- peers that negotiate, then misbehave: the ladder runs without signals
-    misbehaving_peer(
+    # query-status goes out with the capabilities: its reply is the handshake's last word
+    bad_peer(
         "16 MiB reply",
-        "the monitor breaks; not taken for QEMU's exit; no signal",
+        "first reply over the 10 MiB line limit: not a QMP monitor",
         "long-reply",
-        ("failed", "failed|skipped"),
-        "monitor-unresponsive",
+        "limit",
     ),
-    misbehaving_peer(
+    bad_peer(
         "malformed reply",
-        "the monitor breaks; not taken for QEMU's exit; no signal",
+        "first reply not JSON: not a QMP monitor",
         "malformed-reply",
-        ("failed", "failed|skipped"),
-        "monitor-unresponsive",
+        "not a QMP monitor",
     ),
-    misbehaving_peer(
+    bad_peer(
         "malformed reply (TCP)",
-        "the monitor breaks; not taken for QEMU's exit; no pid, no signal",
+        "first reply not JSON: not a QMP monitor",
         "malformed-reply",
-        ("failed", "failed|skipped"),
-        "monitor-unresponsive",
+        "not a QMP monitor",
         tcp=True,
     ),
+    # -- peers that negotiate, then misbehave: the ladder runs without signals
     misbehaving_peer(
         "wrong reply ids",
         "replies dropped; each command times out; no signal",

@@ -2,15 +2,19 @@
 
 A guest that reboots instead of powering off went through its whole orderly
 shutdown; under QEMU's default (``reboot=reset``) it would boot again and the
-ladder would force the new boot. So right before the first press the power
-button sets QEMU's reboot action to ``shutdown`` (QMP ``set-action``, QEMU 6.0
-and later): the guest's reset then ends QEMU unforced, SHUTDOWN ``guest-reset``,
-exactly as under ``-no-reboot``. QMP cannot read the actions back, so what to
-put back comes from QEMU's command line (``-no-reboot``, ``-action reboot=...``),
-read through the process seam; :meth:`RebootAsShutdown.finish` puts it back
-whenever the ladder ends with QEMU still running (the caller cancelled, no force
-allowed, a guest off under ``-no-shutdown``). A command line that already makes
-a reboot a shutdown costs nothing: nothing is sent.
+ladder would force the new boot. So before the first press the power button
+sets QEMU's reboot action to ``shutdown`` (QMP ``set-action``, QEMU 6.0 and
+later): the guest's reset then ends QEMU unforced, SHUTDOWN ``guest-reset``,
+exactly as under ``-no-reboot``. On the library's own connection the command
+goes out with the handshake (:meth:`RebootAsShutdown.first_command`), a round
+trip fewer before the press; the power button then only reads its answer (a
+ladder that never presses puts it back at its end, as below). QMP cannot read
+the actions back, so what to put back comes from QEMU's command line
+(``-no-reboot``, ``-action reboot=...``), read through the process seam;
+:meth:`RebootAsShutdown.finish` puts it back whenever the ladder ends with QEMU
+still running (the caller cancelled, no force allowed, a guest off under
+``-no-shutdown``). A command line that already makes a reboot a shutdown costs
+nothing: nothing is sent.
 
 Left as it is, with a word in the power button's step: a QEMU older than 6.0
 (``set-action`` is CommandNotFound), and a QEMU whose command line cannot be
@@ -22,10 +26,12 @@ reboots as one that shuts down, for good.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
 import anyio
 
 from .._errors import CommandError, MonitorClosedError
+from .._monitor import QMPMonitor
 from .._qemu import Qemu
 from .._qemuargs import reboot_action
 
@@ -33,10 +39,20 @@ logger = logging.getLogger("qmpshutdown")
 
 #: How the power button's step says that a reboot stays a reboot.
 KEPT = "reboot action left as it is"
+#: The command, and what it sets.
+SET = "set-action"
+ARGUMENTS = {"reboot": "shutdown"}
 
 
 class RebootAsShutdown:
     """``set-action reboot=shutdown`` before the first press; put back at the ladder's end."""
+
+    def first_command(self, argv: Sequence[str] | None) -> tuple[str, Mapping[str, str]] | None:
+        """The ``set-action`` for the handshake to send, or None when nothing is to be sent
+        (the command line unknown, or a reboot is a shutdown already)."""
+        if argv is None or reboot_action(argv) == "shutdown":
+            return None
+        return SET, ARGUMENTS
 
     async def prepare(self, qemu: Qemu) -> str:
         """Make a reboot a shutdown (one ``set-action``, or nothing when it is one already).
@@ -44,8 +60,7 @@ class RebootAsShutdown:
         :return: a word for the step when the action is left as it is for a reason the
             record should show (an old QEMU, an unknown command line), else "".
         """
-        read = getattr(qemu.process, "command_line", None)  # a caller's Process may lack it
-        argv = None if read is None else read()
+        argv = _command_line(qemu)
         if argv is None:
             return f"{KEPT} (QEMU's command line is unknown)"
         was = reboot_action(argv)
@@ -55,7 +70,11 @@ class RebootAsShutdown:
         # QEMU may still apply it.
         qemu.reboot_action = was
         try:
-            await qemu.command("set-action", {"reboot": "shutdown"})
+            sent = _sent_with_handshake(qemu)
+            if sent is None:
+                await qemu.command(SET, ARGUMENTS)
+            elif isinstance(sent, Exception):
+                raise sent
         except CommandError as err:
             qemu.reboot_action = None  # QEMU said no: nothing changed
             if err.error_class == "CommandNotFound":
@@ -69,6 +88,10 @@ class RebootAsShutdown:
 
     async def finish(self, qemu: Qemu) -> None:
         """Put the command line's reboot action back when QEMU still runs (shielded, bounded)."""
+        sent = _sent_with_handshake(qemu)  # and no press came to take its answer
+        if sent is not None and not isinstance(sent, CommandError):  # (an error: not set)
+            argv = _command_line(qemu)
+            qemu.reboot_action = None if argv is None else reboot_action(argv)
         was = qemu.reboot_action
         if was is None or qemu.monitor is None or qemu.monitor.is_closed():
             return
@@ -85,6 +108,17 @@ class RebootAsShutdown:
                 qemu.recorder.say(f"could not put the reboot action back (reboot={was}): {why}")
                 return
         qemu.recorder.say(f"put the reboot action back (reboot={was})")
+
+
+def _command_line(qemu: Qemu) -> Sequence[str] | None:
+    read = getattr(qemu.process, "command_line", None)  # a caller's Process may lack it
+    return None if read is None else read()
+
+
+def _sent_with_handshake(qemu: Qemu) -> object:
+    """The answer to the ``set-action`` the library's handshake sent (once), or None."""
+    monitor = qemu.monitor
+    return monitor.take_arrival(SET) if isinstance(monitor, QMPMonitor) else None
 
 
 #: The one instance the power button and the ladder's end share (its state is on the Qemu).

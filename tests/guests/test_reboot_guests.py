@@ -64,10 +64,28 @@ async def test_a_rebooting_guest_is_stopped_unforced_as_under_no_reboot(guests):
     assert await no_reboot.wait_exit(5) == 0
 
 
-@pytest.mark.parametrize("how", ["cancelled", "no-force"])
+@pytest.mark.parametrize("how", ["cancelled", "no-force", "never-pressed"])
 async def test_a_ladder_ending_with_qemu_running_puts_the_reboot_action_back(guests, how):
-    guest = await guests.boot("ignores", agent=True)
-    if how == "cancelled":
+    # never-pressed: the set-action went out with the handshake, and no press came to
+    # take its answer (a paused guest and resume_paused off): put back all the same.
+    paused = how == "never-pressed"
+    guest = await guests.boot("ignores", agent=True, extra_args=["-S"] if paused else ())
+    if paused:
+        policy = attrs.evolve(POLICY, stages=("powerdown",))
+        with pytest.raises(qmpshutdown.ShutdownFailed) as failed:
+            await stop(guest.qmp_path, policy)
+        result = failed.value.result
+        assert (result.presses, result.runstate) == (0, "prelaunch")
+        assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+            ("powerdown", "skipped")
+        ]
+        client = await qmp_connect(guest.qmp_path)
+        try:
+            await client.execute("cont")
+        finally:
+            await qmp_disconnect(client)
+        await guest.wait_for_serial("QMPSHUTDOWN-GUEST-AGENT-READY", REACTION_TIMEOUT * 4)
+    elif how == "cancelled":
         with anyio.move_on_after(1.5) as scope:  # the press is sent at once; then cancel
             await stop(guest.qmp_path, attrs.evolve(POLICY, powerdown_timeout=30.0))
         assert scope.cancelled_caught

@@ -7,7 +7,8 @@ guest: greeting, ``qmp_capabilities``, ``query-status`` → running,
 ``system_powerdown`` → POWERDOWN, then after DELAY_MS (default 5) SHUTDOWN
 ``{"guest": true, "reason": "guest-shutdown"}`` and exit; ``set-action`` is answered
 like any other command, or with CommandNotFound when VERSION (default 7.2) is older
-than 6.0, as such a QEMU does. The tests' ``fakes``
+than 6.0, as such a QEMU does. With ``FAKEQEMU_LOG`` set, each command's name is
+appended to that file, a line each. The tests' ``fakes``
 fixture and benchmarks/profile_cpu.py, fleetbench.py and longrun.py run it
 through a copy of the interpreter named ``qemu-system-fake`` so that
 qmpshutdown pins it like a real QEMU (it checks /proc/PID/exe).
@@ -55,6 +56,7 @@ def serve(conn: socket.socket, delay_ms: float, version: tuple[int, int] = (7, 2
         send(msg)
 
     major, minor = version
+    log = os.environ.get("FAKEQEMU_LOG")
     send({"QMP": {"version": {"qemu": {"micro": 0, "minor": minor, "major": major}, "package": ""},
                   "capabilities": ["oob"]}})  # fmt: skip
     # Clients need not end a command with a newline (qemu.qmp does not): parse the stream.
@@ -72,6 +74,9 @@ def serve(conn: socket.socket, delay_ms: float, version: tuple[int, int] = (7, 2
             continue
         buffer = buffer[end:]
         command, ident = request.get("execute"), request.get("id")
+        if log:
+            with open(log, "a") as out:
+                out.write(f"{command}\n")
         reply: dict[str, object] = {"return": {}}
         if command == "query-status":
             reply = {"return": {"status": "running", "singlestep": False, "running": True}}
