@@ -223,7 +223,7 @@ def _pin_process(
         return None, why
     if not may_signal:
         return process, "signals are not allowed"
-    return process, _not_qemu_why(peer)
+    return process, "" if process is not None else _not_qemu_why(peer)  # (read only without one)
 
 
 def _not_holder_why(process: Process, sock: socket.socket) -> str:

@@ -220,15 +220,24 @@ async def connect_client(
     *negotiated*: the greeting and ``qmp_capabilities`` are done already (the
     library's own handshake); the client only takes the session over.
 
-    The client's connect() runs in its own asyncio task: cancelling it from an
-    anyio scope leaves qemu.qmp wedged (it is cancelled again while it cleans up).
+    Otherwise the client's connect() runs in its own asyncio task, bounded by
+    *limit*: cancelling it from an anyio scope leaves qemu.qmp wedged (it is
+    cancelled again while it cleans up).
 
     :raises HandshakeTimeout: no greeting or no negotiation within *limit* seconds.
     :raises HandshakeFailed: the peer is not a QMP server or hung up.
     """
     client = new_client(name)
     if negotiated:
+        # The session is open: qemu.qmp only starts its reader and writer, waiting on no
+        # peer, so it runs to its end here, shielded (no task of its own to bound it).
         client.await_greeting = client.negotiate = False  # qemu.qmp's public switches
+        with anyio.CancelScope(shield=True):
+            try:
+                await client.connect(sock)
+            except Exception as err:  # OSError (a socket gone bad), QMPError
+                raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
+        return client
     task = asyncio.ensure_future(client.connect(sock))
     try:
         done, _ = await asyncio.wait({task}, timeout=limit)

@@ -40,10 +40,8 @@ _TCP_LISTEN = 10
 class Process(Protocol):
     """What the ladder needs of QEMU's process.
 
-    Optional, and not part of the Protocol (new in 0.4): ``command_line()``, its argv
-    as a tuple of str, or None when it cannot be read. Without it the power button
-    leaves QEMU's reboot action as it is (it could not tell what to put back).
-    """
+    Optional, not in the Protocol (0.4): ``command_line()``, its argv (a tuple of str) or
+    None. Without it the power button leaves QEMU's reboot action as it is."""
 
     @property
     def pid(self) -> int:
@@ -101,21 +99,18 @@ def holds_socket(pid: int, sock: socket.socket) -> bool | None:
     """Tell whether *pid* holds the server end of our unix socket connection *sock*.
 
     ``SO_PEERCRED`` names whoever called ``listen()``, not who serves the socket
-    now: a process can listen, fork a child that keeps the socket, then
-    ``exec`` a QEMU that never owned it. So find, with sock_diag, the socket
-    at the other end of *sock* (once accepted: our peer, ``UNIX_DIAG_PEER``;
-    before: the listener with our connection in its queue, ``UNIX_DIAG_ICONS``)
-    and look for its inode among ``/proc/PID/fd``. This matches our very
-    connection, not a path, so a stale socket once bound at the same path
-    cannot fool it.
+    now: a process can listen, fork a child that keeps the socket, then ``exec``
+    a QEMU that never owned it. So find, with sock_diag, the socket at the other
+    end of *sock* (accepted: our peer, ``UNIX_DIAG_PEER``; before: the listener
+    with our connection queued, ``UNIX_DIAG_ICONS``) and look for its inode among
+    ``/proc/PID/fd``: our very connection, not a path (a stale socket cannot fool it).
 
     :param pid: the process that should hold it (pin it first: a pid read from
         /proc may otherwise be recycled meanwhile).
     :param sock: our connected unix socket.
-    :return: True or False when it can be told; None when it cannot (not a
-        unix socket, no sock_diag for unix sockets, the server end already
-        closed, or ``/proc/PID/fd`` unreadable). The caller decides what None
-        means: :func:`qmpshutdown.shutdown` sends no signal on it.
+    :return: True or False when it can be told; None when it cannot (not a unix socket,
+        no sock_diag for them, the server end closed, ``/proc/PID/fd`` unreadable): then
+        :func:`qmpshutdown.shutdown` sends no signal.
     """
     if sock.family != socket.AF_UNIX:
         return None
@@ -123,10 +118,8 @@ def holds_socket(pid: int, sock: socket.socket) -> bool | None:
         own = os.fstat(sock.fileno()).st_ino
     except OSError:
         return None
-    # QEMU may accept() at any moment: between asking for our peer and for the
-    # listener, or between finding the server end and listing its fds (the
-    # accepted socket is a new fd). So list the fds after finding the server
-    # end, and look again when it is not among them.
+    # QEMU may accept() at any moment (the accepted socket is a new fd): list the fds
+    # after finding the server end, and look again when it is not among them.
     for _attempt in range(3):
         try:
             server = _server_end(own)
@@ -225,6 +218,7 @@ class PidfdProcess:
     def __init__(self, pid: int, pidfd: int) -> None:
         self._pid = pid
         self._pidfd: int | None = pidfd
+        self._argv: tuple[str, ...] | None = None
 
     @classmethod
     def open_qemu(cls, pid: int) -> PidfdProcess:
@@ -291,7 +285,13 @@ class PidfdProcess:
         await anyio.wait_readable(self._fd())
 
     def command_line(self) -> tuple[str, ...] | None:
-        """QEMU's argv (``/proc/PID/cmdline``), or None when it cannot be read."""
+        """QEMU's argv (``/proc/PID/cmdline``, read once: a pinned QEMU's does not change),
+        or None when it cannot be read."""
+        if self._argv is None:
+            self._argv = self._read_command_line()
+        return self._argv
+
+    def _read_command_line(self) -> tuple[str, ...] | None:
         try:
             with open(f"/proc/{self._pid}/cmdline", "rb") as file:
                 raw = file.read()
@@ -351,9 +351,9 @@ def holds_inode(pid: int, inode: int | str) -> bool | None:
     :return: True or False; None when ``/proc/PID/fd`` cannot be read.
     """
     target = f"socket:[{inode}]"
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
+    try:  # newest first: the connection QEMU just accepted is most often its highest fd
+        fds = sorted(os.listdir(f"/proc/{pid}/fd"), key=int, reverse=True)
+    except (OSError, ValueError):
         return None
     for fd in fds:
         with contextlib.suppress(OSError):
