@@ -35,6 +35,7 @@ from ._policy import Stage
 from ._process import (
     PidfdProcess,
     Process,
+    command_line_of,
     executable,
     holds_socket,
     is_qemu_executable,
@@ -187,8 +188,7 @@ def _first_commands(
     (``query-status``) and, when the power button will press, its ``set-action``."""
     first: list[tuple[str, Mapping[str, object] | None]] = [("query-status", None)]
     if any(rung.stage is Stage.POWERDOWN for rung in rungs):
-        read = getattr(process, "command_line", None)  # a caller's Process may lack it
-        reboot = REBOOT_AS_SHUTDOWN.first_command(None if read is None else read())
+        reboot = REBOOT_AS_SHUTDOWN.first_command(command_line_of(process))
         if reboot is not None:
             first.append(reboot)
     return first

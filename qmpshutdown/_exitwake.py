@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from ._policy import ShutdownPolicy, Stage
-from ._process import Process
+from ._process import Process, command_line_of
 from ._qemuargs import shutdown_action
 
 
@@ -37,8 +37,7 @@ def waker(
         return None
     if quit_answered:
         return process
-    read = getattr(process, "command_line", None)  # a caller's Process may lack it
-    argv = None if read is None else read()
+    argv = command_line_of(process)
     return process if argv is not None and shutdown_action(argv) == "poweroff" else None
 
 

@@ -31,8 +31,7 @@ _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")  # family, protocol, pad, states, ino, show, cookie
 _UNIX_DIAG_MSG = struct.Struct("=BBBBI2I")  # family, type, state, pad, ino, cookie
 _RTATTR = struct.Struct("=HH")  # len, type
-_UDIAG_SHOW_PEER, _UDIAG_SHOW_ICONS = 0x4, 0x8
-_UNIX_DIAG_PEER, _UNIX_DIAG_ICONS = 2, 3
+_UDIAG_SHOW_PEER, _UDIAG_SHOW_ICONS, _UNIX_DIAG_PEER, _UNIX_DIAG_ICONS = 0x4, 0x8, 2, 3
 _TCP_LISTEN = 10
 
 
@@ -68,13 +67,11 @@ class Process(Protocol):
         """Call *callback* once, from the event loop, when the process exits (no task).
 
         :return: a function that withdraws the callback (idempotent); call it before
-            :meth:`close`, and do not :meth:`wait_exited` while a callback is set. One
-            callback at a time: the pidfd has one reader on the loop, and a second
-            callback replaces the first (the ladder holds it: ``Qemu.until_gone``).
+            :meth:`close`; no :meth:`wait_exited` while a callback is set. One at a time
+            (the pidfd has one reader on the loop): a second replaces the first.
 
-        New in 0.3; a process without it still works with :func:`~qmpshutdown.climb`
-        (a task then awaits :meth:`wait_exited`).
-        """
+        New in 0.3; without it :func:`~qmpshutdown.climb` works (a task awaits
+        :meth:`wait_exited`)."""
         ...
 
     def close(self) -> None:
@@ -105,8 +102,7 @@ def holds_socket(pid: int, sock: socket.socket) -> bool | None:
     with our connection queued, ``UNIX_DIAG_ICONS``) and look for its inode among
     ``/proc/PID/fd``: our very connection, not a path (a stale socket cannot fool it).
 
-    :param pid: the process that should hold it (pin it first: a pid read from
-        /proc may otherwise be recycled meanwhile).
+    :param pid: the process that should hold it (pinned first: a pid may be recycled).
     :param sock: our connected unix socket.
     :return: True or False when it can be told; None when it cannot (not a unix socket,
         no sock_diag for them, the server end closed, ``/proc/PID/fd`` unreadable): then
@@ -208,6 +204,13 @@ def is_qemu_executable(path: str) -> bool:
     return name.startswith("qemu-system-") or name == "qemu-kvm"
 
 
+def command_line_of(process: Process | None) -> tuple[str, ...] | None:
+    """QEMU's argv through the process seam; None without one, or from a caller's
+    :class:`Process` that has no ``command_line()`` (it is optional)."""
+    read = getattr(process, "command_line", None)
+    return None if read is None else read()
+
+
 class PidfdProcess:
     """A process pinned by a pidfd: signals can never reach a recycled pid.
 
@@ -224,10 +227,8 @@ class PidfdProcess:
     def open_qemu(cls, pid: int) -> PidfdProcess:
         """Pin *pid* and check that it is a live QEMU other than ourselves.
 
-        :param pid: the process to pin.
-        :raises PidMismatchError: the process is ourselves, not QEMU, gone, or
-            its executable cannot be read.
-        :return: the pinned process.
+        :raises PidMismatchError: the process is ourselves, not QEMU, gone, or its
+            executable cannot be read.
         """
         if pid == os.getpid():
             raise PidMismatchError(f"pid {pid} is this very process, not QEMU")

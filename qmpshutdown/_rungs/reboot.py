@@ -32,6 +32,7 @@ import anyio
 
 from .._errors import CommandError, MonitorClosedError
 from .._monitor import QMPMonitor
+from .._process import command_line_of
 from .._qemu import Qemu
 from .._qemuargs import reboot_action
 
@@ -60,7 +61,7 @@ class RebootAsShutdown:
         :return: a word for the step when the action is left as it is for a reason the
             record should show (an old QEMU, an unknown command line), else "".
         """
-        argv = _command_line(qemu)
+        argv = command_line_of(qemu.process)
         if argv is None:
             return f"{KEPT} (QEMU's command line is unknown)"
         was = reboot_action(argv)
@@ -90,7 +91,7 @@ class RebootAsShutdown:
         """Put the command line's reboot action back when QEMU still runs (shielded, bounded)."""
         sent = _sent_with_handshake(qemu)  # and no press came to take its answer
         if sent is not None and not isinstance(sent, CommandError):  # (an error: not set)
-            argv = _command_line(qemu)
+            argv = command_line_of(qemu.process)
             qemu.reboot_action = None if argv is None else reboot_action(argv)
         was = qemu.reboot_action
         if was is None or qemu.monitor is None or qemu.monitor.is_closed():
@@ -108,11 +109,6 @@ class RebootAsShutdown:
                 qemu.recorder.say(f"could not put the reboot action back (reboot={was}): {why}")
                 return
         qemu.recorder.say(f"put the reboot action back (reboot={was})")
-
-
-def _command_line(qemu: Qemu) -> Sequence[str] | None:
-    read = getattr(qemu.process, "command_line", None)  # a caller's Process may lack it
-    return None if read is None else read()
 
 
 def _sent_with_handshake(qemu: Qemu) -> object:
