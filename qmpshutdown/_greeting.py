@@ -20,6 +20,7 @@ Only whole lines are taken from the socket, never a byte past the reply to
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +29,9 @@ import anyio
 
 from ._errors import CommandError, MonitorClosedError
 from ._monitor import HandshakeFailed, HandshakeTimeout
+
+#: The handshake's messages, as qemu.qmp logs the session's ("--> ", "<-- "), at DEBUG.
+logger = logging.getLogger(__name__)
 
 #: The longest line taken before the session: qemu.qmp's own limit for any line.
 LINE_LIMIT = 10 * 1024 * 1024
@@ -79,8 +83,11 @@ async def negotiate(
         if not isinstance(msg.get("event"), str):
             raise HandshakeFailed(f"not a QMP monitor: it said {_shown(msg)} before any greeting")
         early.append(msg)
+    sent = CAPABILITIES + first_commands(first)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("--> %s", sent.decode(errors="replace"))
     try:
-        sock.send(CAPABILITIES + first_commands(first))
+        sock.send(sent)
     except OSError as err:
         raise HandshakeFailed(f"not a QMP monitor: {_os_error(err)}") from err
     while isinstance((msg := await _message(sock, deadline, "negotiation")).get("event"), str):
@@ -154,6 +161,8 @@ async def _message(
             break
         if left:
             sock.recv(len(line))  # QEMU sends no empty line; a stray CR LF costs nothing
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("<-- %s", line.decode(errors="replace").rstrip())
     try:
         msg = json.loads(line)
     except ValueError:

@@ -266,3 +266,15 @@ async def test_when_the_first_reply_is_late_the_later_ones_are_late_too() -> Non
         early = await negotiate(sock, anyio.current_time() + 2, [("query-status", None)] * 2)
         answers = await take_replies(sock, ["query-status", "x"], anyio.current_time() + 0.2, early)
     assert [type(answer) for answer in answers] == [TimeoutError, TimeoutError]
+
+
+@pytest.mark.asyncio
+async def test_the_handshake_is_in_the_debug_log_as_qemu_qmp_logs_the_session(caplog) -> None:
+    caplog.set_level("DEBUG", logger="qmpshutdown._greeting")
+    sock, _ = qemu_like([GREETING], OK + status_reply())
+    with sock, anyio.fail_after(3):
+        await ask(sock, 1.0)
+    said = [record.getMessage() for record in caplog.records]
+    assert said[0].startswith('<-- {"QMP"')
+    assert said[1] == "--> " + (CAPABILITIES + QUERY_STATUS).decode()
+    assert said[2:] == ["<-- " + OK.decode().strip(), "<-- " + status_reply().decode().strip()]

@@ -178,6 +178,18 @@ CASES = [
         {"scenario": "exit_held", "released": True, "mode": "ignores"},
     ),
     Case(
+        "fault",
+        "QEMU's exit held, no force allowed",
+        "the same held read under a plan of the power button alone, with a screenshot "
+        "directory: one query-status (no SIGTERM may wake it), quit_timeout for the exit, "
+        "then ShutdownFailed with the guest off; nothing more sent into the exit (no "
+        "set-action to put the reboot action back, no screenshot)",
+        qmpshutdown.ShutdownFailed,
+        1.0 + POLICY.command_timeout + POLICY.quit_timeout + SLACK,
+        "the press + command_timeout + quit_timeout",
+        {"scenario": "exit_held_no_force"},
+    ),
+    Case(
         "safety",
         "pid of another QEMU given",
         "refused before anything is sent (SO_PEERCRED names the real peer)",
@@ -547,6 +559,39 @@ async def exit_held(guests, case, clock, caplog):
         assert sent == [], sent
         assert [line for line in said[:shutdown] if "--> " in line], "the log shows commands"
     return outcome(result)
+
+
+async def exit_held_no_force(guests, case, clock, caplog):
+    # The ladder's end (finish) sends nothing into an exit it leaves running: stand-ins
+    # showed it (tests/test_ladder.py); here a real QEMU's exit is held until after it.
+    caplog.set_level(logging.DEBUG, logger="qemu.qmp")  # every message sent: "--> {...}"
+    caplog.set_level(logging.DEBUG, logger="qmpshutdown")  # each event: "event SHUTDOWN ..."
+    sock = guests.root / f"nbd-{len(guests.guests)}.sock"
+    policy = attrs.evolve(POLICY, stages=("powerdown",))
+    async with HoldingNbd(sock) as nbd:
+        guest = await guests.boot("cooperative", restore=False, extra_args=held_job_args(sock))
+        await start_held_job(guest.qmp_path, nbd)
+        try:
+            with clock.timing(), anyio.fail_after(policy.bound + 10):
+                await qmpshutdown.shutdown(
+                    guest.qmp_path, policy, evidence_dir=guests.root  # a screenshot if forced
+                )
+        except qmpshutdown.ShutdownFailed as failed:
+            result = failed.result
+            assert result.reason == "guest-shutdown" and not result.forced
+            assert [(s.stage.value, s.outcome.value) for s in result.steps] == [
+                ("powerdown", "failed")
+            ]
+            assert result.screenshot is None
+            assert guest.alive()  # in its exit, held
+            said = [r.getMessage() for r in caplog.records]
+            shutdown = next(i for i, line in enumerate(said) if "event SHUTDOWN" in line)
+            sent = [line for line in said[shutdown:] if "--> " in line]
+            assert len(sent) == 1 and '"query-status"' in sent[0], sent
+            raise
+        finally:
+            nbd.release()
+            assert await guest.wait_exit(10) == 0  # the read answered: the exit ends
 
 
 SCENARIOS: dict[str, Callable[..., Awaitable[str | None]]] = {
