@@ -35,10 +35,15 @@ def waker(
     """
     if process is None or not running or Stage.TERMINATE not in policy.stages:
         return None
-    if quit_answered:
-        return process
+    return process if quit_answered or only_an_exit_follows(process) else None
+
+
+def only_an_exit_follows(process: Process | None) -> bool:
+    """True when QEMU's command line is known and ends QEMU once its guest is off (no
+    ``-no-shutdown``, no ``-action shutdown=pause``): after the guest's SHUTDOWN, only its
+    exit can follow, and no command need (or should) be sent into it."""
     argv = command_line_of(process)
-    return process if argv is not None and shutdown_action(argv) == "poweroff" else None
+    return argv is not None and shutdown_action(argv) == "poweroff"
 
 
 async def wait_or_wake(

@@ -19,7 +19,7 @@ import anyio
 
 from ._agent import AgentLink
 from ._errors import CommandError, MonitorClosedError
-from ._exitwake import wait_or_wake, waker
+from ._exitwake import only_an_exit_follows, wait_or_wake, waker
 from ._job import Job
 from ._monitor import Monitor, QMPMonitor
 from ._patience import Sampler
@@ -80,8 +80,7 @@ class Qemu:
         self.runstate: str | None = None  #: as found on arrival
         self.presses = 0
         self.reboot_action: str | None = None  #: to put back at the end (:mod:`._rungs.reboot`)
-        #: True when the guest powered off (its own SHUTDOWN) and QEMU's exit, begun, did not
-        #: end within ``quit_timeout`` more (see _confirm_guest_off).
+        #: True when the guest powered off (its SHUTDOWN) and QEMU's exit did not end (below).
         self.exit_stalled = False
         #: True when such an exit ended after a SIGTERM that woke it (:mod:`._exitwake`).
         self.exit_woken = False
@@ -194,15 +193,16 @@ class Qemu:
             if not self.gone:
                 self.recorder.say("guest powered off; QEMU stays (runstate shutdown)")
             return True
-        wake = waker(self.policy, self.process, self.may_answer_late())  # QEMU 10.0: _exitwake
-        if wake is None:  # with one, only an exit can follow: no command sent into it
+        running = self.may_answer_late()
+        wake = waker(self.policy, self.process, running)  # QEMU 10.0: _exitwake
+        if not (running and only_an_exit_follows(self.process)):  # else no command into it
             runstate = await self.read_runstate()
             if runstate == "shutdown" or self.exited_now():
                 return True
-            if runstate is not None or not self.may_answer_late():
+            if runstate is not None or not running:
                 return False
-        # QEMU's process runs, its exit not ended: on a loaded host it took seconds (seen in CI),
-        # or it stalled. Give it what quit would rather than force a guest already off.
+        # Its exit not ended: seconds on a loaded host (seen in CI), or stalled. Give it what
+        # quit would (no command into it) rather than force a guest already off.
         timeout = self.policy.quit_timeout
         self.recorder.say(f"guest powered off; waiting up to {timeout:g} s for QEMU's exit")
         ended = await wait_or_wake(partial(watch.wait_until, off), timeout, wake, self.recorder.say)

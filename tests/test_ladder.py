@@ -7,6 +7,7 @@ the presses and the cause. Real guests prove the same promises in test_shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 import anyio
@@ -18,7 +19,7 @@ from qmpshutdown import Cause, ShutdownFailed, ShutdownPolicy, Stage, climb
 from qmpshutdown._cli_output import print_progress
 from qmpshutdown._job import Job
 from qmpshutdown._ladder import run_plan
-from support.fakes import FakeProcess, FakeQemu, climb_fake, outcomes
+from support.fakes import QEMU_ARGV, FakeProcess, FakeQemu, climb_fake, outcomes
 from support.policies import FAKE
 from support.records import (
     as_pressed,
@@ -342,12 +343,26 @@ async def test_nothing_is_sent_into_an_exit_left_running_when_no_force_is_allowe
             result = failed.result
     commands = qemu.monitor.commands
     assert commands[:3] == ["query-status", "set-action", "system_powerdown"], commands
-    # After the press only query-status, which asks whether it stopped (no wake-up here:
-    # the plan has no terminate): no set-action to put the reboot action back, no screendump.
-    assert commands[3:] == ["query-status"], commands
+    # After the press nothing: its command line ends QEMU once the guest is off, so only
+    # the exit can follow (no query-status either); no set-action to put the reboot action
+    # back, no screendump.
+    assert commands[3:] == [], commands
     assert qemu.process.signals == []  # no terminate in the plan: no wake-up either
     assert [step.stage.value for step in result.steps] == ["powerdown"]
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_under_no_shutdown_the_runstate_is_still_asked_when_no_stop_came():
+    # -no-shutdown: QEMU stays once its guest is off, so a missed STOP is asked about.
+    qemu = FakeQemu(process=FakeProcess(argv=(*QEMU_ARGV, "-no-shutdown")))
+    _slow_exit(qemu, 3600.0)
+    policy = attrs.evolve(FAST, stages=("powerdown",), quit_timeout=0.3)
+    job = Job("fake", policy=policy, name="fake")
+    with anyio.fail_after(10), contextlib.suppress(ShutdownFailed):
+        await run_plan(job, qemu.monitor, qemu.process, started=anyio.current_time())
+    commands = qemu.monitor.commands
+    assert commands[commands.index("system_powerdown") + 1 :][:1] == ["query-status"], commands
+
 
 def _deaf_to_the_first_sigterm(process: FakeProcess) -> None:
     send_signal, heard = process.send_signal, []
