@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import os
-import select
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +39,7 @@ from library_arg import use_library_from_argv  # noqa: E402
 use_library_from_argv()
 
 import rawqmp  # noqa: E402
+from exitclock import ExitClock  # noqa: E402
 
 import qmpshutdown  # noqa: E402
 from support.guests import GuestFactory  # noqa: E402
@@ -114,27 +112,6 @@ def instrument() -> list[str]:
                     setattr(other, attribute, wrapped)
         found.append(label)
     return found
-
-
-class ExitClock:
-    """Stamps the moment a process exits (a pidfd polled in a thread)."""
-
-    def __init__(self, pid: int) -> None:
-        self.fd = os.pidfd_open(pid)
-        self.at: float | None = None
-        self.thread = threading.Thread(target=self._wait, daemon=True)
-        self.thread.start()
-
-    def _wait(self) -> None:
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
-        poller.poll()
-        self.at = time.perf_counter()
-
-    def result(self) -> float | None:
-        self.thread.join(5)
-        os.close(self.fd)
-        return self.at
 
 
 def powerdown_at(events: list[Any]) -> float | None:

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import re
-import select
 import shutil
 import signal
 import statistics
@@ -46,6 +45,7 @@ import anyio  # noqa: E402
 import fleetbench  # noqa: E402
 import longrun  # noqa: E402
 import rawqmp  # noqa: E402
+from exitclock import ExitClock  # noqa: E402
 
 import qmpshutdown  # noqa: E402
 from support.guests import QEMU_BINARY, Guest, GuestFactory, images_dir, kill_leftovers  # noqa: E402
@@ -100,27 +100,6 @@ def verdict(ok: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- exit observer
-
-
-class ExitClock:
-    """Stamps the moment a process exits (a pidfd polled in a thread): when QEMU was really gone."""
-
-    def __init__(self, pid: int) -> None:
-        self.pidfd = os.pidfd_open(pid)
-        self.exited_at: float | None = None
-        self._thread = threading.Thread(target=self._wait, daemon=True)
-        self._thread.start()
-
-    def _wait(self) -> None:
-        poller = select.poll()
-        poller.register(self.pidfd, select.POLLIN)
-        poller.poll()
-        self.exited_at = time.perf_counter()
-
-    def result(self, timeout: float = 5.0) -> float | None:
-        self._thread.join(timeout)
-        os.close(self.pidfd)
-        return self.exited_at
 
 
 class LoadWatch:
