@@ -17,10 +17,9 @@ from typing import Union
 
 import anyio
 from qemu.qmp import QMPClient
-from qemu.qmp.qmp_client import NegotiationError
 
 from ._errors import ConnectError
-from ._greeting import negotiate, take_replies
+from ._greeting import describe_error, negotiate, shown, take_replies
 from ._monitor import (
     CLOSE_GRACE,
     HandshakeFailed,
@@ -140,8 +139,7 @@ async def first_words(sock: socket.socket, limit: float) -> None:
             "this is QEMU's human monitor (HMP), not QMP: pass the socket of "
             "QEMU's -qmp option (or of a -mon mode=control chardev)"
         )
-    shown = text[:40].decode("ascii", "replace").splitlines()[0] if text else ""
-    raise HandshakeFailed(f"not a QMP monitor: it says {shown!r}")
+    raise HandshakeFailed(f"not a QMP monitor: it says {shown(text)}")
 
 
 async def handshake(
@@ -268,17 +266,3 @@ async def _abandon(task: asyncio.Future[None], client: QMPClient, sock: socket.s
             await disconnect(client, sock)
     with contextlib.suppress(OSError):
         sock.close()
-
-
-def describe_error(err: BaseException) -> str:
-    while True:
-        if isinstance(err, NegotiationError):
-            return "capabilities negotiation (qmp_capabilities) failed"
-        inner = getattr(err, "exc", None)
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    if isinstance(err, EOFError):
-        return "the peer hung up"
-    text = str(err)
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
+from qemu.qmp.qmp_client import NegotiationError
 
 from ._errors import CommandError, MonitorClosedError
 from ._monitor import HandshakeFailed, HandshakeTimeout
@@ -81,7 +82,7 @@ async def negotiate(
     early: list[Mapping[str, Any]] = []
     while "QMP" not in (msg := await _message(sock, deadline, "greeting")):
         if not isinstance(msg.get("event"), str):
-            raise HandshakeFailed(f"not a QMP monitor: it said {_shown(msg)} before any greeting")
+            raise HandshakeFailed(f"not a QMP monitor: it said {shown(msg)} before any greeting")
         early.append(msg)
     sent = CAPABILITIES + first_commands(first)
     if logger.isEnabledFor(logging.DEBUG):
@@ -89,7 +90,7 @@ async def negotiate(
     try:
         sock.send(sent)
     except OSError as err:
-        raise HandshakeFailed(f"not a QMP monitor: {_os_error(err)}") from err
+        raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
     while isinstance((msg := await _message(sock, deadline, "negotiation")).get("event"), str):
         early.append(msg)
     if "return" not in msg:
@@ -97,7 +98,7 @@ async def negotiate(
         desc = error.get("desc") if isinstance(error, Mapping) else None
         raise HandshakeFailed(
             "not a QMP monitor: capabilities negotiation (qmp_capabilities) failed"
-            + (f": {desc}" if desc else f": it said {_shown(msg)}")
+            + (f": {desc}" if desc else f": it said {shown(msg)}")
         )
     return early
 
@@ -170,7 +171,7 @@ async def _message(
     if left:
         sock.recv(len(line))  # whole: now taken
     if not isinstance(msg, dict):
-        raise HandshakeFailed(f"not a QMP monitor: it says {_shown(line)}")
+        raise HandshakeFailed(f"not a QMP monitor: it says {shown(line)}")
     return msg
 
 
@@ -192,7 +193,7 @@ async def _line(
                 raise HandshakeTimeout(f"no QMP {what} in time") from None
             continue
         except OSError as err:
-            raise HandshakeFailed(f"not a QMP monitor: {_os_error(err)}") from err
+            raise HandshakeFailed(f"not a QMP monitor: {describe_error(err)}") from err
         if not seen:
             how = "mid-line" if taken.strip() else f"before its {what}"
             raise _HungUp(f"not a QMP monitor: the peer hung up {how}")
@@ -211,13 +212,23 @@ async def _line(
             return bytes(taken), False
 
 
-def _shown(what: object) -> str:
+def shown(what: object) -> str:
+    """The first line of what a peer said, short and quoted, for an error message."""
     text = what.decode("utf-8", "replace") if isinstance(what, (bytes, bytearray)) else str(what)
     text = text.strip().splitlines()[0] if text.strip() else ""
     return repr(text[:60])
 
 
-def _os_error(err: OSError) -> str:
-    if isinstance(err, (BrokenPipeError, ConnectionResetError)):
+def describe_error(err: BaseException) -> str:
+    """What went wrong with a peer, in a few words (qemu.qmp's wrapped errors unwrapped)."""
+    while True:
+        if isinstance(err, NegotiationError):
+            return "capabilities negotiation (qmp_capabilities) failed"
+        inner = getattr(err, "exc", None)
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    if isinstance(err, (EOFError, BrokenPipeError, ConnectionResetError)):
         return "the peer hung up"
-    return f"{type(err).__name__}: {err}"
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
