@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 
 from qemu.qmp import QMPClient
 from qemu.qmp.message import Message
@@ -54,32 +55,46 @@ class QuietClient(QMPClient):
                 raise
 
 
-async def stop(path: str, limit: float = 30.0, *, quiet: bool = False) -> list[str]:
+def _unmarked(step: str) -> None:
+    pass
+
+
+async def stop(
+    path: str, limit: float = 30.0, *, quiet: bool = False, mark: Callable[[str], None] = _unmarked
+) -> list[str]:
     """Stop the QEMU behind *path* with one press; return the events seen, by name.
 
     :param quiet: use :class:`QuietClient` instead of a plain ``QMPClient``.
+    :param mark: called with each step's name as it ends (``cpu_timeline.py``).
     """
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     await loop.sock_connect(sock, path)
+    mark("connected")
     pid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[0]
     pidfd = os.pidfd_open(pid)
     client = (QuietClient if quiet else QMPClient)("bare")
+    mark("pinned (SO_PEERCRED, pidfd), client made")
 
     async def exchange() -> list[str]:
         await client.connect(sock)
+        mark("greeting and capabilities")
         await client.execute("query-status")
+        mark("query-status")
         await client.execute("system_powerdown")
+        mark("the press")
         seen: list[str] = []
         while "SHUTDOWN" not in seen:
             seen.append((await client.events.get())["event"])
+        mark("the events, till SHUTDOWN")
         exited = loop.create_future()
         loop.add_reader(pidfd, exited.set_result, None)
         try:
             await exited
         finally:
             loop.remove_reader(pidfd)
+        mark("the exit (pidfd)")
         return seen
 
     try:
@@ -89,3 +104,4 @@ async def stop(path: str, limit: float = 30.0, *, quiet: bool = False) -> list[s
         with contextlib.suppress(EOFError):
             await client.disconnect()
         os.close(pidfd)
+        mark("disconnected")

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +38,13 @@ use_library_from_argv()
 
 import rawqmp  # noqa: E402
 from exitclock import ExitClock  # noqa: E402
+from stepclock import Mark, Step, instrument  # noqa: E402
 
 import qmpshutdown  # noqa: E402
 from support.guests import GuestFactory  # noqa: E402
 
 #: (label, module, attribute, owner class or None); wrapped where the name is bound.
-STEPS: list[tuple[str, str, str, str | None]] = [
+STEPS: list[Step] = [
     ("connect (the socket)", "_connect", "connect_socket", None),
     ("SO_PEERCRED", "_process", "peer_pid", None),
     ("holder check (sock_diag, /proc/PID/fd)", "_process", "holds_socket", None),
@@ -63,55 +62,7 @@ STEPS: list[tuple[str, str, str, str | None]] = [
     ("closing the monitor", "_monitor", "close", "QMPMonitor"),
 ]
 
-marks: list[tuple[str, float, float]] = []
-
-
-def _wrap(label: str, func: Callable[..., Any]) -> Callable[..., Any]:
-    if asyncio.iscoroutinefunction(func):
-
-        @functools.wraps(func)
-        async def timed_async(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return await func(*args, **kwargs)
-            finally:
-                marks.append((label, start, time.perf_counter()))
-
-        return timed_async
-
-    @functools.wraps(func)
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            marks.append((label, start, time.perf_counter()))
-
-    return timed
-
-
-def instrument() -> list[str]:
-    """Wrap every step that exists in this library (an older one lacks some); say which."""
-    import importlib
-
-    found = []
-    for label, module_name, attribute, owner in STEPS:
-        try:
-            module = importlib.import_module(f"qmpshutdown.{module_name}")
-        except ImportError:
-            continue
-        holder = getattr(module, owner) if owner else module
-        func = getattr(holder, attribute, None)
-        if func is None:
-            continue
-        wrapped = _wrap(label, func)
-        setattr(holder, attribute, wrapped)
-        if owner is None:  # also where other modules bound it by name
-            for name, other in list(sys.modules.items()):
-                if name.startswith("qmpshutdown") and getattr(other, attribute, None) is func:
-                    setattr(other, attribute, wrapped)
-        found.append(label)
-    return found
+marks: list[Mark] = []
 
 
 def powerdown_at(events: list[Any]) -> float | None:
@@ -150,7 +101,7 @@ def median_ms(values: list[float]) -> str:
 
 
 async def main(runs: int) -> None:
-    found = instrument()
+    found = instrument(STEPS, marks, time.perf_counter)
     scratch = Path(tempfile.mkdtemp(prefix="coop-timeline-"))
     data: dict[str, list[dict[str, Any]]] = {"qmpshutdown": [], "raw": []}
     factory = GuestFactory(scratch)
