@@ -75,10 +75,14 @@ SAID = {
     "close": "closing the monitor (qemu.qmp's disconnect)",
     "call → connect": "the Job, the plan",
     "connect → pin": "waiting for the greeting (the accept grace)",
+    "pin → handshake": "the first commands (QEMU's command line: the reboot action)",
     "handshake → arrive": "the Qemu, the watch, listening",
+    "arrive → prepare": "the ladder opens the power button's step",
     "prepare → press": "the step's waits, the sampler's timer",
     "press → gone": "POWERDOWN, SHUTDOWN, the exit's wake-up",
     "gone → settle": "the waits end, the step's end, the ladder unwinds, finishes",
+    "settle → record": "",
+    "record → close": "",
     "close → return": "",
 }
 
