@@ -1,7 +1,7 @@
 """Where one cooperative stop's CPU goes, step by step, against the bare qemu.qmp client's:
 a CPU clock read at each step's start and end, no profiler.
 
-    .venv/bin/python benchmarks/cpu_timeline.py [--stops 300] [--delay-ms 5] [--against DIR]
+    .venv/bin/python benchmarks/cpu_timeline.py [--stops 300] [--delay-ms 5] [--against DIR]...
 
 cProfile (``phases.py``) charges every Python call the profiler's own cost, so it
 overstates code made of many small calls (anyio's scopes, attrs' validators).
@@ -18,10 +18,11 @@ right before it, as a real QEMU runs beside a real one. Code run once per
 stop then costs far more than in a warm loop (``as_job`` 2 µs warm, about 40
 µs here), so what counts is how much distinct code a stop runs.
 
-``--against DIR``: the qmpshutdown package of another checkout (DIR/qmpshutdown),
-imported under another name in the same process (its imports are relative)
-and measured in the same rotation: before and after, free of the drift between
-runs (the same code measured twice this way differs by about 1 %).
+``--against DIR`` (repeatable): the qmpshutdown package of another checkout
+(DIR/qmpshutdown, or DIR itself when it is a package directory), imported under
+another name in the same process (its imports are relative) and measured in the
+same rotation: before and after, or copies with a piece taken out, free of the
+drift between runs (the same code measured twice this way differs by about 1 %).
 """
 
 from __future__ import annotations
@@ -165,12 +166,16 @@ def library_client(name: str, package: ModuleType) -> Client:
     return client
 
 
-def load_against(where: str, scratch: Path) -> ModuleType:
-    """DIR/qmpshutdown imported as ``qmpshutdown_against``."""
-    shutil.copytree(Path(where) / "qmpshutdown", scratch / "qmpshutdown_against",
+def load_against(where: str, scratch: Path, number: int) -> ModuleType:
+    """DIR/qmpshutdown (or DIR itself, a package directory) imported as
+    ``qmpshutdown_againstN``."""
+    source = Path(where) / "qmpshutdown"
+    name = f"qmpshutdown_against{number}"
+    shutil.copytree(source if source.is_dir() else Path(where), scratch / name,
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
-    sys.path.insert(0, str(scratch))
-    return importlib.import_module("qmpshutdown_against")
+    if str(scratch) not in sys.path:
+        sys.path.insert(0, str(scratch))
+    return importlib.import_module(name)
 
 
 def table(client: Client) -> None:
@@ -191,9 +196,9 @@ async def main(args: argparse.Namespace) -> None:
     try:
         clients = [bare_client(), library_client(f"qmpshutdown {qmpshutdown.__version__}",
                                                  qmpshutdown)]  # fmt: skip
-        if args.against:
-            other = load_against(args.against, scratch)
-            clients.append(library_client(f"qmpshutdown from {args.against}", other))
+        for number, where in enumerate(args.against):
+            other = load_against(where, scratch, number)
+            clients.append(library_client(f"qmpshutdown from {where}", other))
         binary = fake_binary(scratch)
         for index in range(args.stops + 10):  # 10 to warm up
             turn = index % len(clients)
@@ -220,5 +225,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stops", type=int, default=300)
     parser.add_argument("--delay-ms", type=float, default=5.0)
-    parser.add_argument("--against", metavar="DIR", help="another checkout, in the same run")
+    parser.add_argument("--against", metavar="DIR", action="append", default=[],
+                        help="another checkout (or package directory), in the same run; "
+                        "repeatable")
     asyncio.run(main(parser.parse_args()))
