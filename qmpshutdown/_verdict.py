@@ -73,7 +73,9 @@ def ended_by(steps: Sequence[Step], *, runstate: str | None, gone: bool) -> Stag
     A guest found off (runstate ``shutdown``), or QEMU gone before any step,
     is ``already-off``; otherwise the first rung that ended ``done`` (a graceful
     rung stays the answer when ``quit`` then ends a ``-no-shutdown`` QEMU).
-    Steps that are not rungs (actions such as a freeze) never end a VM.
+    Steps that are not rungs (actions such as a freeze) never end a VM: QEMU gone
+    while none of the rungs ran (killed from outside during the diagnosis, say) is
+    put down to the last rung that ran, whose step says how it ended.
     """
     rungs = [step for step in steps if step.stage in RUNGS]
     if runstate == "shutdown" or (gone and not rungs):
