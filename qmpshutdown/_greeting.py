@@ -39,8 +39,9 @@ LINE_LIMIT = 10 * 1024 * 1024
 #: How much of the socket's data one look shows.
 PEEK = 65536
 #: QEMU's commands need no newline (qemu.qmp sends none either), nor spaces: QEMU reads
-#: its monitor one byte per turn of its main loop (about 1.7 us a byte on an idle QEMU
-#: here, more with a guest running: docs/why.md), so each byte before the press delays it.
+#: its monitor one byte per turn of its main loop (1.6-1.9 us a byte on an idle QEMU 10.0
+#: or 7.2, 2.5 us with a guest running: benchmarks/qmp_bytes.py, docs/why.md), so each
+#: byte before the press delays it.
 CAPABILITIES = b'{"execute":"qmp_capabilities"}'
 #: The ids of the commands sent with the capabilities, short for the same reason;
 #: qemu.qmp's own ids (``__qmp#00000``) differ.
